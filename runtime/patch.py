@@ -153,9 +153,7 @@ class Patch:
                 for i, iv in enumerate(self.interventions) for name, array in iv.params.items()}
 
     def to_bytes(self) -> bytes:
-        from safetensors.numpy import save
-
-        return save(self.tensors(), metadata=self.metadata())
+        return serialize_safetensors(self.tensors(), self.metadata())
 
     def to_file(self, path: str | Path) -> "Patch":
         """Write atomically; returns the patch as a loader would see it (digest and size filled in)."""
@@ -182,6 +180,8 @@ class Patch:
         except OSError as exc:
             raise PatchFormatError(f"{path}: cannot read ({exc.strerror}); check the path and permissions") from None
         return cls.from_bytes(data, source=str(path))
+
+    load = from_file  # the runtime API's name: Patch.load("alice.reft")
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "patch") -> "Patch":
@@ -217,6 +217,26 @@ class Patch:
             "interventions": [{"layer": iv.layer, "where": iv.where} for iv in self.interventions],
             "training": self.training,
         }
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16"}
+
+
+def serialize_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """The safetensors layout with keys in sorted order, so equal patches are equal bytes
+    (the safetensors library orders metadata by a per-process hash)."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    return struct.pack("<Q", len(encoded)) + encoded + b"".join(chunks)
 
 
 def payload_digest(tensors: Mapping[str, np.ndarray]) -> str:

@@ -78,7 +78,9 @@ def load_backbone(model: str | None = None, *, dtype: str = "float32") -> Backbo
     """Load ``model`` (None or "default" = the embedded SmolLM2) frozen, in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bars say what is happening
     source = model or DEFAULT_MODEL
     path = str(default_model_dir()) if source == DEFAULT_MODEL else source
     if source != DEFAULT_MODEL and os.path.sep in source and not Path(source).is_dir():

@@ -15,7 +15,6 @@ edit with AdamW, save the patch atomically.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -89,11 +88,11 @@ def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bo
     backbone.model.to(device)
     states = cache_frozen_states(backbone.model, examples, min(layers), device)
     steps = count_steps(config, len(examples))
-    final_loss = fit(backbone.model, examples, states, interventions, positions, config, steps, device, progress)
+    first_loss, final_loss = fit(backbone.model, examples, states, interventions, positions, config, steps, device, progress)
     seconds = time.perf_counter() - started
     backbone.model.to("cpu")
     training = {
-        "steps": steps, "final_loss": round(final_loss, 6),
+        "steps": steps, "first_loss": round(first_loss, 6), "final_loss": round(final_loss, 6),
         "seconds": round(seconds, 2) if config.record_time else None, "examples": len(examples),
         "data_sha256": file_digest(config.data), "lr": config.lr, "batch_size": config.batch_size,
         "seed": config.seed, "library_version": __version__, "model": backbone.source,
@@ -288,8 +287,8 @@ def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list
 
 def fit(model: nn.Module, examples: list[Example], states: list[torch.Tensor],
         interventions: list[tuple[int, str, InterventionParams]], positions: Positions, config: TrainConfig,
-        steps: int, device: torch.device, progress: bool) -> float:
-    """AdamW on the intervention parameters only; returns the last step's loss."""
+        steps: int, device: torch.device, progress: bool) -> tuple[float, float]:
+    """AdamW on the intervention parameters only; returns the first and the last step's loss."""
     from tqdm.auto import tqdm
 
     for _, _, params in interventions:
@@ -300,7 +299,7 @@ def fit(model: nn.Module, examples: list[Example], states: list[torch.Tensor],
     head = model.get_output_embeddings()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     slots = EditSlots()
-    loss_value = math.nan
+    losses: list[float] = []
     with replay_frozen_layers(model, lowest) as (replay, layers), \
             attach_edits({layer: layers[layer] for layer, _, _ in interventions}, slots):
         bar = tqdm(batch_order(len(examples), config.batch_size, steps, config.seed), desc="train",
@@ -317,9 +316,9 @@ def fit(model: nn.Module, examples: list[Example], states: list[torch.Tensor],
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_value = loss.item()
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-    return loss_value
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses[0], losses[-1]
 
 
 def to_patch(config: TrainConfig, positions: Positions, interventions: list[tuple[int, str, InterventionParams]],
