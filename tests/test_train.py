@@ -218,3 +218,47 @@ def test_malformed_positions(tmp_path, tiny_model_dir):
 def test_output_folder_missing(tmp_path, tiny_model_dir):
     message = _bad(tmp_path, tiny_model_dir, out=str(tmp_path / "nope" / "x.reft"))
     assert "folder" in message and "does not exist" in message
+
+
+def test_killed_run_resumes_to_the_same_bytes(tiny_model_dir, emoji_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = str(tiny_model_dir("llama"))
+    args = ["--data", str(emoji_data), "--model", model, "--layers", "1", "--steps", "400", "--lr", "1e-3",
+            "--seed", "5", "--checkpoint-every", "20"]
+    whole = tmp_path / "whole" / "p.reft"
+    resumed = tmp_path / "resumed" / "p.reft"
+    whole.parent.mkdir(), resumed.parent.mkdir()
+    cli = [sys.executable, "-m", "reft_edge.cli", "train"]
+    subprocess.run([*cli, *args, "--out", str(whole)], check=True, capture_output=True)
+    assert not (whole.parent / "p.reft.ckpt").exists()  # removed once the patch is saved
+
+    run = subprocess.Popen([*cli, *args, "--out", str(resumed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (resumed.parent / "p.reft.ckpt").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not resumed.exists(), "the run finished before it could be killed; raise --steps"
+    subprocess.run([*cli, *args, "--out", str(resumed), "--resume"], check=True, capture_output=True)
+    assert resumed.read_bytes() == whole.read_bytes()
+
+
+def test_resume_refuses_a_checkpoint_from_other_options(tiny_model_dir, emoji_data, tmp_path):
+    out = tmp_path / "p.reft"
+    base = ["train", "--data", str(emoji_data), "--model", str(tiny_model_dir("llama")), "--out", str(out),
+            "--steps", "4", "--checkpoint-every", "1"]
+    from reft_edge.train.checkpoint import checkpoint_path, save_checkpoint
+
+    params = [torch.zeros(2, requires_grad=True)]
+    optimizer = torch.optim.AdamW(params)
+    params[0].sum().backward()
+    optimizer.step()
+    save_checkpoint(checkpoint_path(out), step=2, first_loss=1.0, parameters=params, optimizer=optimizer,
+                    identity={"rank": 99})
+    result = CliRunner().invoke(main, [*base, "--resume"])
+    assert result.exit_code == 2
+    assert "p.reft.ckpt: written by a run with different" in result.output and "rank" in result.output

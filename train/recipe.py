@@ -15,6 +15,8 @@ edit with AdamW, save the patch atomically.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,6 +31,7 @@ from reft_edge.errors import UsageError
 from reft_edge.runtime.patch import KINDS, SAVE_DTYPES, Intervention, Patch
 from reft_edge.runtime.positions import Positions
 from reft_edge.train.backbone import Backbone, decoder_layers, decoder_layers_owner, load_backbone
+from reft_edge.train.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from reft_edge.train.data import Example, file_digest, read_jsonl, tokenize
 from reft_edge.train.intervention import EditSlots, InterventionParams, attach_edits
 
@@ -55,6 +58,8 @@ class TrainConfig:
     chat_template: bool = True
     name: str | None = None  # default: the output file's stem
     record_time: bool = False  # store wall-clock seconds (makes the file differ run to run)
+    checkpoint_every: int | None = None  # write <out>.ckpt every N steps
+    resume: bool = False  # continue from <out>.ckpt when it exists
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,6 +77,7 @@ class TrainConfig:
 
 
 DEFAULT_STEPS = 100
+_NOT_NUMERIC = {"checkpoint_every", "resume", "record_time"}  # options that cannot change the patch
 
 
 def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bool = True) -> Patch:
@@ -88,7 +94,11 @@ def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bo
     backbone.model.to(device)
     states = cache_frozen_states(backbone.model, examples, min(layers), device)
     steps = count_steps(config, len(examples))
-    first_loss, final_loss = fit(backbone.model, examples, states, interventions, positions, config, steps, device, progress)
+    identity = json.loads(json.dumps({  # as JSON sees it, so it compares equal after a round trip
+        **{k: v for k, v in config.to_dict().items() if k not in _NOT_NUMERIC}, "steps": steps,
+        "data_sha256": file_digest(config.data), "base_fingerprint": backbone.fingerprint}))
+    first_loss, final_loss = fit(backbone.model, examples, states, interventions, positions, config, steps,
+                                 device, identity, progress)
     seconds = time.perf_counter() - started
     backbone.model.to("cpu")
     training = {
@@ -98,6 +108,7 @@ def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bo
         "seed": config.seed, "library_version": __version__, "model": backbone.source,
     }
     patch = to_patch(config, positions, interventions, backbone, training).to_file(config.out)
+    checkpoint_path(config.out).unlink(missing_ok=True)
     if progress:
         print(f"trained {config.out}: final loss {final_loss:.4f}, {steps} steps, {seconds:.1f} s, "
               f"{patch.size_bytes} bytes")
@@ -115,7 +126,8 @@ def check_config(config: TrainConfig) -> Positions:
         raise UsageError(f"--save-dtype {config.save_dtype!r} is unknown; use one of {', '.join(SAVE_DTYPES)}")
     if config.device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device {config.device!r} is unknown; use auto, cpu or cuda")
-    for option, value in (("--steps", config.steps), ("--epochs", config.epochs), ("--batch-size", config.batch_size)):
+    for option, value in (("--steps", config.steps), ("--epochs", config.epochs), ("--batch-size", config.batch_size),
+                          ("--checkpoint-every", config.checkpoint_every)):
         if value is not None and value < 1:
             raise UsageError(f"{option} {value} must be at least 1")
     if not config.lr > 0:
@@ -287,24 +299,29 @@ def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list
 
 def fit(model: nn.Module, examples: list[Example], states: list[torch.Tensor],
         interventions: list[tuple[int, str, InterventionParams]], positions: Positions, config: TrainConfig,
-        steps: int, device: torch.device, progress: bool) -> tuple[float, float]:
-    """AdamW on the intervention parameters only; returns the first and the last step's loss."""
+        steps: int, device: torch.device, identity: dict[str, Any], progress: bool) -> tuple[float, float]:
+    """AdamW on the intervention parameters only (checkpointed and resumable); returns the
+    first and the last step's loss."""
     from tqdm.auto import tqdm
 
     for _, _, params in interventions:
         params.to(device)
     parameters = [p for _, _, params in interventions for p in params.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+    checkpoint = checkpoint_path(config.out)
+    done, first_loss = 0, math.nan
+    if config.resume and checkpoint.is_file():
+        done, first_loss = load_checkpoint(checkpoint, parameters=parameters, optimizer=optimizer, identity=identity)
     lowest = min(layer for layer, _, _ in interventions)
     head = model.get_output_embeddings()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     slots = EditSlots()
-    losses: list[float] = []
+    loss = math.nan
     with replay_frozen_layers(model, lowest) as (replay, layers), \
             attach_edits({layer: layers[layer] for layer, _, _ in interventions}, slots):
-        bar = tqdm(batch_order(len(examples), config.batch_size, steps, config.seed), desc="train",
-                   disable=not progress, unit="step")
-        for indices in bar:
+        order = batch_order(len(examples), config.batch_size, steps, config.seed)
+        bar = tqdm(desc="train", total=steps, initial=done, disable=not progress, unit="step")
+        for step, indices in enumerate(order[done:], start=done + 1):
             batch = collate([examples[i] for i in indices], [states[i] for i in indices], device)
             replay.states = batch.states
             with autocast:
@@ -312,13 +329,19 @@ def fit(model: nn.Module, examples: list[Example], states: list[torch.Tensor],
                 hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                           use_cache=False).last_hidden_state
                 logits = head(hidden[batch.rows, batch.cols])
-            loss = F.cross_entropy(logits.float(), batch.targets)
+            step_loss = F.cross_entropy(logits.float(), batch.targets)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss.backward()
             optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    return losses[0], losses[-1]
+            loss = step_loss.item()
+            first_loss = loss if step == 1 else first_loss
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < steps:
+                save_checkpoint(checkpoint, step=step, first_loss=first_loss, parameters=parameters,
+                                optimizer=optimizer, identity=identity)
+        bar.close()
+    return first_loss, loss
 
 
 def to_patch(config: TrainConfig, positions: Positions, interventions: list[tuple[int, str, InterventionParams]],
