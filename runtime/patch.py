@@ -101,8 +101,8 @@ class Patch:
     interventions: tuple[Intervention, ...]
     training: dict = field(default_factory=dict, compare=False)
     dtype: str = "float32"
-    payload_sha256: str = ""
-    size_bytes: int = 0
+    payload_sha256: str = field(default="", compare=False)  # filled in by the loader
+    size_bytes: int = field(default=0, compare=False)
 
     @property
     def layers(self) -> list[int]:
@@ -142,11 +142,11 @@ class Patch:
             "kind": self.kind, "layers": self.layers, "positions": str(self.positions),
             "share_weights": self.share_weights, "rank": self.rank, "hidden_size": self.hidden_size,
             "base_fingerprint": self.base_fingerprint, "dtype": self.dtype,
-            "payload_sha256": payload_digest(self.tensors()),
             "interventions": [{"layer": iv.layer, "where": iv.where} for iv in self.interventions],
             "training": self.training,
         }
-        return {key: json.dumps(value, sort_keys=True) for key, value in values.items()}
+        metadata = {key: json.dumps(value, sort_keys=True) for key, value in values.items()}
+        return {**metadata, "payload_sha256": json.dumps(payload_digest(self.tensors(), metadata))}
 
     def tensors(self) -> dict[str, np.ndarray]:
         return {f"interventions.{i}.{name}": np.ascontiguousarray(array.astype(self.dtype))
@@ -186,15 +186,15 @@ class Patch:
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "patch") -> "Patch":
         metadata = _read_metadata(data, source)
-        fields = _parse_metadata(metadata, source)
         tensors = _read_tensors(data, source)
-        _check_tensors(tensors, fields, source)
-        digest = payload_digest(tensors)
-        if digest != fields["payload_sha256"]:
+        digest = payload_digest(tensors, metadata)
+        if json.dumps(digest) != metadata.get("payload_sha256"):
             raise PatchFormatError(
-                f"{source}: tensor payload digest {digest[:16]} does not match the recorded "
-                f"{fields['payload_sha256'][:16]}; the file is damaged, copy it again"
+                f"{source}: payload digest {digest[:16]} does not match the recorded "
+                f"{str(metadata.get('payload_sha256'))[:18]}; the file is damaged, copy it again"
             )
+        fields = _parse_metadata(metadata, source)
+        _check_tensors(tensors, fields, source)
         interventions = tuple(
             Intervention(entry["layer"], entry["where"],
                          {name: tensors[f"interventions.{i}.{name}"] for name in KIND_TENSORS[fields["kind"]]})
@@ -239,9 +239,11 @@ def serialize_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[s
     return struct.pack("<Q", len(encoded)) + encoded + b"".join(chunks)
 
 
-def payload_digest(tensors: Mapping[str, np.ndarray]) -> str:
-    """sha256 over (name, dtype, shape, little-endian bytes) of every tensor, in name order."""
+def payload_digest(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> str:
+    """sha256 over the metadata (every key but payload_sha256, as sorted JSON), then
+    (name, dtype, shape, little-endian bytes) of every tensor in name order."""
     digest = hashlib.sha256()
+    digest.update(json.dumps({k: v for k, v in metadata.items() if k != "payload_sha256"}, sort_keys=True).encode())
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
         digest.update(json.dumps([name, array.dtype.name, list(array.shape)]).encode())
@@ -292,7 +294,7 @@ def _parse_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
             f"{source}: format version {values['format_version']!r}, this reft-edge reads version "
             f"{PATCH_FORMAT_VERSION}; upgrade reft-edge or re-train the patch"
         )
-    if values["kind"] not in KIND_TENSORS:
+    if not isinstance(values["kind"], str) or values["kind"] not in KIND_TENSORS:
         raise bad("kind", f"one of {', '.join(KINDS)}")
     for key in ("rank", "hidden_size"):
         if type(values[key]) is not int or not 1 <= values[key] <= 1 << 16:
