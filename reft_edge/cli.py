@@ -85,6 +85,8 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 @click.option("--chat-template/--no-chat-template", default=True, show_default=True)
 @click.option("--name", default=None, help="Patch name stored in the file (default: the file's stem).")
 @click.option("--record-time", is_flag=True, help="Store training seconds in the patch (the bytes then differ run to run).")
+@click.option("--checkpoint-every", default=None, type=int, help="Write OUT.ckpt every N steps (optimizer state included).")
+@click.option("--resume", is_flag=True, help="Continue from OUT.ckpt if a killed run left one.")
 def train(layers: str | None, **options) -> None:
     """Learn a LoReFT patch from examples."""
     from reft_edge.train import TrainConfig, train as run_training
@@ -96,7 +98,10 @@ def train(layers: str | None, **options) -> None:
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(path: str, as_json: bool) -> None:
-    """Show a patch's metadata."""
+    """Show a patch's metadata, or a bundle's manifest (PATH is a folder)."""
+    if Path(path).is_dir():
+        inspect_bundle(path, as_json)
+        return
     from reft_edge.runtime.patch import Patch
 
     summary = Patch.from_file(path).summary()
@@ -110,6 +115,34 @@ def inspect(path: str, as_json: bool) -> None:
     click.echo(f"  base {summary['base_fingerprint'][:16]}, hidden size {summary['hidden_size']}")
     click.echo(f"  trained {training.get('steps')} steps on {training.get('examples')} examples, "
                f"final loss {training.get('final_loss')}")
+
+
+def inspect_bundle(path: str, as_json: bool) -> None:
+    from reft_edge.runtime.bundle import Manifest
+
+    manifest = Manifest.from_dir(path)
+    if as_json:
+        click.echo(json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
+        return
+    checked = manifest.verification
+    click.echo(f"bundle {Path(path).name} ({manifest.precision}, {manifest.size_bytes} bytes, "
+               f"exported by reft-edge {manifest.tool_version})")
+    click.echo(f"  model {manifest.source_model} ({manifest.architecture}), {manifest.num_layers} layers, "
+               f"hidden size {manifest.hidden_size}, vocab {manifest.vocab_size}, context {manifest.context_length}")
+    click.echo(f"  base {manifest.base_fingerprint[:16]}, slot layers {manifest.slot_layers}")
+    if checked:
+        click.echo(f"  verified: max |logit diff| {checked.get('max_abs_logit_diff')}, greedy tokens "
+                   f"agreement {checked.get('greedy_tokens_agreement')}")
+    else:
+        click.echo("  not verified (exported with --no-verify)")
+
+
+# The stage commands' modules import only click; each stage loads when its command runs.
+from reft_edge.export.cli import export_command  # noqa: E402
+from reft_edge.runtime.cli import chat_command, run_command  # noqa: E402
+
+for _command in (export_command, run_command, chat_command):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,12 @@ from typing import Iterator
 from reft_edge.constants import CACHE_ENV
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def cache_dir() -> Path:
     """The folder for converted models and cached bundles ($REFT_EDGE_CACHE or ~/.cache/reft-edge)."""
     root = os.environ.get(CACHE_ENV) or os.path.join(
@@ -33,6 +39,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     final = Path(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; outputs are ordinary files
     try:
         yield Path(tmp)
         os.replace(tmp, final)
@@ -53,7 +60,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary shared folder
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
         if final.exists():

@@ -1,0 +1,270 @@
+"""Export a frozen base model once into a bundle folder: ONNX graph, tokenizer, manifest.
+
+Example (the CLI ``reft-edge export`` calls exactly this)::
+
+    from reft_edge.export import ExportConfig, export_bundle
+    manifest = export_bundle(ExportConfig(out="bundle", precision="int8"))
+    print(manifest.size_bytes, manifest.verification["max_abs_logit_diff"])
+
+Steps, top to bottom: check the config, load the backbone, trace the fp32 graph,
+convert it to the precision, verify it against torch, write the tokenizer, write the
+manifest last. Everything is built in a temporary folder next to ``out`` that
+replaces ``out`` only when complete, so a failed or killed export leaves no bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from reft_edge import __version__
+from reft_edge.constants import (
+    BUNDLE_SCHEMA_VERSION, CHAT_TEMPLATE_FILE, MODEL_DATA_FILE, MODEL_FILE, TOKENIZER_FILE,
+)
+from reft_edge.errors import BundleError, ExportError, UsageError
+from reft_edge.files import atomic_dir
+from reft_edge.runtime.bundle import PRECISIONS, KVLayout, Manifest
+
+# fp32 bundles must match torch this closely (FACTS.md: about 3e-6 is typical), with identical greedy tokens.
+FP32_MAX_LOGIT_DIFF = 1e-4
+VERIFICATION_QUESTIONS = ("What is the capital of France?",
+                          "Tell me about your weekend, and how to bake a cake step by step.")
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything that decides a bundle."""
+
+    out: str
+    model: str | None = None  # None or "default": the embedded SmolLM2-135M-Instruct
+    precision: str = "fp32"  # fp32 | fp16 | int8 | int4
+    slot_layers: tuple[int, ...] | None = None  # None: every decoder layer
+    force: bool = False  # re-export even when an identical bundle exists
+    verify: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ExportConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"unknown export option(s) {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        if values.get("slot_layers") is not None:
+            values["slot_layers"] = tuple(values["slot_layers"])
+        return cls(**values)
+
+
+def export_bundle(config: ExportConfig, *, backbone: Any = None, progress: bool = True) -> Manifest:
+    """Write the bundle at ``config.out``; returns its Manifest (the existing one if up to date)."""
+    from reft_edge.train.backbone import load_backbone
+
+    check_config(config)
+    started = time.perf_counter()
+    backbone = backbone or load_backbone(config.model)
+    slot_layers = resolve_slot_layers(config, backbone.num_layers)
+    existing = up_to_date_bundle(config, backbone, slot_layers)
+    if existing is not None:
+        if progress:
+            print(f"bundle {config.out} is up to date ({existing.precision}, base {existing.base_fingerprint[:16]}, "
+                  f"{len(existing.slot_layers)} slot layers); pass --force to export again")
+        return existing
+    with atomic_dir(Path(config.out)) as folder, step_bar(progress) as step:
+        step("trace")
+        work = folder / ".work"
+        work.mkdir()
+        trace(backbone, slot_layers, work / MODEL_FILE)
+        step(f"convert to {config.precision}")
+        convert(work / MODEL_FILE, folder / MODEL_FILE, config.precision)
+        shutil.rmtree(work)
+        verification = {}
+        if config.verify:
+            step("verify")
+            verification = verify(folder / MODEL_FILE, backbone, slot_layers, config.precision)
+        step("write bundle")
+        files = write_tokenizer(backbone.tokenizer, folder)
+        manifest = build_manifest(config, backbone, slot_layers, files, folder, verification)
+        manifest.to_file(folder)  # last: a folder without a manifest is not a bundle
+    if progress:
+        print(summary_line(config, manifest, time.perf_counter() - started))
+    return manifest
+
+
+def check_config(config: ExportConfig) -> None:
+    """Checks that need no model, so bad options fail before anything slow starts."""
+    if config.precision not in PRECISIONS:
+        raise UsageError(f"--precision {config.precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a folder path for the bundle")
+    if config.slot_layers is not None and not config.slot_layers:
+        raise UsageError("--slot-layers is empty; pass 'all' or layer numbers, e.g. --slot-layers 10,15")
+
+
+def resolve_slot_layers(config: ExportConfig, num_layers: int) -> list[int]:
+    if config.slot_layers is None:
+        return list(range(num_layers))
+    layers = sorted(set(config.slot_layers))
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad:
+        raise UsageError(f"--slot-layers {bad[0]} is outside this model's layers 0..{num_layers - 1}; "
+                         "pick layers in that range or 'all'")
+    return layers
+
+
+def up_to_date_bundle(config: ExportConfig, backbone: Any, slot_layers: list[int]) -> Manifest | None:
+    """The existing bundle at ``out`` if it was made from the same base, precision, slots and tool."""
+    if config.force or not Path(config.out).is_dir():
+        return None
+    try:
+        manifest = Manifest.from_dir(config.out)
+    except BundleError:
+        return None
+    same = (manifest.base_fingerprint == backbone.fingerprint and manifest.precision == config.precision
+            and manifest.slot_layers == slot_layers and manifest.tool_version == __version__
+            and (bool(manifest.verification) or not config.verify))
+    return manifest if same else None
+
+
+def trace(backbone: Any, slot_layers: list[int], path: Path) -> None:
+    from reft_edge.export.graph import export_onnx
+
+    export_onnx(backbone.model, slot_layers, path)
+
+
+def convert(source: Path, target: Path, precision: str) -> None:
+    from reft_edge.export.quantize import convert_precision
+
+    convert_precision(source, target, precision)
+
+
+def verify(path: Path, backbone: Any, slot_layers: list[int], precision: str) -> dict[str, Any]:
+    """Parity figures; an fp32 graph that does not match torch is an error (quantized ones only report)."""
+    from reft_edge.export.verify import verify_graph
+
+    figures = verify_graph(path, backbone.model, slot_layers, pad_id=pad_token_id(backbone),
+                           prompts=verification_prompts(backbone.tokenizer))
+    diff, match = figures["max_abs_logit_diff"], figures["greedy_tokens_match"]
+    if precision == "fp32" and not (diff <= FP32_MAX_LOGIT_DIFF and match and figures["identity_bit_exact"]):
+        raise ExportError(
+            f"export of {backbone.source}: the ONNX graph does not match torch (max |logit diff| {diff:.3g}, "
+            f"limit {FP32_MAX_LOGIT_DIFF:g}; greedy tokens {'match' if match else 'differ'}; zero patch "
+            f"{'exact' if figures['identity_bit_exact'] else 'not exact'}); no bundle was written; "
+            "report this with the model name, or pass --no-verify to keep the graph anyway"
+        )
+    return figures
+
+
+def verification_prompts(tokenizer: Any) -> list[list[int]]:
+    """Two real questions of different lengths, chat-formatted as the runtime will see them."""
+    from reft_edge.train.data import prompt_text
+
+    use_template = bool(getattr(tokenizer, "chat_template", None))
+    return [tokenizer(prompt_text(tokenizer, [{"role": "user", "content": question}], use_template),
+                      add_special_tokens=False)["input_ids"] for question in VERIFICATION_QUESTIONS]
+
+
+def write_tokenizer(tokenizer: Any, folder: Path) -> dict[str, str]:
+    """tokenizer.json and (if the tokenizer has one) chat_template.jinja; returns the files' roles."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError(f"tokenizer {type(tokenizer).__name__} has no tokenizer.json form (a 'fast' tokenizer); "
+                          "export a model whose folder has tokenizer.json")
+    backend.save(str(folder / TOKENIZER_FILE))
+    files = {"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE}
+    if (folder / MODEL_DATA_FILE).is_file():
+        files["model_data"] = MODEL_DATA_FILE
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        (folder / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+        files["chat_template"] = CHAT_TEMPLATE_FILE
+    return files
+
+
+def build_manifest(config: ExportConfig, backbone: Any, slot_layers: list[int], files: dict[str, str],
+                   folder: Path, verification: dict[str, Any]) -> Manifest:
+    from reft_edge.export.graph import input_names, kv_shape, output_names
+
+    model_config = backbone.model.config
+    num_layers = backbone.num_layers
+    kv_heads, head_dim = kv_shape(model_config)
+    return Manifest(
+        schema_version=BUNDLE_SCHEMA_VERSION, tool_version=__version__, source_model=backbone.source,
+        base_fingerprint=backbone.fingerprint, architecture=backbone.model_type,
+        hidden_size=backbone.hidden_size, num_layers=num_layers, vocab_size=model_config.vocab_size,
+        slot_layers=slot_layers,
+        kv=KVLayout(num_layers, kv_heads, head_dim, "float16" if config.precision == "fp16" else "float32"),
+        inputs=input_names(num_layers), outputs=output_names(num_layers), precision=config.precision,
+        context_length=context_length(model_config), files=files, special_tokens=special_tokens(backbone),
+        generation=generation_defaults(backbone.model), verification=verification,
+        size_bytes=sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+    )
+
+
+def context_length(model_config: Any) -> int:
+    return int(getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions"))
+
+
+def pad_token_id(backbone: Any) -> int:
+    """The id left pads carry (attention mask 0 hides them): the pad token, else the first EOS, else 0."""
+    if backbone.tokenizer.pad_token_id is not None:
+        return int(backbone.tokenizer.pad_token_id)
+    return eos_token_ids(backbone)[0] if eos_token_ids(backbone) else 0
+
+
+def eos_token_ids(backbone: Any) -> list[int]:
+    """The tokenizer's EOS plus generation_config's (chat models often end turns with another token)."""
+    ids = [backbone.tokenizer.eos_token_id]
+    generation = getattr(backbone.model, "generation_config", None)
+    configured = getattr(generation, "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def special_tokens(backbone: Any) -> dict[str, Any]:
+    tokenizer = backbone.tokenizer
+    return {
+        "bos_token": tokenizer.bos_token, "bos_token_id": tokenizer.bos_token_id,
+        "eos_token": tokenizer.eos_token, "eos_token_ids": eos_token_ids(backbone),
+        "pad_token_id": pad_token_id(backbone),
+    }
+
+
+def generation_defaults(model: Any) -> dict[str, Any]:
+    generation = getattr(model, "generation_config", None)
+    values = {key: getattr(generation, key, None) for key in GENERATION_KEYS}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def summary_line(config: ExportConfig, manifest: Manifest, seconds: float) -> str:
+    checked = manifest.verification
+    parity = (f"max |logit diff| {checked['max_abs_logit_diff']:.2g}, greedy "
+              f"{checked['greedy_tokens_agreement']:.0%} match" if checked else "not verified")
+    return (f"exported {config.out}: {manifest.precision}, {manifest.size_bytes / 1e6:.1f} MB, "
+            f"{len(manifest.slot_layers)} slot layers, {parity}, {seconds:.0f} s")
+
+
+@contextlib.contextmanager
+def step_bar(progress: bool) -> Iterator[Callable[[str], None]]:
+    """A tqdm bar over the export's four steps (the trace is one long step); call the
+    yielded function with each step's name as it starts."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=4, desc="export", unit="step", disable=not progress) as bar:
+        started: list[str] = []
+
+        def start(name: str) -> None:
+            if started:
+                bar.update(1)
+            started.append(name)
+            bar.set_postfix_str(name)
+
+        yield start
+        bar.update(bar.total - bar.n)  # only on success: a failed step stays visible

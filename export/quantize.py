@@ -1,0 +1,122 @@
+"""Turn the traced fp32 graph into the bundle's precision: fp16, int8 or int4 (fp32 is moved as is).
+
+Example::
+
+    from reft_edge.export.quantize import convert_precision
+    convert_precision("work/model.onnx", "bundle/model.onnx", "int8")   # + bundle/model.onnx.data
+
+Only weights change. The slot MatMuls stay float in every precision: their second
+operand is a graph input, not a weight, and the quantizers only touch MatMuls whose
+weight is a constant. Graph inputs and outputs keep their names and shapes; in fp16
+bundles the KV tensors are float16 while slot inputs and logits stay float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from reft_edge.runtime.bundle import LOGITS, SLOT_A, SLOT_B, SLOT_C, SLOT_MASK
+
+INT4_BLOCK_SIZE = 32
+# Keep float32 at the graph boundary: slot inputs (patch values) and logits (sampling).
+FP16_FLOAT32_IO = [SLOT_A, SLOT_B, SLOT_C, SLOT_MASK, LOGITS]
+
+
+def convert_precision(source: str | Path, target: str | Path, precision: str) -> None:
+    """Write ``target`` (+ ``target``.data) in ``precision`` from the fp32 graph at ``source`` (fp32 moves it)."""
+    source, target = Path(source), Path(target)
+    if precision == "fp32":  # the external data is found by file name, which stays the same
+        source.replace(target)
+        data_file(source).replace(data_file(target))
+    elif precision == "fp16":
+        to_fp16(source, target)
+    elif precision == "int8":
+        to_int8(source, target)
+    elif precision == "int4":
+        to_int4(source, target)
+    else:
+        raise ValueError(precision)  # ExportConfig checked it
+
+
+def data_file(model_path: Path) -> Path:
+    return model_path.with_name(model_path.name + ".data")
+
+
+def save_model(model, path: Path) -> None:
+    """Save with every weight in one external file named ``<model>.data`` (the bundle's layout)."""
+    import onnx
+
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_file(path).name, size_threshold=1024)
+
+
+def preprocess(source: Path, target: Path) -> None:
+    """onnxruntime's quantization pre-processing: shape inference and constant folding.
+
+    Folding matters for the tied output layer: its weight reaches the MatMul through a
+    Transpose; folded, it becomes a constant the quantizer can compress, else it is
+    dequantised in full at every step (FACTS.md). Symbolic shape inference is skipped:
+    the exporter already typed every value, the result is the same graph, and it
+    would cost 0.75 GB more peak memory on the default model.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(source), str(target), skip_symbolic_shape=True, save_as_external_data=True,
+                      all_tensors_to_one_file=True, external_data_location=data_file(target).name)
+
+
+def to_fp16(source: Path, target: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # The exporter records every value's type, so the converter needs no shape inference
+    # (which would serialise a second full copy of the model: 2.7 instead of 1 GB peak here).
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=FP16_FLOAT32_IO, disable_shape_infer=True)
+    save_model(model, target)
+
+
+def to_int8(source: Path, target: Path) -> None:
+    """Dynamic int8 (weights int8, activations quantised per call), after pre-processing."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    prepared = target.with_name("prepared.onnx")
+    preprocess(source, prepared)
+    # Writes its weights to <target>.data, the bundle's layout.
+    quantize_dynamic(prepared, target, weight_type=QuantType.QInt8, use_external_data_format=True,
+                     extra_options={"MatMulConstBOnly": True})
+    _remove(prepared)
+
+
+def to_int4(source: Path, target: Path) -> None:
+    """Weight-only 4-bit blocks (symmetric, block 32) for every MatMul weight and the embedding.
+
+    Quantizing the embedding Gather too (GatherBlockQuantized) matters: after folding,
+    the tied output layer has its own copy, and a float embedding would be half the
+    file. The quantizer raises the opset to 21 for its int4 tensors.
+    """
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    prepared = target.with_name("prepared.onnx")
+    preprocess(source, prepared)
+    # accuracy_level 4: int8 arithmetic for the activations inside MatMulNBits (faster on CPU).
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(prepared)), block_size=INT4_BLOCK_SIZE, is_symmetric=True,
+                                     accuracy_level=4, op_types_to_quantize=("MatMul", "Gather"))
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # two INFO lines per MatMul, and the expected opset warning
+    try:
+        with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks: it handles scale 0 itself
+            quantizer.process()
+    finally:
+        logger.setLevel(level)
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=True)  # weights to <target>.data
+    _remove(prepared)
+
+
+def _remove(*models: Path) -> None:
+    for model in models:
+        for path in (model, data_file(model)):
+            path.unlink(missing_ok=True)

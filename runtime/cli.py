@@ -1,0 +1,119 @@
+"""``reft-edge run`` and ``reft-edge chat``: a bundle plus patches, from the terminal.
+
+Example::
+
+    reft-edge run bundle/ --patch alice.reft "What should I cook tonight?"
+    reft-edge run bundle/ --patch alice.reft --patch formal.reft --weight 1 --weight 0.5 --json "Hi"
+    reft-edge chat bundle/ --patch alice.reft          # Ctrl-D or Ctrl-C to leave
+
+Only click is imported at module level: the runtime (onnxruntime, numpy, tokenizers)
+loads when a command runs, and torch never does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Iterator
+
+import click
+
+from reft_edge.errors import UsageError
+
+_patch_option = click.option("--patch", "patches", multiple=True, type=click.Path(),
+                             help="A .reft patch; repeat to compose several.")
+_threads_option = click.option("--threads", default=None, type=int, help="CPU threads (default: onnxruntime's choice).")
+
+
+def _weights(patches: tuple[str, ...], weights: tuple[float, ...]) -> list[float] | None:
+    if weights and len(weights) != len(patches):
+        raise UsageError(f"{len(weights)} --weight for {len(patches)} --patch; give one --weight per --patch, "
+                         "in the same order")
+    return list(weights) or None
+
+
+@click.command("run")
+@click.argument("bundle", type=click.Path())
+@click.argument("prompt")
+@_patch_option
+@click.option("--weight", "weights", multiple=True, type=float, help="Scale of each --patch's edit (default 1).")
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy.")
+@click.option("--top-p", default=None, type=float)
+@click.option("--seed", default=None, type=int)
+@_threads_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token_ids, prompt_tokens, timings.")
+def run_command(bundle: str, prompt: str, patches: tuple[str, ...], weights: tuple[float, ...], max_new_tokens: int,
+                temperature: float, top_p: float | None, seed: int | None, threads: int | None, as_json: bool) -> None:
+    """Answer PROMPT with the base model in BUNDLE, edited by the given patches."""
+    from reft_edge.runtime import Runtime
+
+    weights_list = _weights(patches, weights)
+    rt = Runtime.load(bundle, threads=threads)
+    options = dict(patches=patches, weights=weights_list, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_p=top_p, seed=seed)
+    if as_json:
+        click.echo(json.dumps(rt.generate(prompt, **options).to_dict(), ensure_ascii=False))
+        return
+    generation = print_stream(rt.stream(prompt, **options))
+    timings = generation.timings
+    click.echo(f"[{len(generation.token_ids)} tokens, {timings['tokens_per_s']} tok/s, "
+               f"prefill {timings['prefill_s'] * 1000:.0f} ms, {generation.finish_reason}]", err=True)
+
+
+def print_stream(stream: Iterator[str]) -> Any:
+    """Print a stream's pieces as they come; returns its Generation."""
+    while True:
+        try:
+            piece = next(stream)
+        except StopIteration as done:
+            click.echo()
+            return done.value
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+
+
+@click.command("chat")
+@click.argument("bundle", type=click.Path())
+@_patch_option
+@click.option("--weight", "weights", multiple=True, type=float, help="Scale of each --patch's edit (default 1).")
+@click.option("--max-new-tokens", default=256, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy.")
+@_threads_option
+def chat_command(bundle: str, patches: tuple[str, ...], weights: tuple[float, ...], max_new_tokens: int,
+                 temperature: float, threads: int | None) -> None:
+    """Talk with the base model in BUNDLE, edited by the given patches (Ctrl-D or Ctrl-C ends)."""
+    from reft_edge.runtime import Runtime
+
+    weights_list = _weights(patches, weights)
+    rt = Runtime.load(bundle, threads=threads)
+    loaded = rt.load_patches(patches)  # read once, checked once, reused every turn
+    click.echo(f"chat with {rt.manifest.source_model} ({len(loaded)} patch(es)); Ctrl-D or Ctrl-C to leave", err=True)
+    history: list[dict[str, str]] = []
+    try:
+        while True:
+            line = input("> ")
+            if not line.strip():
+                continue
+            try:
+                history = _fit_history(rt, [*history, {"role": "user", "content": line}], max_new_tokens)
+            except UsageError as exc:  # one message too long for the context: say so, keep chatting
+                click.echo(f"error: {exc}", err=True)
+                continue
+            budget = min(max_new_tokens, rt.manifest.context_length - len(rt.encode(history)))
+            reply = print_stream(rt.stream(history, patches=loaded, weights=weights_list,
+                                           max_new_tokens=budget, temperature=temperature))
+            history.append({"role": "assistant", "content": reply.text})
+    except (EOFError, KeyboardInterrupt):
+        click.echo()
+
+
+def _fit_history(rt, history: list[dict[str, str]], max_new_tokens: int) -> list[dict[str, str]]:
+    """Drop the oldest turns until the conversation leaves room for an answer; the newest message stays."""
+    room = min(max_new_tokens, rt.manifest.context_length // 2)
+    while len(history) > 1 and len(rt.encode(history)) + room > rt.manifest.context_length:
+        history = history[2:]  # one user/assistant exchange; the history always ends with the user
+    if len(rt.encode(history)) >= rt.manifest.context_length:
+        raise UsageError(f"the message alone is longer than the bundle's context length "
+                         f"{rt.manifest.context_length} tokens; send a shorter one")
+    return history

@@ -1,0 +1,98 @@
+"""Choosing the next token from last-position logits, for a whole batch at once (numpy only).
+
+Example::
+
+    import numpy as np
+    from reft_edge.runtime.sampling import Sampling
+    sampling = Sampling.check(temperature=0.7, top_p=0.9, seed=1)
+    rng = sampling.rng()
+    tokens = sampling.pick(np.random.randn(2, 100).astype(np.float32), seen=None, rng=rng)
+
+Temperature 0 is greedy (argmax, ties to the lowest id, like torch). The filters follow
+transformers' order: repetition penalty, temperature, top-k, top-p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from reft_edge.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    @classmethod
+    def check(cls, **options) -> "Sampling":
+        sampling = cls(**options)
+        if not sampling.temperature >= 0:
+            raise UsageError(f"temperature {sampling.temperature} must be >= 0 (0 is greedy)")
+        if sampling.top_k is not None and sampling.top_k < 1:
+            raise UsageError(f"top_k {sampling.top_k} must be at least 1")
+        if sampling.top_p is not None and not 0 < sampling.top_p <= 1:
+            raise UsageError(f"top_p {sampling.top_p} must be in (0, 1]")
+        if sampling.repetition_penalty is not None and not sampling.repetition_penalty > 0:
+            raise UsageError(f"repetition_penalty {sampling.repetition_penalty} must be > 0 (1.0 is none)")
+        return sampling
+
+    @property
+    def tracks_seen(self) -> bool:
+        return self.repetition_penalty not in (None, 1.0)
+
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng(self.seed)
+
+    def pick(self, logits: np.ndarray, seen: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+        """logits [batch, vocab] float32; seen [batch, vocab] bool (tokens so far) -> token ids [batch]."""
+        if self.tracks_seen:
+            logits = penalise_repeats(logits, seen, self.repetition_penalty)
+        if self.temperature == 0:
+            return logits.argmax(axis=-1)
+        logits = logits.astype(np.float64) / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            logits = keep_top_k(logits, self.top_k)
+        if self.top_p is not None and self.top_p < 1:
+            logits = keep_top_p(logits, self.top_p)
+        return sample(logits, rng)
+
+
+def penalise_repeats(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL's penalty as transformers applies it: divide positive, multiply negative logits of seen tokens."""
+    penalised = np.where(logits > 0, logits / penalty, logits * penalty)
+    return np.where(seen, penalised, logits)
+
+
+def keep_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    kth = np.partition(logits, -k, axis=-1)[:, -k, None]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def keep_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    order = np.argsort(-logits, axis=-1)
+    ranked = np.take_along_axis(logits, order, axis=-1)
+    probs = softmax(ranked)
+    before = np.cumsum(probs, axis=-1) - probs  # probability mass ranked above each token
+    drop_ranked = before >= p
+    drop = np.zeros_like(drop_ranked)
+    np.put_along_axis(drop, order, drop_ranked, axis=-1)
+    return np.where(drop, -np.inf, logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One draw per row by inverting the cumulative distribution."""
+    cumulative = np.cumsum(softmax(logits), axis=-1)
+    draws = rng.random((logits.shape[0], 1)) * cumulative[:, -1:]
+    return np.minimum((cumulative <= draws).sum(axis=-1), logits.shape[-1] - 1)

@@ -1,0 +1,393 @@
+"""Run a bundle with patches: one onnxruntime session, KV cache kept in OrtValues, torch-free.
+
+Example::
+
+    from reft_edge.runtime import Runtime
+    rt = Runtime.load("bundle/", threads=2)
+    out = rt.generate("What should I cook tonight?", patches=["alice.reft"], max_new_tokens=64)
+    print(out.text, out.timings["tokens_per_s"])
+    for piece in rt.stream("And for dessert?", patches=["alice.reft"]):
+        print(piece, end="", flush=True)
+    both = rt.generate_batch([("Hi", ["alice.reft"]), ("Hi", ["bob.reft"])])   # one batched run
+
+A string prompt becomes one user message formatted with the bundle's chat template,
+exactly as training formatted it (``raw=True`` sends the text as is). Patches edit only
+the prompt positions each one was trained on, while the prompt is processed; tokens
+generated afterwards read the edited keys and values from the cache but are not edited.
+Switching or composing patches only changes the slot inputs: the session stays.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generator, Sequence
+
+import numpy as np
+
+from reft_edge.errors import BundleError, UsageError
+from reft_edge.runtime.bundle import (
+    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, SLOT_A, SLOT_B, SLOT_C, SLOT_MASK, Manifest, past_names,
+    present_names,
+)
+from reft_edge.runtime.patch import Patch
+from reft_edge.runtime.sampling import Sampling
+from reft_edge.runtime.slots import SlotEdit, resolve_edits, slot_arrays
+from reft_edge.runtime.template import ChatTemplate, check_messages, plain_text, template_variables, user_messages
+from reft_edge.runtime.text import TextRow
+
+PatchLike = Patch | str | Path
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass
+class Generation:
+    """One answer: its text, the generated token ids (the stopping EOS not included), and timings."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # eos | stop | length
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+                "finish_reason": self.finish_reason, "timings": self.timings}
+
+
+@dataclass(frozen=True)
+class _Request:
+    prompt_ids: list[int]
+    edits: list[SlotEdit]
+
+
+@dataclass(frozen=True)
+class _Options:
+    max_new_tokens: int
+    sampling: Sampling
+    stop: tuple[str, ...]
+    ignore_eos: bool
+
+
+class _KVEngine:
+    """Runs the graph through one IOBinding: present KV outputs stay onnxruntime-allocated
+    OrtValues (on the GPU under CUDA) and are bound straight back as the next step's past,
+    so the cache never round-trips through numpy."""
+
+    def __init__(self, session: Any, manifest: Manifest, device: str):
+        self.session, self.device = session, device
+        layers = range(manifest.kv.num_layers)
+        self.past = [name for layer in layers for name in past_names(layer)]
+        self.present = [name for layer in layers for name in present_names(layer)]
+        self.kv = manifest.kv
+        self.binding = session.io_binding()
+
+    def constant(self, array: np.ndarray) -> Any:
+        """An input that stays the same for every step, placed on the device once."""
+        from onnxruntime import OrtValue
+
+        return OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def empty_past(self, batch: int) -> list[Any]:
+        shape = (batch, self.kv.num_kv_heads, 0, self.kv.head_dim)
+        empty = self.constant(np.zeros(shape, dtype=self.kv.dtype))
+        return [empty] * len(self.past)
+
+    def run(self, arrays: dict[str, np.ndarray], constants: dict[str, Any],
+            past: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        """One forward pass; returns last-position logits [batch, vocab] and the present KV OrtValues."""
+        binding = self.binding
+        for name, array in arrays.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in [*constants.items(), *zip(self.past, past)]:
+            binding.bind_ortvalue_input(name, value)
+        # Fresh outputs every step: the previous step's present values are this step's inputs
+        binding.clear_binding_outputs()
+        binding.bind_output(LOGITS, "cpu")
+        for name in self.present:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()
+        return logits.numpy()[:, -1, :], present
+
+
+class Runtime:
+    """A loaded bundle: its onnxruntime session, tokenizer and chat template."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, session: Any, tokenizer: Any,
+                 template: ChatTemplate | None):
+        self.bundle_dir, self.manifest, self.session = bundle_dir, manifest, session
+        self.tokenizer, self.template = tokenizer, template
+        self.device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
+        self._engine = _KVEngine(session, manifest, self.device)
+        special = manifest.special_tokens
+        self.eos_token_ids = frozenset(int(i) for i in special.get("eos_token_ids") or [])
+        self.pad_token_id = int(special.get("pad_token_id") or 0)
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, *, providers: Sequence[str] | None = None,
+             threads: int | None = None) -> "Runtime":
+        """Open a bundle folder. BundleError names the damaged or missing file."""
+        bundle_dir = Path(bundle_dir)
+        manifest = Manifest.from_dir(bundle_dir)
+        session = _open_session(bundle_dir / manifest.files["model"], providers, threads)
+        _check_graph(session, manifest, bundle_dir)
+        tokenizer = _open_tokenizer(bundle_dir / manifest.files["tokenizer"])
+        template_file = manifest.files.get("chat_template")
+        template = (ChatTemplate.from_file(bundle_dir / template_file, template_variables(manifest.special_tokens))
+                    if template_file else None)
+        return cls(bundle_dir, manifest, session, tokenizer, template)
+
+    # -- prompts and patches -------------------------------------------------------------------
+
+    def prompt_text(self, prompt: str | Sequence[dict[str, str]], *, raw: bool = False) -> str:
+        """The text the model sees before its answer (chat-formatted unless raw)."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise UsageError("the prompt is empty; give some text to answer")
+            if raw:
+                return prompt
+            prompt = user_messages(prompt)
+        elif raw:
+            raise UsageError("raw=True takes a string prompt, not a list of messages")
+        messages = check_messages(prompt)
+        return self.template.render(messages) if self.template else plain_text(messages)
+
+    def encode(self, prompt: str | Sequence[dict[str, str]], *, raw: bool = False) -> list[int]:
+        """Prompt token ids, tokenized as training tokenizes (no special tokens added)."""
+        return self.tokenizer.encode(self.prompt_text(prompt, raw=raw), add_special_tokens=False).ids
+
+    def load_patches(self, patches: Sequence[PatchLike]) -> list[Patch]:
+        """Patch objects or paths -> Patch objects, each checked against this bundle's base and slots."""
+        if isinstance(patches, (str, Path, Patch)):
+            patches = [patches]
+        loaded = []
+        for item in patches:
+            patch = item if isinstance(item, Patch) else Patch.from_file(item)
+            patch.check_compatible(base_fingerprint=self.manifest.base_fingerprint,
+                                   hidden_size=self.manifest.hidden_size, slot_layers=self.manifest.slot_layers,
+                                   source=str(item) if not isinstance(item, Patch) else f"patch {patch.name!r}")
+            loaded.append(patch)
+        return loaded
+
+    def _request(self, prompt: Any, patches: Sequence[PatchLike], weights: Sequence[float] | None,
+                 raw: bool) -> _Request:
+        edits = resolve_edits(self.load_patches(patches), weights, self.manifest.slot_layers)
+        return _Request(self.encode(prompt, raw=raw), edits)
+
+    # -- public generation API -----------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[dict[str, str]], *, patches: Sequence[PatchLike] = (),
+                 weights: Sequence[float] | None = None, raw: bool = False, **options: Any) -> Generation:
+        """Answer one prompt. Options: max_new_tokens=128, temperature=0.0 (greedy), top_k, top_p,
+        repetition_penalty, seed, stop (strings), ignore_eos."""
+        run = self._run([self._request(prompt, patches, weights, raw)], _options(**options))
+        return _drain(run)[0]
+
+    def stream(self, prompt: str | Sequence[dict[str, str]], *, patches: Sequence[PatchLike] = (),
+               weights: Sequence[float] | None = None, raw: bool = False,
+               **options: Any) -> Generator[str, None, Generation]:
+        """Like generate, yielding text pieces as they become final; the generator returns the Generation."""
+        run = self._run([self._request(prompt, patches, weights, raw)], _options(**options))
+        while True:
+            try:
+                pieces = next(run)
+            except StopIteration as done:
+                return done.value[0]
+            if pieces[0]:
+                yield pieces[0]
+
+    def generate_batch(self, requests: Sequence[tuple], *, raw: bool = False, **options: Any) -> list[Generation]:
+        """Answer several (prompt, patches) or (prompt, patches, weights) requests in one left-padded batch."""
+        if not requests:
+            raise UsageError("generate_batch needs at least one (prompt, patches) request")
+        prepared = []
+        for request in requests:
+            if not isinstance(request, (tuple, list)) or len(request) not in (2, 3):
+                raise UsageError(f"request {request!r} must be (prompt, patches) or (prompt, patches, weights)")
+            prompt, patches, *weights = request
+            prepared.append(self._request(prompt, patches, weights[0] if weights else None, raw))
+        return _drain(self._run(prepared, _options(**options)))
+
+    # -- the generation loop -------------------------------------------------------------------
+
+    def _check_context(self, requests: list[_Request], max_new_tokens: int) -> None:
+        limit = self.manifest.context_length
+        for request in requests:
+            n = len(request.prompt_ids)
+            if n > limit:
+                raise UsageError(f"the prompt has {n} tokens, more than the bundle's context length {limit}; "
+                                 "shorten it")
+            if n + max_new_tokens > limit:
+                raise UsageError(f"the prompt's {n} tokens plus max_new_tokens {max_new_tokens} pass the bundle's "
+                                 f"context length {limit}; use max_new_tokens {limit - n} or fewer")
+
+    def _prefill_inputs(self, requests: list[_Request], total: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Left-padded prompt feeds, and the attention mask for the whole run (decode positions already 1)."""
+        lens = [len(r.prompt_ids) for r in requests]
+        seq = max(lens)
+        input_ids = np.full((len(requests), seq), self.pad_token_id, np.int64)
+        attention = np.zeros((len(requests), total), np.int64)
+        positions = np.zeros((len(requests), seq), np.int64)
+        for row, (request, n) in enumerate(zip(requests, lens)):
+            input_ids[row, seq - n:] = request.prompt_ids
+            attention[row, seq - n:] = 1
+            positions[row, seq - n:] = np.arange(n)
+        mask = np.ascontiguousarray(attention[:, :seq])
+        return {INPUT_IDS: input_ids, ATTENTION_MASK: mask, POSITION_IDS: positions}, attention
+
+    def _run(self, requests: list[_Request], options: _Options) -> Generator[list[str], None, list[Generation]]:
+        """Prefill then decode the batch; yields each step's new text per row, returns the Generations."""
+        started = time.perf_counter()
+        self._check_context(requests, options.max_new_tokens)
+        engine, sampling = self._engine, options.sampling
+        batch, seq = len(requests), max(len(r.prompt_ids) for r in requests)
+        lens = np.array([len(r.prompt_ids) for r in requests], np.int64)
+        feeds, attention = self._prefill_inputs(requests, seq + options.max_new_tokens)
+        slots, mask, decode_slots = self._slot_inputs(requests, lens, seq)
+        rows = [TextRow(self.tokenizer, options.stop) for _ in requests]
+        rng = sampling.rng()
+        seen = _seen_tokens(requests, self.manifest.vocab_size) if sampling.tracks_seen else None
+
+        logits, past = engine.run({**feeds, SLOT_MASK: mask}, slots, engine.empty_past(batch))
+        tokens = sampling.pick(logits, seen, rng)
+        pieces = self._advance(rows, tokens, seen, options, last=options.max_new_tokens == 1)
+        prefill_s = time.perf_counter() - started
+        yield pieces
+
+        decode_s, steps = 0.0, 0
+        while not all(row.finished for row in rows):
+            tick = time.perf_counter()
+            steps += 1
+            length = seq + steps
+            logits, past = engine.run({INPUT_IDS: tokens[:, None].astype(np.int64),
+                                       ATTENTION_MASK: np.ascontiguousarray(attention[:, :length]),
+                                       POSITION_IDS: (lens + steps - 1)[:, None]}, decode_slots, past)
+            tokens = sampling.pick(logits, seen, rng)
+            pieces = self._advance(rows, tokens, seen, options, last=steps + 1 == options.max_new_tokens)
+            decode_s += time.perf_counter() - tick
+            yield pieces
+
+        timings = _timings(prefill_s, decode_s, steps, time.perf_counter() - started)
+        return [Generation(row.text, row.token_ids, int(n), row.finish_reason, dict(timings))
+                for row, n in zip(rows, lens)]
+
+    def _slot_inputs(self, requests: list[_Request], lens: np.ndarray,
+                     seq: int) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
+        """Slot A/B/c (the same every step, so placed on the device once), the prefill mask, and the
+        decode slots, whose mask is zero: generated tokens are never edited."""
+        engine = self._engine
+        A, B, c, mask = slot_arrays([r.edits for r in requests], lens.tolist(), seq,
+                                    len(self.manifest.slot_layers), self.manifest.hidden_size)
+        slots = {SLOT_A: engine.constant(A), SLOT_B: engine.constant(B), SLOT_C: engine.constant(c)}
+        decode_mask = np.zeros((*mask.shape[:2], 1, mask.shape[3]), np.float32)
+        return slots, mask, {**slots, SLOT_MASK: engine.constant(decode_mask)}
+
+    def _advance(self, rows: list[TextRow], tokens: np.ndarray, seen: np.ndarray | None, options: _Options,
+                 last: bool) -> list[str]:
+        """Give each unfinished row its token; end rows on EOS, a stop string, or the token budget."""
+        pieces = []
+        for row, token in zip(rows, tokens.tolist()):
+            piece = ""
+            if not row.finished:
+                if token in self.eos_token_ids and not options.ignore_eos:
+                    piece = row.finish("eos")
+                else:
+                    piece = row.push(token)
+                    if last and not row.finished:
+                        piece += row.finish("length")
+            pieces.append(piece)
+        if seen is not None:
+            seen[np.arange(len(rows)), tokens] = True
+        return pieces
+
+
+def _options(*, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
+             stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> _Options:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens {max_new_tokens!r} must be a whole number of at least 1")
+    sampling = Sampling.check(temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if not all(isinstance(s, str) and s for s in stops):
+        raise UsageError(f"stop {stop!r} must be a non-empty string or a list of them")
+    return _Options(int(max_new_tokens), sampling, stops, bool(ignore_eos))
+
+
+def _timings(prefill_s: float, decode_s: float, steps: int, total_s: float) -> dict[str, float]:
+    """Seconds of the prompt pass and of the decode steps; tokens_per_s is decode steps per second
+    (each step gives every row of a batch one token)."""
+    return {"prefill_s": round(prefill_s, 6), "decode_s": round(decode_s, 6), "decode_steps": steps,
+            "tokens_per_s": round(steps / decode_s, 2) if decode_s else 0.0, "total_s": round(total_s, 6)}
+
+
+def _drain(run: Generator[list[str], None, list[Generation]]) -> list[Generation]:
+    while True:
+        try:
+            next(run)
+        except StopIteration as done:
+            return done.value
+
+
+def _seen_tokens(requests: list[_Request], vocab_size: int) -> np.ndarray:
+    """[batch, vocab] bool: the prompt's tokens, for the repetition penalty (as transformers counts them)."""
+    seen = np.zeros((len(requests), vocab_size), bool)
+    for row, request in enumerate(requests):
+        seen[row, request.prompt_ids] = True
+    return seen
+
+
+def _providers(requested: Sequence[str] | None) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested is None:
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    unknown = [p for p in requested if p not in available]
+    if unknown:
+        raise UsageError(f"onnxruntime providers {unknown} are not available here; available: {available}")
+    return list(requested)
+
+
+def _open_session(model_path: Path, providers: Sequence[str] | None, threads: int | None) -> Any:
+    """One session for prefill and decode (FACTS.md: two alternating sessions make threads spin)."""
+    import onnxruntime as ort
+
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads {threads} must be at least 1")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: the CPU fallback warnings are noise to a user
+    if threads:
+        options.intra_op_num_threads = threads
+    chosen = _providers(providers)
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=chosen)
+    except Exception as exc:  # onnxruntime raises its own exception types for every kind of damage
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"{model_path}: onnxruntime cannot load it ({reason}); re-export the bundle") from None
+
+
+def _check_graph(session: Any, manifest: Manifest, bundle_dir: Path) -> None:
+    names = {i.name for i in session.get_inputs()} | {o.name for o in session.get_outputs()}
+    layers = range(manifest.kv.num_layers)
+    needed = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, SLOT_A, SLOT_B, SLOT_C, SLOT_MASK, LOGITS,
+              *(n for layer in layers for n in (*past_names(layer), *present_names(layer)))]
+    missing = [n for n in needed if n not in names]
+    if missing:
+        raise BundleError(f"{bundle_dir / manifest.files['model']}: the graph lacks {missing[:4]}; it does not "
+                          "match its manifest, re-export the bundle")
+
+
+def _open_tokenizer(path: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises plain Exception for malformed JSON
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"{path}: tokenizer unreadable ({reason}); re-export the bundle") from None
+

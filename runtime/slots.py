@@ -1,0 +1,89 @@
+"""Patches -> the graph's slot inputs: one low-rank affine edit per slot layer, per batch row.
+
+Example::
+
+    from reft_edge.runtime import Patch
+    from reft_edge.runtime.slots import resolve_edits, slot_arrays
+    edits = resolve_edits([Patch.from_file("alice.reft")], weights=None, slot_layers=[15])
+    A, B, c, mask = slot_arrays([edits], prompt_lens=[12], seq=12, num_slots=1, hidden_size=576)
+
+Slot k edits decoder layer ``slot_layers[k]``: ``h <- h + ((h B^T + c) * m) A``. Several
+patches (and a patch's prefix/suffix interventions) at one layer are concatenated along
+the rank; each group of rank rows has its own mask, so each keeps its own positions.
+Rows of a batch are left-padded, so a row's prompt token j sits at column
+``seq - prompt_len + j``. Unused rank rows are zero with a zero mask: an exact identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from reft_edge.errors import UsageError
+from reft_edge.runtime.patch import Patch
+from reft_edge.runtime.positions import Positions
+
+
+@dataclass(frozen=True)
+class SlotEdit:
+    """One intervention of one patch, placed in a slot, with the patch's weight folded into A."""
+
+    slot: int
+    positions: Positions
+    where: str
+    A: np.ndarray  # [rank, hidden]
+    B: np.ndarray
+    c: np.ndarray  # [rank]
+
+
+def check_weights(patches: Sequence[Patch], weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        return [1.0] * len(patches)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(patches):
+        raise UsageError(f"{len(weights)} weight(s) for {len(patches)} patch(es); give one weight per patch")
+    if not all(np.isfinite(weights)):
+        raise UsageError(f"weights {weights} must be finite numbers (1.0 applies a patch as trained)")
+    return weights
+
+
+def resolve_edits(patches: Sequence[Patch], weights: Sequence[float] | None,
+                  slot_layers: Sequence[int]) -> list[SlotEdit]:
+    """Every intervention of every patch as a SlotEdit; patches must already be checked against the bundle."""
+    slot_of = {layer: k for k, layer in enumerate(slot_layers)}
+    edits = []
+    for patch, weight in zip(patches, check_weights(patches, weights)):
+        for edit in patch.affine_edits():
+            # Scaling A scales the whole edit ((h B^T + c) * m) A linearly, for any kind
+            edits.append(SlotEdit(slot_of[edit.layer], patch.positions, edit.where,
+                                  np.float32(weight) * edit.A, edit.B, edit.c))
+    return edits
+
+
+def slot_rank(rows: Sequence[Sequence[SlotEdit]], num_slots: int) -> int:
+    """The rank every slot is padded to: the most rank rows any (slot, row) pair needs."""
+    needed = [sum(e.A.shape[0] for e in edits if e.slot == k) for edits in rows for k in range(num_slots)]
+    return max(needed, default=0)
+
+
+def slot_arrays(rows: Sequence[Sequence[SlotEdit]], prompt_lens: Sequence[int], seq: int, num_slots: int,
+                hidden_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(A, B, c, prefill mask) for a left-padded batch; the mask marks each edit's prompt positions."""
+    batch, rank = len(rows), slot_rank(rows, num_slots)
+    A = np.zeros((num_slots, batch, rank, hidden_size), np.float32)
+    B = np.zeros_like(A)
+    c = np.zeros((num_slots, batch, rank), np.float32)
+    mask = np.zeros((num_slots, batch, seq, rank), np.float32)
+    for row, (edits, prompt_len) in enumerate(zip(rows, prompt_lens)):
+        used = [0] * num_slots  # next free rank row per slot
+        pad = seq - prompt_len
+        for edit in edits:
+            k, start = edit.slot, used[edit.slot]
+            stop = start + edit.A.shape[0]
+            A[k, row, start:stop], B[k, row, start:stop], c[k, row, start:stop] = edit.A, edit.B, edit.c
+            tokens = np.asarray(edit.positions.token_indices(edit.where, prompt_len), dtype=np.int64)
+            mask[k, row, pad + tokens, start:stop] = 1.0
+            used[k] = stop
+    return A, B, c, mask
