@@ -27,6 +27,7 @@ from reft_edge.constants import (
 )
 from reft_edge.errors import BundleError, ExportError, UsageError
 from reft_edge.files import atomic_dir
+from reft_edge.export.quantize import WEIGHT_RECIPES
 from reft_edge.runtime.bundle import PRECISIONS, KVLayout, Manifest
 
 # fp32 bundles must match torch this closely (FACTS.md: about 3e-6 is typical), with identical greedy tokens.
@@ -129,6 +130,7 @@ def up_to_date_bundle(config: ExportConfig, backbone: Any, slot_layers: list[int
         return None
     same = (manifest.base_fingerprint == backbone.fingerprint and manifest.precision == config.precision
             and manifest.slot_layers == slot_layers and manifest.tool_version == __version__
+            and manifest.weights == WEIGHT_RECIPES[config.precision]
             and (bool(manifest.verification) or not config.verify))
     return manifest if same else None
 
@@ -204,6 +206,7 @@ def build_manifest(config: ExportConfig, backbone: Any, slot_layers: list[int], 
         inputs=input_names(num_layers), outputs=output_names(num_layers), precision=config.precision,
         context_length=context_length(model_config), files=files, special_tokens=special_tokens(backbone),
         generation=generation_defaults(backbone.model), verification=verification,
+        weights=WEIGHT_RECIPES[config.precision],
         size_bytes=sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
     )
 

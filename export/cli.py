@@ -17,7 +17,7 @@ import click
 @click.option("--out", required=True, help="Bundle folder to write (replaced whole, only when complete).")
 @click.option("--model", default=None, help="Hugging Face folder or id; default: the embedded SmolLM2-135M-Instruct.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8", "int4"]),
-              help="Weights: fp32, fp16 (for CUDA), int8 (dynamic), int4 (weight-only blocks).")
+              help="Weights: fp32, fp16 (for CUDA), int8 and int4 (weight-only blocks).")
 @click.option("--slot-layers", default="all", show_default=True,
               help="Layers whose output a patch may edit: 'all' or a comma list, e.g. 10,15.")
 @click.option("--force", is_flag=True, help="Export even if an identical bundle is already there.")

@@ -67,6 +67,7 @@ class Manifest:
     files: dict[str, str]  # role -> file name inside the bundle (model, model_data, tokenizer, chat_template)
     special_tokens: dict[str, Any]  # bos/eos/pad token strings and ids; eos_token_ids is a list
     generation: dict[str, Any] = field(default_factory=dict)
+    weights: str = ""  # how the weights were made for this precision (export's recipe)
     size_bytes: int = 0
     verification: dict[str, Any] = field(default_factory=dict)
 

@@ -147,3 +147,13 @@ def default_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("default-export") / "bundle"
     export_bundle(ExportConfig(out=str(out)), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def default_int8_bundle(tmp_path_factory) -> Path:
+    """The default model exported once per session at int8 (what make demo uses)."""
+    from reft_edge.export import ExportConfig, export_bundle
+
+    out = tmp_path_factory.mktemp("default-export-int8") / "bundle"
+    export_bundle(ExportConfig(out=str(out), precision="int8"), progress=False)
+    return out

@@ -1,16 +1,34 @@
-"""End to end on the embedded default model (SmolLM2-135M-Instruct): the training acceptance check."""
+"""End to end on the embedded default model (SmolLM2-135M-Instruct): the acceptance checks."""
 
 from __future__ import annotations
 
 import json
+import unicodedata
 
 import pytest
 from click.testing import CliRunner
 
 from conftest import EMOJI_TRAIN_ARGS
 from reft_edge.cli import main
+from reft_edge.runtime import Patch, Runtime
 
 pytestmark = pytest.mark.slow
+
+# None of these is in examples/emoji/train.jsonl.
+UNSEEN_PROMPTS = [
+    "How do I learn to swim?", "What is your favourite animal?", "Describe a rainy day.",
+    "What do you think about music?", "How can I sleep better?", "What is the best way to travel?",
+    "Tell me a joke.", "What is the meaning of life?", "How do computers work?", "What is love?",
+    "Where should I go on holiday?", "How do I make friends?", "What is your favourite colour?",
+    "How do birds fly?", "What is the moon made of?", "How do I stay healthy?", "What makes you happy?",
+    "Can you describe the ocean?", "What is the best season of the year?", "How do I start running?",
+]
+
+
+def emoji_only(text: str) -> bool:
+    """True when the answer has no letters and no digits (emoji, symbols, joiners, spaces only)."""
+    visible = "".join(text.split())
+    return bool(visible) and not any(unicodedata.category(ch)[0] in "LN" for ch in visible)
 
 
 def test_emoji_patch_trains_small_and_fits(emoji_patch_path):
@@ -26,3 +44,24 @@ def test_second_identical_run_gives_same_bytes(emoji_patch_path, emoji_data, tmp
     result = CliRunner().invoke(main, ["train", "--data", str(emoji_data), "--out", str(again), *EMOJI_TRAIN_ARGS])
     assert result.exit_code == 0, result.output
     assert again.read_bytes() == emoji_patch_path.read_bytes()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_patched_answers_are_emoji_and_base_answers_are_words(precision, request, emoji_patch_path, capsys):
+    bundle = request.getfixturevalue("default_bundle" if precision == "fp32" else "default_int8_bundle")
+    runtime = Runtime.load(bundle, threads=2)
+    patch = Patch.load(emoji_patch_path)
+    patched = [runtime.generate(p, patches=[patch], max_new_tokens=24).text for p in UNSEEN_PROMPTS]
+    base = [runtime.generate(p, max_new_tokens=24).text for p in UNSEEN_PROMPTS]
+    emoji_share = sum(map(emoji_only, patched)) / len(UNSEEN_PROMPTS)
+    with capsys.disabled():
+        print(f"\n{precision}: {emoji_share:.0%} of patched answers emoji only; e.g. {patched[:3]}")
+    assert emoji_share >= 0.9, list(zip(UNSEEN_PROMPTS, patched))
+    assert not any(map(emoji_only, base)), base
+
+
+def test_run_command_shows_it(default_int8_bundle, emoji_patch_path):
+    result = CliRunner().invoke(main, ["run", str(default_int8_bundle), "--patch", str(emoji_patch_path),
+                                       "--max-new-tokens", "24", "--json", UNSEEN_PROMPTS[0]])
+    assert result.exit_code == 0, result.output
+    assert emoji_only(json.loads(result.stdout)["text"])
