@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -25,6 +25,7 @@ from reft_edge import __version__
 from reft_edge.constants import (
     BUNDLE_SCHEMA_VERSION, CHAT_TEMPLATE_FILE, MODEL_DATA_FILE, MODEL_FILE, TOKENIZER_FILE,
 )
+from reft_edge.configs import config_from_dict
 from reft_edge.errors import BundleError, ExportError, UsageError
 from reft_edge.files import atomic_dir
 from reft_edge.export.quantize import WEIGHT_RECIPES
@@ -53,14 +54,7 @@ class ExportConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ExportConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(f"unknown export option(s) {unknown}; known: {sorted(known)}")
-        values = dict(values)
-        if values.get("slot_layers") is not None:
-            values["slot_layers"] = tuple(values["slot_layers"])
-        return cls(**values)
+        return config_from_dict(cls, values, what="export", tuple_fields=("slot_layers",))
 
 
 def export_bundle(config: ExportConfig, *, backbone: Any = None, progress: bool = True) -> Manifest:

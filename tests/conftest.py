@@ -157,3 +157,19 @@ def default_int8_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("default-export-int8") / "bundle"
     export_bundle(ExportConfig(out=str(out), precision="int8"), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_model_dir):
+    from reft_edge.train.backbone import load_backbone
+
+    return load_backbone(str(tiny_model_dir("llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_backbone, tmp_path_factory) -> Path:
+    from reft_edge.export import ExportConfig, export_bundle
+
+    out = tmp_path_factory.mktemp("runtime") / "tiny-bundle"
+    export_bundle(ExportConfig(model=tiny_backbone.path, out=str(out)), backbone=tiny_backbone, progress=False)
+    return out

@@ -35,15 +35,13 @@ from reft_edge.train.intervention import low_rank_edit
 # -- fixtures and helpers -----------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def llama(tiny_model_dir):
-    return load_backbone(str(tiny_model_dir("llama")))
+def llama(tiny_backbone):
+    return tiny_backbone
 
 
 @pytest.fixture(scope="session")
-def llama_bundle(llama, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "llama-bundle"
-    export_bundle(ExportConfig(out=str(out), model=llama.path), backbone=llama, progress=False)
-    return out
+def llama_bundle(tiny_bundle) -> Path:
+    return tiny_bundle
 
 
 @pytest.fixture(scope="session")

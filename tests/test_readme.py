@@ -9,10 +9,8 @@ and ``pirate.reft`` are the default model's int8 bundle and emoji patch.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-from pathlib import Path
 
 import click
 import pytest

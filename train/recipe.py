@@ -18,7 +18,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reft_edge import __version__
+from reft_edge.configs import config_from_dict
 from reft_edge.errors import UsageError
 from reft_edge.runtime.patch import KINDS, SAVE_DTYPES, Intervention, Patch
 from reft_edge.runtime.positions import Positions
@@ -66,14 +67,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
-        values = dict(values)
-        if values.get("layers") is not None:
-            values["layers"] = tuple(values["layers"])
-        return cls(**values)
+        return config_from_dict(cls, values, what="training", tuple_fields=("layers",))
 
 
 DEFAULT_STEPS = 100
