@@ -139,10 +139,17 @@ def damaged_cases(patch: Patch) -> list[tuple[str, bytes | str]]:
 
 
 @pytest.fixture(scope="module")
-def damaged(tmp_path_factory) -> list[tuple[str, Path]]:
+def runtime(tiny_bundle):
+    from reft_edge.runtime import Runtime
+
+    return Runtime.load(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory, runtime) -> list[tuple[str, Path]]:
     folder = tmp_path_factory.mktemp("damaged")
     files = []
-    for i, (label, content) in enumerate(damaged_cases(valid_patch())):
+    for i, (label, content) in enumerate(damaged_cases(valid_patch(runtime.manifest.base_fingerprint))):
         path = folder / f"{i:03d}.reft"
         if content == "directory":
             path.mkdir()
@@ -152,24 +159,43 @@ def damaged(tmp_path_factory) -> list[tuple[str, Path]]:
     return files
 
 
-def test_every_damaged_patch_is_a_patch_error(damaged, capsys):
-    PWNED.unlink(missing_ok=True)
+def _outcomes(cases: list[tuple[str, Path]], use) -> tuple[int, list, list]:
     typed, other, accepted = 0, [], []
-    for label, path in damaged:
+    for label, path in cases:
         try:
-            Patch.load(path)
+            use(path)
             accepted.append(label)
         except PatchError as exc:
             typed += 1
             assert str(path) in str(exc) and "\n" not in str(exc), (label, exc)
         except Exception as exc:  # noqa: BLE001  (that is what this test is looking for)
             other.append((label, repr(exc)))
+    return typed, other, accepted
+
+
+@pytest.mark.parametrize("use", ["Patch.load", "generate"])
+def test_every_damaged_patch_is_a_patch_error(use, damaged, runtime, tmp_path, capsys):
+    PWNED.unlink(missing_ok=True)
+    cases = list(damaged)
+    if use == "generate":  # a sound file for another base is damaged as far as this bundle goes
+        other_base = tmp_path / "other-base.reft"
+        valid_patch("b" * 64).to_file(other_base)
+        cases.append(("other-base", other_base))
+    run = {"Patch.load": Patch.load,
+           "generate": lambda path: runtime.generate("hello", patches=[path], max_new_tokens=1)}[use]
+    typed, other, accepted = _outcomes(cases, run)
     with capsys.disabled():
-        print(f"\npatch fuzz: {len(damaged)} cases, {typed} typed errors, {len(other)} other exceptions, "
+        print(f"\npatch fuzz ({use}): {len(cases)} cases, {typed} typed errors, {len(other)} other exceptions, "
               f"{len(accepted)} accepted damaged")
-    assert len(damaged) >= 200
+    assert len(cases) >= 200
     assert not other and not accepted, (other[:5], accepted[:5])
     assert not PWNED.exists(), "loading a patch ran code"
+
+
+def test_the_undamaged_patch_generates(runtime, tmp_path):
+    path = tmp_path / "ok.reft"
+    valid_patch(runtime.manifest.base_fingerprint).to_file(path)
+    assert runtime.generate("hello", patches=[path], max_new_tokens=2).token_ids
 
 
 def test_the_undamaged_patch_loads(tmp_path):

@@ -386,3 +386,33 @@ def test_default_model_emoji_patch_matches_torch(default_bundle, emoji_patch_pat
     for prompt in ["What is your favourite food?", "How do I get to the station?", "Describe the sea."]:
         expected = torch_greedy(backbone, prompt, [patch], max_new_tokens=16)
         assert rt.generate(prompt, patches=[patch], max_new_tokens=16).token_ids == expected
+
+
+# -- under load -------------------------------------------------------------------------------
+
+def test_generate_from_eight_threads_matches_single_threaded(tiny_bundle, patches):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rt = Runtime.load(tiny_bundle)  # calls run in parallel: onnxruntime sessions are thread-safe
+    prompts = [f"question number {i}?" for i in range(10)]
+    expected = [rt.generate(p, patches=[patches["beach"]], max_new_tokens=6).token_ids for p in prompts]
+
+    def worker(_):
+        return [rt.generate(p, patches=[patches["beach"]], max_new_tokens=6).token_ids for p in prompts]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(worker, range(8)))
+    assert all(result == expected for result in results)
+
+
+def test_five_hundred_generations_do_not_grow_memory(tiny_bundle, patches):
+    import psutil
+
+    rt = Runtime.load(tiny_bundle)
+    process = psutil.Process()
+    for _ in range(50):  # warm-up: allocator pools and caches settle
+        rt.generate("hello there", patches=[patches["beach"]], max_new_tokens=4)
+    before = process.memory_info().rss
+    for i in range(500):
+        rt.generate(f"hello there {i % 7}", patches=[patches["beach"]], max_new_tokens=4)
+    assert process.memory_info().rss < before * 1.05
