@@ -90,7 +90,8 @@ def show_composition_and_batch(runtime: Runtime, emoji: Patch, pirate: Patch, ma
     print(f"One session, several people. Prompt: {prompt}")
     print("=" * WIDTH)
     both = runtime.generate(prompt, patches=[emoji, pirate], max_new_tokens=max_new_tokens)
-    print("  composed (emoji + pirate patches on one request):")
+    print("  composed (emoji + pirate patches on one request; trained apart at the same layer and")
+    print("  positions they interfere: see README, Limitations):")
     print(_row("both", both.text))
     answers = runtime.generate_batch([(prompt, [emoji]), (prompt, [pirate]), (prompt, [])],
                                      max_new_tokens=max_new_tokens)
