@@ -28,7 +28,9 @@ test: venv
 demo: venv
 	$(BIN)/python -m examples.demo
 
+# Benchmark-only dependencies: the onnxruntime-genai reference and the chart.
 bench: venv
+	$(BIN)/pip install -q onnxruntime-genai matplotlib
 	$(BIN)/python -m benchmarks.run
 
 clean:

@@ -260,7 +260,9 @@ def training(r: Report) -> list[str]:
     return ["## Training", "",
             f"`benchmarks.train_speed`: the emoji recipe ({steps} steps, layer 15, rank 4, f2+l2, batch 12) on the "
             f"default model, {r.env['threads']} threads, one run each, after the inference rounds. The reference is "
-            "a plain hook-based LoReFT loop (full forward and full-vocabulary logits every step).", "",
+            "a plain hook-based LoReFT loop (full forward and full-vocabulary logits every step). Other "
+            f"processes kept {t['foreign_cores']:.2f} of {r.env['cores']} cores busy on average meanwhile; "
+            "torch slows down far more than in proportion when a core is taken.", "",
             "| training loop | seconds | s/step | final loss | speed-up |", "|---|---|---|---|---|",
             f"| plain hook loop (reference) | {t['ref_s']:.1f} | {t['ref_s'] / steps:.2f} | {t['ref_loss']:.3f} | 1.00x |",
             f"| reft-edge train | {t['ours_s']:.1f} | {t['ours_s'] / steps:.2f} | {t['ours_loss']:.3f} | "
@@ -317,13 +319,13 @@ def chart(path: Path, r: Report) -> None:
     figure, axes = plt.subplots(figsize=(9, 0.45 * len(shown) + 1.4))
     rows = range(len(shown))
     axes.barh(rows, medians, xerr=[low, high], color=[colours[c.engine] for c in shown], capsize=3)
-    for row, value in zip(rows, medians):
-        axes.text(value + max(medians) * 0.01, row, f"{value:.1f}", va="center", fontsize=8)
+    for row, value, above in zip(rows, medians, high):  # right of the error bar, so the two never overlap
+        axes.text(value + above + max(medians) * 0.01, row, f"{value:.1f}", va="center", fontsize=8)
     axes.set_yticks(list(rows), [c.name for c in shown], fontsize=8)
     axes.invert_yaxis()
     axes.set_xlabel(f"decode tokens/s, median and min–max of {r.args['repeats']} rounds "
                     f"({r.env['threads']} threads, {r.env['cores']}-core CPU)")
-    axes.set_title("SmolLM2-135M-Instruct, greedy decode after a 64-token prompt", fontsize=10)
+    axes.set_title(f"SmolLM2-135M-Instruct, greedy decode after a {prompt_tokens(r)}-token prompt", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

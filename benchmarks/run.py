@@ -234,9 +234,11 @@ def training_rows(steps: int, threads: int) -> dict[str, float]:
 
     torch.set_num_threads(threads)
     backbone = load_backbone()
+    window = CpuWindow.start()
     ours_s, ours_loss = train_speed.recipe(backbone, steps)
     ref_s, ref_loss = train_speed.reference_loop(backbone, steps)
-    return {"steps": steps, "ours_s": ours_s, "ours_loss": ours_loss, "ref_s": ref_s, "ref_loss": ref_loss}
+    return {"steps": steps, "ours_s": ours_s, "ours_loss": ours_loss, "ref_s": ref_s, "ref_loss": ref_loss,
+            "foreign_cores": window.foreign_cores()}
 
 
 # -- environment -----------------------------------------------------------------------------------
