@@ -88,9 +88,10 @@ def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bo
     backbone.model.to(device)
     states = cache_frozen_states(backbone.model, examples, min(layers), device)
     steps = count_steps(config, len(examples))
+    data_sha256 = file_digest(config.data)
     identity = json.loads(json.dumps({  # as JSON sees it, so it compares equal after a round trip
         **{k: v for k, v in config.to_dict().items() if k not in _NOT_NUMERIC}, "steps": steps,
-        "data_sha256": file_digest(config.data), "base_fingerprint": backbone.fingerprint}))
+        "data_sha256": data_sha256, "base_fingerprint": backbone.fingerprint}))
     first_loss, final_loss = fit(backbone.model, examples, states, interventions, positions, config, steps,
                                  device, identity, progress)
     seconds = time.perf_counter() - started
@@ -98,7 +99,7 @@ def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bo
     training = {
         "steps": steps, "first_loss": round(first_loss, 6), "final_loss": round(final_loss, 6),
         "seconds": round(seconds, 2) if config.record_time else None, "examples": len(examples),
-        "data_sha256": file_digest(config.data), "lr": config.lr, "batch_size": config.batch_size,
+        "data_sha256": data_sha256, "lr": config.lr, "batch_size": config.batch_size,
         "seed": config.seed, "library_version": __version__, "model": backbone.source,
     }
     patch = to_patch(config, positions, interventions, backbone, training).to_file(config.out)
