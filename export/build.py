@@ -6,8 +6,9 @@ Example (the CLI ``reft-edge export`` calls exactly this)::
     manifest = export_bundle(ExportConfig(out="bundle", precision="int8"))
     print(manifest.size_bytes, manifest.verification["max_abs_logit_diff"])
 
-Steps, top to bottom: check the config, load the backbone, trace the fp32 graph,
-convert it to the precision, verify it against torch, write the tokenizer, write the
+Steps, top to bottom: check the config, load the backbone, build the fp32 graph (node
+by node with fused kernels for Llama-family models, export.fused; else traced,
+export.graph), convert it to the precision, verify it against torch, write the tokenizer, write the
 manifest last. Everything is built in a temporary folder next to ``out`` that
 replaces ``out`` only when complete, so a failed or killed export leaves no bundle.
 """
@@ -72,20 +73,21 @@ def export_bundle(config: ExportConfig, *, backbone: Any = None, progress: bool 
                   f"{len(existing.slot_layers)} slot layers); pass --force to export again")
         return existing
     with atomic_dir(Path(config.out)) as folder, step_bar(progress) as step:
-        step("trace")
+        graph = graph_kind(backbone)
+        step("build graph" if graph == "fused" else "trace graph")
         work = folder / ".work"
         work.mkdir()
-        trace(backbone, slot_layers, work / MODEL_FILE)
+        build_graph(backbone, slot_layers, work / MODEL_FILE, graph)
         step(f"convert to {config.precision}")
         convert(work / MODEL_FILE, folder / MODEL_FILE, config.precision)
         shutil.rmtree(work)
         verification = {}
         if config.verify:
             step("verify")
-            verification = verify(folder / MODEL_FILE, backbone, slot_layers, config.precision)
+            verification = verify(folder / MODEL_FILE, backbone, slot_layers, config.precision, graph)
         step("write bundle")
         files = write_tokenizer(backbone.tokenizer, folder)
-        manifest = build_manifest(config, backbone, slot_layers, files, folder, verification)
+        manifest = build_manifest(config, backbone, slot_layers, files, folder, verification, graph)
         manifest.to_file(folder)  # last: a folder without a manifest is not a bundle
     if progress:
         print(summary_line(config, manifest, time.perf_counter() - started))
@@ -124,15 +126,27 @@ def up_to_date_bundle(config: ExportConfig, backbone: Any, slot_layers: list[int
         return None
     same = (manifest.base_fingerprint == backbone.fingerprint and manifest.precision == config.precision
             and manifest.slot_layers == slot_layers and manifest.tool_version == __version__
-            and manifest.weights == WEIGHT_RECIPES[config.precision]
+            and manifest.weights == WEIGHT_RECIPES[config.precision] and manifest.graph == graph_kind(backbone)
             and (bool(manifest.verification) or not config.verify))
     return manifest if same else None
 
 
-def trace(backbone: Any, slot_layers: list[int], path: Path) -> None:
-    from reft_edge.export.graph import export_onnx
+def graph_kind(backbone: Any) -> str:
+    """"fused" when export.fused has a builder for the model, else "traced"."""
+    from reft_edge.export.fused import supports_fused_graph
 
-    export_onnx(backbone.model, slot_layers, path)
+    return "fused" if supports_fused_graph(backbone.model) is None else "traced"
+
+
+def build_graph(backbone: Any, slot_layers: list[int], path: Path, graph: str) -> None:
+    if graph == "fused":
+        from reft_edge.export.fused import build_fused_graph
+
+        build_fused_graph(backbone.model, slot_layers, path)
+    else:
+        from reft_edge.export.graph import export_onnx
+
+        export_onnx(backbone.model, slot_layers, path)
 
 
 def convert(source: Path, target: Path, precision: str) -> None:
@@ -141,11 +155,11 @@ def convert(source: Path, target: Path, precision: str) -> None:
     convert_precision(source, target, precision)
 
 
-def verify(path: Path, backbone: Any, slot_layers: list[int], precision: str) -> dict[str, Any]:
+def verify(path: Path, backbone: Any, slot_layers: list[int], precision: str, graph: str) -> dict[str, Any]:
     """Parity figures; an fp32 graph that does not match torch is an error (quantized ones only report)."""
     from reft_edge.export.verify import verify_graph
 
-    figures = verify_graph(path, backbone.model, slot_layers, pad_id=pad_token_id(backbone),
+    figures = verify_graph(path, backbone.model, slot_layers, graph=graph, pad_id=pad_token_id(backbone),
                            prompts=verification_prompts(backbone.tokenizer))
     diff, match = figures["max_abs_logit_diff"], figures["greedy_tokens_match"]
     if precision == "fp32" and not (diff <= FP32_MAX_LOGIT_DIFF and match and figures["identity_bit_exact"]):
@@ -185,19 +199,23 @@ def write_tokenizer(tokenizer: Any, folder: Path) -> dict[str, str]:
 
 
 def build_manifest(config: ExportConfig, backbone: Any, slot_layers: list[int], files: dict[str, str],
-                   folder: Path, verification: dict[str, Any]) -> Manifest:
-    from reft_edge.export.graph import input_names, kv_shape, output_names
+                   folder: Path, verification: dict[str, Any], graph: str) -> Manifest:
+    import onnx
+
+    from reft_edge.export.graph import kv_shape
 
     model_config = backbone.model.config
     num_layers = backbone.num_layers
     kv_heads, head_dim = kv_shape(model_config)
+    model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
     return Manifest(
         schema_version=BUNDLE_SCHEMA_VERSION, tool_version=__version__, source_model=backbone.source,
         base_fingerprint=backbone.fingerprint, architecture=backbone.model_type,
         hidden_size=backbone.hidden_size, num_layers=num_layers, vocab_size=model_config.vocab_size,
         slot_layers=slot_layers,
         kv=KVLayout(num_layers, kv_heads, head_dim, "float16" if config.precision == "fp16" else "float32"),
-        inputs=input_names(num_layers), outputs=output_names(num_layers), precision=config.precision,
+        inputs=[i.name for i in model.graph.input], outputs=[o.name for o in model.graph.output],
+        precision=config.precision, graph=graph,
         context_length=context_length(model_config), files=files, special_tokens=special_tokens(backbone),
         generation=generation_defaults(backbone.model), verification=verification,
         weights=WEIGHT_RECIPES[config.precision],

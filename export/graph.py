@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from reft_edge.runtime.bundle import (
-    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, SLOT_A, SLOT_B, SLOT_C, SLOT_MASK, past_names, present_names,
+    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names, slot_names,
 )
 from reft_edge.train.backbone import decoder_layers
 from reft_edge.train.intervention import EditSlots, attach_edits
@@ -39,9 +39,9 @@ def kv_shape(config: Any) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
-def input_names(num_layers: int) -> list[str]:
+def input_names(num_layers: int, slot_layers: list[int]) -> list[str]:
     kv = [name for layer in range(num_layers) for name in past_names(layer)]
-    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *kv, SLOT_A, SLOT_B, SLOT_C, SLOT_MASK]
+    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *kv, *(name for layer in slot_layers for name in slot_names(layer))]
 
 
 def output_names(num_layers: int) -> list[str]:
@@ -49,16 +49,16 @@ def output_names(num_layers: int) -> list[str]:
 
 
 class SlotGraph(nn.Module):
-    """The HF model with flat KV tensors and stacked slot tensors as plain inputs.
+    """The HF model with flat KV tensors and per-layer slot tensors as plain inputs.
 
     A cache object cannot be an export input (FACTS.md), so forward builds a
     DynamicCache from the flat tensors and returns its grown contents flat again.
-    Slot k's (A, B, c, mask) go to the hook on decoder layer ``slot_layers[k]``
+    Slot inputs slot.{l}.A/B/c/mask go to the hook on decoder layer l
     (``attach_slot_hooks``); the hook applies train.intervention.low_rank_edit, the
     function training uses.
 
         past_key_values.{i}.*  --> DynamicCache --> HF model --> logits[:, -1:], present.{i}.*
-        slot.A/B/c/mask [k]    --> EditSlots[slot_layers[k]] --> hook on block slot_layers[k]
+        slot.{l}.A/B/c/mask    --> EditSlots[l] --> hook on block l
     """
 
     def __init__(self, model: nn.Module, slot_layers: list[int]):
@@ -68,13 +68,13 @@ class SlotGraph(nn.Module):
         self.slots = EditSlots()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                past: list[torch.Tensor], slot_A: torch.Tensor, slot_B: torch.Tensor, slot_c: torch.Tensor,
-                slot_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                past: list[torch.Tensor], slots: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
         for k, layer in enumerate(self.slot_layers):
-            self.slots.set(layer, slot_A[k], slot_B[k], slot_c[k], slot_mask[k])
+            A, B, c, mask = slots[4 * k:4 * k + 4]
+            self.slots.set(layer, A, B, c[:, 0], mask)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache, use_cache=True, logits_to_keep=1)
         self.slots.clear()
@@ -111,32 +111,29 @@ def example_inputs(model: nn.Module, num_slots: int, *, batch: int = 2, seq: int
     kv_heads, head_dim = kv_shape(config)
     hidden, layers = config.hidden_size, len(decoder_layers(model))
     dtype = next(model.parameters()).dtype
+    slot = [torch.zeros(batch, rank, hidden), torch.zeros(batch, rank, hidden), torch.zeros(batch, 1, rank),
+            torch.zeros(batch, seq, rank)]
     return (
         torch.ones(batch, seq, dtype=torch.long),
         torch.ones(batch, past + seq, dtype=torch.long),
         torch.arange(past, past + seq).repeat(batch, 1),
         [torch.zeros(batch, kv_heads, past, head_dim, dtype=dtype) for _ in range(2 * layers)],
-        torch.zeros(num_slots, batch, rank, hidden),
-        torch.zeros(num_slots, batch, rank, hidden),
-        torch.zeros(num_slots, batch, rank),
-        torch.zeros(num_slots, batch, seq, rank),
+        [tensor.clone() for _ in range(num_slots) for tensor in slot],  # distinct tensors: no aliased inputs
     )
 
 
-def dynamic_shapes(num_layers: int) -> tuple:
+def dynamic_shapes(num_layers: int, num_slots: int) -> tuple:
     """Batch, seq, past, total (the attention mask's own length, FACTS.md) and rank are dynamic."""
     dim = torch.export.Dim
     batch, seq, past, total, rank = (dim(name) for name in ("batch", "seq", "past_seq", "total_seq", "rank"))
     kv = {0: batch, 2: past}
+    slot = [{0: batch, 1: rank}, {0: batch, 1: rank}, {0: batch, 2: rank}, {0: batch, 1: seq, 2: rank}]
     return (
         {0: batch, 1: seq},
         {0: batch, 1: total},
         {0: batch, 1: seq},
         [kv] * (2 * num_layers),
-        {1: batch, 2: rank},
-        {1: batch, 2: rank},
-        {1: batch, 2: rank},
-        {1: batch, 2: seq, 3: rank},
+        slot * num_slots,
     )
 
 
@@ -161,7 +158,7 @@ def export_onnx(model: nn.Module, slot_layers: list[int], path: str | Path) -> N
     with eager_attention(model), wrapper.attach_slot_hooks(), torch.no_grad(), quiet_exporter():
         program = torch.onnx.export(
             wrapper, example_inputs(model, len(slot_layers)), dynamo=True, opset_version=OPSET,
-            input_names=input_names(num_layers), output_names=output_names(num_layers),
-            dynamic_shapes=dynamic_shapes(num_layers), external_data=True, optimize=True, verbose=False,
+            input_names=input_names(num_layers, slot_layers), output_names=output_names(num_layers),
+            dynamic_shapes=dynamic_shapes(num_layers, len(slot_layers)), external_data=True, optimize=True, verbose=False,
         )
     program.save(str(path), external_data=True)

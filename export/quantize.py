@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from reft_edge.runtime.bundle import LOGITS, SLOT_A, SLOT_B, SLOT_C, SLOT_MASK
+from reft_edge.runtime.bundle import LOGITS
 
 BLOCK_SIZE = 32
 # How each precision's weights are made; recorded in the manifest, so a bundle made by an
@@ -27,8 +27,6 @@ WEIGHT_RECIPES = {
     "int8": f"MatMulNBits 8-bit blocks of {BLOCK_SIZE}, float embedding",
     "int4": f"MatMulNBits 4-bit blocks of {BLOCK_SIZE}, GatherBlockQuantized embedding",
 }
-# Keep float32 at the graph boundary: slot inputs (patch values) and logits (sampling).
-FP16_FLOAT32_IO = [SLOT_A, SLOT_B, SLOT_C, SLOT_MASK, LOGITS]
 
 
 def convert_precision(source: str | Path, target: str | Path, precision: str) -> None:
@@ -80,7 +78,10 @@ def to_fp16(source: Path, target: Path) -> None:
 
     # The exporter records every value's type, so the converter needs no shape inference
     # (which would serialise a second full copy of the model: 2.7 instead of 1 GB peak here).
-    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=FP16_FLOAT32_IO, disable_shape_infer=True)
+    model = onnx.load(str(source))
+    # Keep float32 at the graph boundary: slot inputs (patch values) and logits (sampling).
+    float32_io = [i.name for i in model.graph.input if i.name.startswith("slot.")] + [LOGITS]
+    model = convert_float_to_float16(model, keep_io_types=float32_io, disable_shape_infer=True)
     save_model(model, target)
 
 

@@ -5,12 +5,13 @@ Example::
     from reft_edge.train.backbone import load_backbone
     from reft_edge.export.verify import verify_graph
     backbone = load_backbone()
-    figures = verify_graph("bundle/model.onnx", backbone.model, slot_layers=list(range(30)))
+    figures = verify_graph("bundle/model.onnx", backbone.model, slot_layers=list(range(30)), graph="fused")
     print(figures["max_abs_logit_diff"], figures["greedy_tokens_match"])
 
-Both sides see the same left-padded batch of two prompts and the same per-row patch:
-onnxruntime runs the graph; torch runs the Hugging Face model with the training
-stage's edit hooks (``train.intervention.attach_edits``). Compared: logits of the
+Both sides see the same batch of two prompts of different lengths and the same per-row
+patch: onnxruntime runs the graph through the runtime's own engine (padded as the graph
+wants it); torch runs the Hugging Face model, left-padded, with the training stage's
+edit hooks (``train.intervention.attach_edits``). Compared: logits of the
 prefill and of teacher-forced decode steps, the same with a zero patch, and 32
 greedily decoded tokens per row.
 """
@@ -27,13 +28,13 @@ import torch
 from torch import nn
 
 from reft_edge.export.graph import eager_attention, kv_shape
-from reft_edge.runtime.bundle import (
-    ATTENTION_MASK, INPUT_IDS, POSITION_IDS, SLOT_A, SLOT_B, SLOT_C, SLOT_MASK, past_names,
-)
+from reft_edge.runtime.bundle import KVLayout, past_names
+from reft_edge.runtime.engine import Engine
+from reft_edge.runtime.slots import SlotArrays
 from reft_edge.train.backbone import decoder_layers
 from reft_edge.train.intervention import EditSlots, attach_edits
 
-PROMPT_LENGTHS = (5, 8)  # random prompts when none are given: row 0 is left-padded by 3
+PROMPT_LENGTHS = (5, 8)  # random prompts when none are given: row 0 has 3 pads
 PREFIX, SUFFIX = 2, 2  # untied positions: rank rows 0-1 edit the first 2 prompt tokens, rows 2-3 the last 2
 RANK = 4
 DECODE_STEPS = 4
@@ -42,46 +43,47 @@ GREEDY_TOKENS = 32
 
 @dataclass
 class Batch:
-    """A left-padded prompt batch and a patch per row: slot arrays [num_slots, batch, ...]."""
+    """Prompts of different lengths and a patch per row (slot arrays in prompt coordinates)."""
 
-    input_ids: np.ndarray  # [batch, seq] int64
-    attention_mask: np.ndarray  # [batch, seq] int64, 0 on left pads
-    position_ids: np.ndarray  # [batch, seq] int64, counted from each row's first real token
-    A: np.ndarray  # [num_slots, batch, rank, hidden]
-    B: np.ndarray
-    c: np.ndarray  # [num_slots, batch, rank]
-    mask: np.ndarray  # [num_slots, batch, seq, rank]
+    prompts: list[list[int]]
+    slots: SlotArrays
 
     def without_edit(self) -> "Batch":
         """The same patch with an all-zero mask: must be exactly the identity."""
-        return Batch(self.input_ids, self.attention_mask, self.position_ids, self.A, self.B, self.c,
-                     np.zeros_like(self.mask))
+        s = self.slots
+        return Batch(self.prompts, SlotArrays(s.A, s.B, s.c, np.zeros_like(s.mask)))
+
+    def left_padded(self, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """torch's feed: (input_ids, attention_mask, position_ids, slot mask), rows left-padded."""
+        rows, seq = len(self.prompts), self.slots.mask.shape[2]
+        input_ids = np.full((rows, seq), pad_id, dtype=np.int64)
+        attention_mask = np.zeros((rows, seq), dtype=np.int64)
+        position_ids = np.ones((rows, seq), dtype=np.int64)  # pads get position 1, as Hugging Face does
+        mask = np.zeros_like(self.slots.mask)
+        for row, prompt in enumerate(self.prompts):
+            start = seq - len(prompt)
+            input_ids[row, start:], attention_mask[row, start:] = prompt, 1
+            position_ids[row, start:] = np.arange(len(prompt))
+            mask[:, row, start:] = self.slots.mask[:, row, :len(prompt)]
+        return input_ids, attention_mask, position_ids, mask
 
 
-def random_batch(vocab_size: int, hidden: int, num_slots: int, edited_slots: list[int], pad_id: int,
-                 seed: int = 0, prompts: list[list[int]] | None = None) -> Batch:
+def random_batch(vocab_size: int, hidden: int, num_slots: int, edited_slots: list[int], seed: int = 0,
+                 prompts: list[list[int]] | None = None) -> Batch:
     """``prompts`` (else two random ones of different lengths); at ``edited_slots`` a random patch per row.
 
     Row 1 uses all RANK rows; row 0 only RANK - 1 (its last row is zero-padded, as the
     runtime pads a smaller patch), so rows of one batch differ in rank and values.
     """
     rng = np.random.default_rng(seed)
-    prompts = prompts or [list(rng.integers(0, vocab_size, n)) for n in PROMPT_LENGTHS]
+    prompts = prompts or [[int(t) for t in rng.integers(0, vocab_size, n)] for n in PROMPT_LENGTHS]
     batch, seq = len(prompts), max(len(p) for p in prompts)
-    input_ids = np.full((batch, seq), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((batch, seq), dtype=np.int64)
-    position_ids = np.ones((batch, seq), dtype=np.int64)  # pads get position 1, as Hugging Face does
     mask = np.zeros((num_slots, batch, seq, RANK), dtype=np.float32)
     for row, prompt in enumerate(prompts):
-        length = len(prompt)
-        start = seq - length
-        input_ids[row, start:] = prompt
-        attention_mask[row, start:] = 1
-        position_ids[row, start:] = np.arange(length)
         used = RANK - 1 if row == 0 else RANK
         for slot in edited_slots:
-            mask[slot, row, start:start + PREFIX, :min(PREFIX, used)] = 1.0
-            mask[slot, row, seq - SUFFIX:, PREFIX:used] = 1.0
+            mask[slot, row, :PREFIX, :min(PREFIX, used)] = 1.0
+            mask[slot, row, len(prompt) - SUFFIX:len(prompt), PREFIX:used] = 1.0
     A = rng.standard_normal((num_slots, batch, RANK, hidden)).astype(np.float32)
     A /= np.linalg.norm(A, axis=-1, keepdims=True)
     B = (rng.standard_normal((num_slots, batch, RANK, hidden)) / np.sqrt(hidden)).astype(np.float32)
@@ -89,37 +91,30 @@ def random_batch(vocab_size: int, hidden: int, num_slots: int, edited_slots: lis
     unused = np.ones((num_slots, batch, RANK, 1), dtype=np.float32)
     unused[:, 0, RANK - 1] = 0.0  # row 0: rank 3
     unused[[s for s in range(num_slots) if s not in edited_slots]] = 0.0
-    return Batch(input_ids, attention_mask, position_ids, A * unused, B * unused, c * unused[..., 0], mask)
+    return Batch(prompts, SlotArrays(A * unused, B * unused, c * unused[..., 0], mask))
 
 
-class OrtGraph:
-    """One onnxruntime session over the graph, stepping prefill and decode with numpy arrays."""
+def open_engine(path: str | Path, *, graph: str, kv: KVLayout, slot_layers: list[int], pad_id: int) -> Engine:
+    """The runtime's engine over the graph, on the CPU, its threads not spinning between steps
+    (torch runs in between and would lose its cores to them)."""
+    import onnxruntime as ort
 
-    def __init__(self, path: str | Path, num_layers: int):
-        import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Engine(session, graph=graph, kv=kv, slot_layers=slot_layers, device="cpu", pad_id=pad_id)
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # torch runs between the graph's steps; spinning onnxruntime threads would steal its cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.num_layers = num_layers
-        kv_type = {i.name: i.type for i in self.session.get_inputs()}[past_names(0)[0]]
-        self.kv_dtype = np.float16 if kv_type == "tensor(float16)" else np.float32
 
-    def empty_past(self, batch: int, kv_heads: int, head_dim: int) -> list[np.ndarray]:
-        return [np.zeros((batch, kv_heads, 0, head_dim), dtype=self.kv_dtype) for _ in range(2 * self.num_layers)]
+def kv_layout(model: nn.Module, path: str | Path) -> KVLayout:
+    """The KV layout of ``model``'s graph at ``path`` (float16 KV in fp16 graphs)."""
+    import onnx
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             past: list[np.ndarray], A: np.ndarray, B: np.ndarray, c: np.ndarray,
-             mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(logits [batch, vocab] of the last position, present KV)."""
-        feed = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids,
-                SLOT_A: A, SLOT_B: B, SLOT_C: c, SLOT_MASK: mask}
-        feed.update({name: array for layer in range(self.num_layers)
-                     for name, array in zip(past_names(layer), past[2 * layer:2 * layer + 2])})
-        logits, *present = self.session.run(None, feed)
-        return logits[:, -1].astype(np.float32), present
+    inputs = onnx.load(str(path), load_external_data=False).graph.input
+    kv_type = next(i.type.tensor_type.elem_type for i in inputs if i.name == past_names(0)[0])
+    kv_heads, head_dim = kv_shape(model.config)
+    return KVLayout(len(decoder_layers(model)), kv_heads, head_dim,
+                    "float16" if kv_type == onnx.TensorProto.FLOAT16 else "float32")
 
 
 class TorchReference:
@@ -138,48 +133,40 @@ class TorchReference:
             yield self
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Any,
-             A: np.ndarray, B: np.ndarray, c: np.ndarray, mask: np.ndarray) -> np.ndarray:
+             slots: SlotArrays, mask: np.ndarray) -> np.ndarray:
         self.slots.clear()
         for k, layer in enumerate(self.slot_layers):
             if mask[k].any():  # an all-zero mask is the identity; leaving the slot empty keeps torch exact
-                self.slots.set(layer, *(torch.from_numpy(x[k]) for x in (A, B, c, mask)))
+                self.slots.set(layer, *(torch.from_numpy(x[k]) for x in (slots.A, slots.B, slots.c, mask)))
         out = self.model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
                          position_ids=torch.from_numpy(position_ids), cache=cache, use_cache=True)
         return out.logits[:, -1].float().numpy()
 
 
-def _decode_inputs(batch: Batch, attention_mask: np.ndarray, position_ids: np.ndarray, tokens: np.ndarray):
-    """One decode step's inputs: generated tokens are never edited (zero slot mask)."""
-    num_slots, rows = batch.mask.shape[:2]
-    attention_mask = np.concatenate([attention_mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
-    position_ids = position_ids[:, -1:] + 1
-    mask = np.zeros((num_slots, rows, 1, batch.mask.shape[-1]), dtype=np.float32)
-    return tokens[:, None].astype(np.int64), attention_mask, position_ids, mask
-
-
-def run_both(graph: OrtGraph, reference: TorchReference, batch: Batch, steps: int, *,
+def run_both(engine: Engine, reference: TorchReference, batch: Batch, steps: int, *, pad_id: int = 0,
              greedy_from: str = "torch") -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Prefill then ``steps`` decode steps on both; the next token is the argmax of
     ``greedy_from``'s logits ("torch" = teacher forcing both alike, "own" = each its own)."""
     from transformers import DynamicCache
 
-    kv_heads, head_dim = kv_shape(reference.model.config)
-    rows = batch.input_ids.shape[0]
-    past = graph.empty_past(rows, kv_heads, head_dim)
+    run = engine.start(batch.prompts, batch.slots, steps + 1)
     cache = DynamicCache()
-    ids, attention, positions, mask = batch.input_ids, batch.attention_mask, batch.position_ids, batch.mask
-    ort_logits, torch_logits = [], []
-    ort_ids = torch_ids = ids
-    for _ in range(steps + 1):
-        got, past = graph.step(ort_ids, attention, positions, past, batch.A, batch.B, batch.c, mask)
-        want = reference.step(torch_ids, attention, positions, cache, batch.A, batch.B, batch.c, mask)
+    ids, attention, positions, mask = batch.left_padded(pad_id)
+    rows, num_slots, rank = len(batch.prompts), mask.shape[0], mask.shape[-1]
+    got = run.prefill()
+    want = reference.step(ids, attention, positions, cache, batch.slots, mask)
+    ort_logits, torch_logits = [got], [want]
+    zero_mask = np.zeros((num_slots, rows, 1, rank), dtype=np.float32)  # generated tokens are never edited
+    for _ in range(steps):
+        torch_next = want.argmax(-1)
+        ort_next = got.argmax(-1) if greedy_from == "own" else torch_next
+        attention = np.concatenate([attention, np.ones((rows, 1), dtype=np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+        got = run.decode(ort_next)
+        want = reference.step(torch_next[:, None].astype(np.int64), attention, positions, cache, batch.slots,
+                              zero_mask)
         ort_logits.append(got)
         torch_logits.append(want)
-        ort_next, torch_next = got.argmax(-1), want.argmax(-1)
-        if greedy_from == "torch":
-            ort_next = torch_next
-        ort_ids, attention, positions, mask = _decode_inputs(batch, attention, positions, ort_next)
-        torch_ids = torch_next[:, None].astype(np.int64)
     return ort_logits, torch_logits
 
 
@@ -188,7 +175,7 @@ def pick_edited_slots(num_slots: int) -> list[int]:
     return sorted({0, num_slots - 1})
 
 
-def verify_graph(path: str | Path, model: nn.Module, slot_layers: list[int], *, pad_id: int = 0,
+def verify_graph(path: str | Path, model: nn.Module, slot_layers: list[int], *, graph: str, pad_id: int = 0,
                  prompts: list[list[int]] | None = None, seed: int = 0) -> dict[str, Any]:
     """Figures for the manifest's ``verification`` entry (see docs/bundle-format.md).
 
@@ -196,21 +183,21 @@ def verify_graph(path: str | Path, model: nn.Module, slot_layers: list[int], *, 
     agreement of quantized graphs meaningful); default: random tokens.
     """
     config = model.config
-    graph = OrtGraph(path, len(decoder_layers(model)))
+    engine = open_engine(path, graph=graph, kv=kv_layout(model, path), slot_layers=slot_layers, pad_id=pad_id)
     reference = TorchReference(model, slot_layers)
     edited = pick_edited_slots(len(slot_layers))
-    batch = random_batch(config.vocab_size, config.hidden_size, len(slot_layers), edited, pad_id, seed, prompts)
+    batch = random_batch(config.vocab_size, config.hidden_size, len(slot_layers), edited, seed, prompts)
     with reference.attached():
-        patched = run_both(graph, reference, batch, DECODE_STEPS)
-        zero = run_both(graph, reference, batch.without_edit(), DECODE_STEPS)
-        greedy = run_both(graph, reference, batch, GREEDY_TOKENS - 1, greedy_from="own")
+        patched = run_both(engine, reference, batch, DECODE_STEPS, pad_id=pad_id)
+        zero = run_both(engine, reference, batch.without_edit(), DECODE_STEPS, pad_id=pad_id)
+        greedy = run_both(engine, reference, batch, GREEDY_TOKENS - 1, pad_id=pad_id, greedy_from="own")
     ort_tokens = np.stack([logits.argmax(-1) for logits in greedy[0]], axis=1)
     torch_tokens = np.stack([logits.argmax(-1) for logits in greedy[1]], axis=1)
     return {
         "max_abs_logit_diff": _max_diff(*patched),
         "zero_patch_max_abs_diff": _max_diff(*zero),
         "patch_effect_max_abs": _max_diff(patched[1][:1], zero[1][:1]),
-        "identity_bit_exact": identity_is_exact(graph, batch, kv_shape(config)),
+        "identity_bit_exact": identity_is_exact(engine, batch),
         "greedy_tokens_match": bool((ort_tokens == torch_tokens).all()),
         "greedy_tokens_agreement": float((ort_tokens == torch_tokens).mean()),
         "greedy_tokens": int(ort_tokens.size),
@@ -219,23 +206,20 @@ def verify_graph(path: str | Path, model: nn.Module, slot_layers: list[int], *, 
                                             for row in ort_tokens == torch_tokens],
         "decode_steps": DECODE_STEPS,
         "edited_slot_layers": [slot_layers[k] for k in edited],
-        "batch": int(batch.input_ids.shape[0]),
+        "batch": len(batch.prompts),
         "rank": RANK,
         "positions": f"f{PREFIX}+l{SUFFIX} (untied)",
-        "prompt_tokens": [int(n) for n in batch.attention_mask.sum(axis=1)],
+        "prompt_tokens": [len(p) for p in batch.prompts],
         "seed": seed,
     }
 
 
-def identity_is_exact(graph: OrtGraph, batch: Batch, kv: tuple[int, int]) -> bool:
+def identity_is_exact(engine: Engine, batch: Batch) -> bool:
     """A zero mask and an empty (rank 0) patch must give bit-equal logits from the graph."""
-    rows = batch.input_ids.shape[0]
-    empty = batch.A[:, :, :0], batch.B[:, :, :0], batch.c[:, :, :0], batch.mask[..., :0]
-    past = graph.empty_past(rows, *kv)
-    args = batch.input_ids, batch.attention_mask, batch.position_ids, past
-    zero_mask, _ = graph.step(*args, batch.A, batch.B, batch.c, np.zeros_like(batch.mask))
-    rank_zero, _ = graph.step(*args, *empty)
-    return bool(np.array_equal(zero_mask, rank_zero))
+    num_slots, rows, seq, _ = batch.slots.mask.shape
+    zero_mask = engine.start(batch.prompts, batch.without_edit().slots, 1).prefill()
+    rank_zero = engine.start(batch.prompts, SlotArrays.empty(num_slots, rows, seq, batch.slots.A.shape[-1]), 1)
+    return bool(np.array_equal(zero_mask, rank_zero.prefill()))
 
 
 def _max_diff(first: list[np.ndarray], second: list[np.ndarray]) -> float:

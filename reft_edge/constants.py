@@ -4,7 +4,7 @@ PATCH_FORMAT = "reft-edge-patch"
 PATCH_FORMAT_VERSION = 1
 PATCH_SUFFIX = ".reft"
 
-BUNDLE_SCHEMA_VERSION = 1
+BUNDLE_SCHEMA_VERSION = 2  # 2: per-layer slot inputs, the "graph" field (fused | traced)
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 MODEL_DATA_FILE = "model.onnx.data"

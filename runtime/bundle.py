@@ -26,8 +26,13 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
-SLOT_A, SLOT_B, SLOT_C, SLOT_MASK = "slot.A", "slot.B", "slot.c", "slot.mask"
 LOGITS = "logits"
+GRAPHS = ("fused", "traced")  # how export built the graph; decides how the runtime feeds it
+
+
+def slot_names(layer: int) -> tuple[str, str, str, str]:
+    """The edit slot of decoder layer ``layer``: A, B [batch, rank, hidden], c [batch, 1, rank], mask [batch, seq, rank]."""
+    return f"slot.{layer}.A", f"slot.{layer}.B", f"slot.{layer}.c", f"slot.{layer}.mask"
 
 
 def past_names(layer: int) -> tuple[str, str]:
@@ -68,6 +73,7 @@ class Manifest:
     special_tokens: dict[str, Any]  # bos/eos/pad token strings and ids; eos_token_ids is a list
     generation: dict[str, Any] = field(default_factory=dict)
     weights: str = ""  # how the weights were made for this precision (export's recipe)
+    graph: str = "fused"  # fused (export.fused) | traced (export.graph): how the runtime feeds it
     size_bytes: int = 0
     verification: dict[str, Any] = field(default_factory=dict)
 
@@ -95,6 +101,9 @@ class Manifest:
         return manifest
 
     def _check(self, source: str) -> None:
+        if self.graph not in GRAPHS:
+            raise BundleError(f"{source}: graph {self.graph!r} is unknown (expected one of {', '.join(GRAPHS)}); "
+                              "re-export the bundle")
         if self.precision not in PRECISIONS:
             raise BundleError(f"{source}: precision {self.precision!r} is unknown; re-export the bundle")
         for role, name in self.files.items():

@@ -28,9 +28,9 @@ import numpy as np
 
 from reft_edge.errors import BundleError, UsageError
 from reft_edge.runtime.bundle import (
-    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, SLOT_A, SLOT_B, SLOT_C, SLOT_MASK, Manifest, past_names,
-    present_names,
+    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, Manifest, past_names, present_names, slot_names,
 )
+from reft_edge.runtime.engine import Engine
 from reft_edge.runtime.patch import Patch
 from reft_edge.runtime.sampling import Sampling
 from reft_edge.runtime.slots import SlotEdit, resolve_edits, slot_arrays
@@ -71,49 +71,6 @@ class _Options:
     ignore_eos: bool
 
 
-class _KVEngine:
-    """Runs the graph through IOBinding: present KV outputs stay onnxruntime-allocated
-    OrtValues (on the GPU under CUDA) and are bound straight back as the next step's past,
-    so the cache never round-trips through numpy.
-
-    Each step binds afresh (microseconds against a step's milliseconds), so generate
-    calls from several threads run in parallel on the one session without sharing state.
-    """
-
-    def __init__(self, session: Any, manifest: Manifest, device: str):
-        self.session, self.device = session, device
-        layers = range(manifest.kv.num_layers)
-        self.past = [name for layer in layers for name in past_names(layer)]
-        self.present = [name for layer in layers for name in present_names(layer)]
-        self.kv = manifest.kv
-
-    def constant(self, array: np.ndarray) -> Any:
-        """An input that stays the same for every step, placed on the device once."""
-        from onnxruntime import OrtValue
-
-        return OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
-
-    def empty_past(self, batch: int) -> list[Any]:
-        shape = (batch, self.kv.num_kv_heads, 0, self.kv.head_dim)
-        empty = self.constant(np.zeros(shape, dtype=self.kv.dtype))
-        return [empty] * len(self.past)
-
-    def run(self, arrays: dict[str, np.ndarray], constants: dict[str, Any],
-            past: list[Any]) -> tuple[np.ndarray, list[Any]]:
-        """One forward pass; returns last-position logits [batch, vocab] and the present KV OrtValues."""
-        binding = self.session.io_binding()
-        for name, array in arrays.items():
-            binding.bind_cpu_input(name, array)
-        for name, value in [*constants.items(), *zip(self.past, past)]:
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output(LOGITS, "cpu")
-        for name in self.present:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        logits, *present = binding.get_outputs()
-        return logits.numpy()[:, -1, :], present
-
-
 class Runtime:
     """A loaded bundle: its onnxruntime session, tokenizer and chat template."""
 
@@ -122,10 +79,11 @@ class Runtime:
         self.bundle_dir, self.manifest, self.session = bundle_dir, manifest, session
         self.tokenizer, self.template = tokenizer, template
         self.device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
-        self._engine = _KVEngine(session, manifest, self.device)
         special = manifest.special_tokens
         self.eos_token_ids = frozenset(int(i) for i in special.get("eos_token_ids") or [])
         self.pad_token_id = int(special.get("pad_token_id") or 0)
+        self._engine = Engine(session, graph=manifest.graph, kv=manifest.kv, slot_layers=manifest.slot_layers,
+                              device=self.device, pad_id=self.pad_token_id)
 
     @classmethod
     def load(cls, bundle_dir: str | Path, *, providers: Sequence[str] | None = None,
@@ -225,35 +183,20 @@ class Runtime:
                 raise UsageError(f"the prompt's {n} tokens plus max_new_tokens {max_new_tokens} pass the bundle's "
                                  f"context length {limit}; use max_new_tokens {limit - n} or fewer")
 
-    def _prefill_inputs(self, requests: list[_Request], total: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Left-padded prompt feeds, and the attention mask for the whole run (decode positions already 1)."""
-        lens = [len(r.prompt_ids) for r in requests]
-        seq = max(lens)
-        input_ids = np.full((len(requests), seq), self.pad_token_id, np.int64)
-        attention = np.zeros((len(requests), total), np.int64)
-        positions = np.zeros((len(requests), seq), np.int64)
-        for row, (request, n) in enumerate(zip(requests, lens)):
-            input_ids[row, seq - n:] = request.prompt_ids
-            attention[row, seq - n:] = 1
-            positions[row, seq - n:] = np.arange(n)
-        mask = np.ascontiguousarray(attention[:, :seq])
-        return {INPUT_IDS: input_ids, ATTENTION_MASK: mask, POSITION_IDS: positions}, attention
-
     def _run(self, requests: list[_Request], options: _Options) -> Generator[list[str], None, list[Generation]]:
         """Prefill then decode the batch; yields each step's new text per row, returns the Generations."""
         started = time.perf_counter()
         self._check_context(requests, options.max_new_tokens)
-        engine, sampling = self._engine, options.sampling
-        batch, seq = len(requests), max(len(r.prompt_ids) for r in requests)
-        lens = np.array([len(r.prompt_ids) for r in requests], np.int64)
-        feeds, attention = self._prefill_inputs(requests, seq + options.max_new_tokens)
-        slots, mask, decode_slots = self._slot_inputs(requests, lens, seq)
+        sampling = options.sampling
+        prompts = [r.prompt_ids for r in requests]
+        slots = slot_arrays([r.edits for r in requests], [len(p) for p in prompts], max(len(p) for p in prompts),
+                            len(self.manifest.slot_layers), self.manifest.hidden_size)
+        run = self._engine.start(prompts, slots, options.max_new_tokens)
         rows = [TextRow(self.tokenizer, options.stop) for _ in requests]
         rng = sampling.rng()
         seen = _seen_tokens(requests, self.manifest.vocab_size) if sampling.tracks_seen else None
 
-        logits, past = engine.run({**feeds, SLOT_MASK: mask}, slots, engine.empty_past(batch))
-        tokens = sampling.pick(logits, seen, rng)
+        tokens = sampling.pick(run.prefill(), seen, rng)
         pieces = self._advance(rows, tokens, seen, options, last=options.max_new_tokens == 1)
         prefill_s = time.perf_counter() - started
         yield pieces
@@ -262,29 +205,14 @@ class Runtime:
         while not all(row.finished for row in rows):
             tick = time.perf_counter()
             steps += 1
-            length = seq + steps
-            logits, past = engine.run({INPUT_IDS: tokens[:, None].astype(np.int64),
-                                       ATTENTION_MASK: np.ascontiguousarray(attention[:, :length]),
-                                       POSITION_IDS: (lens + steps - 1)[:, None]}, decode_slots, past)
-            tokens = sampling.pick(logits, seen, rng)
+            tokens = sampling.pick(run.decode(tokens), seen, rng)
             pieces = self._advance(rows, tokens, seen, options, last=steps + 1 == options.max_new_tokens)
             decode_s += time.perf_counter() - tick
             yield pieces
 
         timings = _timings(prefill_s, decode_s, steps, time.perf_counter() - started)
-        return [Generation(row.text, row.token_ids, int(n), row.finish_reason, dict(timings))
-                for row, n in zip(rows, lens)]
-
-    def _slot_inputs(self, requests: list[_Request], lens: np.ndarray,
-                     seq: int) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
-        """Slot A/B/c (the same every step, so placed on the device once), the prefill mask, and the
-        decode slots, whose mask is zero: generated tokens are never edited."""
-        engine = self._engine
-        A, B, c, mask = slot_arrays([r.edits for r in requests], lens.tolist(), seq,
-                                    len(self.manifest.slot_layers), self.manifest.hidden_size)
-        slots = {SLOT_A: engine.constant(A), SLOT_B: engine.constant(B), SLOT_C: engine.constant(c)}
-        decode_mask = np.zeros((*mask.shape[:2], 1, mask.shape[3]), np.float32)
-        return slots, mask, {**slots, SLOT_MASK: engine.constant(decode_mask)}
+        return [Generation(row.text, row.token_ids, len(prompt), row.finish_reason, dict(timings))
+                for row, prompt in zip(rows, prompts)]
 
     def _advance(self, rows: list[TextRow], tokens: np.ndarray, seen: np.ndarray | None, options: _Options,
                  last: bool) -> list[str]:
@@ -375,7 +303,8 @@ def _open_session(model_path: Path, providers: Sequence[str] | None, threads: in
 def _check_graph(session: Any, manifest: Manifest, bundle_dir: Path) -> None:
     names = {i.name for i in session.get_inputs()} | {o.name for o in session.get_outputs()}
     layers = range(manifest.kv.num_layers)
-    needed = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, SLOT_A, SLOT_B, SLOT_C, SLOT_MASK, LOGITS,
+    needed = [INPUT_IDS, ATTENTION_MASK, *([POSITION_IDS] if manifest.graph == "traced" else []), LOGITS,
+              *(n for layer in manifest.slot_layers for n in slot_names(layer)),
               *(n for layer in layers for n in (*past_names(layer), *present_names(layer)))]
     missing = [n for n in needed if n not in names]
     if missing:

@@ -5,13 +5,13 @@ Example::
     from reft_edge.runtime import Patch
     from reft_edge.runtime.slots import resolve_edits, slot_arrays
     edits = resolve_edits([Patch.from_file("alice.reft")], weights=None, slot_layers=[15])
-    A, B, c, mask = slot_arrays([edits], prompt_lens=[12], seq=12, num_slots=1, hidden_size=576)
+    slots = slot_arrays([edits], prompt_lens=[12], seq=12, num_slots=1, hidden_size=576)   # SlotArrays
 
 Slot k edits decoder layer ``slot_layers[k]``: ``h <- h + ((h B^T + c) * m) A``. Several
 patches (and a patch's prefix/suffix interventions) at one layer are concatenated along
 the rank; each group of rank rows has its own mask, so each keeps its own positions.
-Rows of a batch are left-padded, so a row's prompt token j sits at column
-``seq - prompt_len + j``. Unused rank rows are zero with a zero mask: an exact identity.
+A row's prompt token j sits at mask column j (the engine moves it where its graph's
+padding puts it). Unused rank rows are zero with a zero mask: an exact identity.
 """
 
 from __future__ import annotations
@@ -36,6 +36,24 @@ class SlotEdit:
     A: np.ndarray  # [rank, hidden]
     B: np.ndarray
     c: np.ndarray  # [rank]
+
+
+@dataclass(frozen=True)
+class SlotArrays:
+    """Every slot's edit for every row: A, B [slots, batch, rank, hidden], c [slots, batch, rank],
+    mask [slots, batch, prompt_len, rank] with column j = the row's prompt token j."""
+
+    A: np.ndarray
+    B: np.ndarray
+    c: np.ndarray
+    mask: np.ndarray
+
+    @classmethod
+    def empty(cls, num_slots: int, batch: int, seq: int, hidden: int) -> "SlotArrays":
+        """Rank 0 everywhere: no edit."""
+        matrix = np.zeros((num_slots, batch, 0, hidden), np.float32)
+        return cls(matrix, matrix, np.zeros((num_slots, batch, 0), np.float32),
+                   np.zeros((num_slots, batch, seq, 0), np.float32))
 
 
 def check_weights(patches: Sequence[Patch], weights: Sequence[float] | None) -> list[float]:
@@ -69,8 +87,8 @@ def slot_rank(rows: Sequence[Sequence[SlotEdit]], num_slots: int) -> int:
 
 
 def slot_arrays(rows: Sequence[Sequence[SlotEdit]], prompt_lens: Sequence[int], seq: int, num_slots: int,
-                hidden_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(A, B, c, prefill mask) for a left-padded batch; the mask marks each edit's prompt positions."""
+                hidden_size: int) -> SlotArrays:
+    """A, B, c and the prefill mask for a batch; the mask marks each edit's prompt positions."""
     batch, rank = len(rows), slot_rank(rows, num_slots)
     A = np.zeros((num_slots, batch, rank, hidden_size), np.float32)
     B = np.zeros_like(A)
@@ -78,12 +96,11 @@ def slot_arrays(rows: Sequence[Sequence[SlotEdit]], prompt_lens: Sequence[int], 
     mask = np.zeros((num_slots, batch, seq, rank), np.float32)
     for row, (edits, prompt_len) in enumerate(zip(rows, prompt_lens)):
         used = [0] * num_slots  # next free rank row per slot
-        pad = seq - prompt_len
         for edit in edits:
             k, start = edit.slot, used[edit.slot]
             stop = start + edit.A.shape[0]
             A[k, row, start:stop], B[k, row, start:stop], c[k, row, start:stop] = edit.A, edit.B, edit.c
             tokens = np.asarray(edit.positions.token_indices(edit.where, prompt_len), dtype=np.int64)
-            mask[k, row, pad + tokens, start:stop] = 1.0
+            mask[k, row, tokens, start:stop] = 1.0
             used[k] = stop
-    return A, B, c, mask
+    return SlotArrays(A, B, c, mask)

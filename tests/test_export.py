@@ -25,8 +25,10 @@ from conftest import ARCHITECTURES
 from reft_edge.cli import main
 from reft_edge.errors import ExportError, ModelError, UsageError
 from reft_edge.export import ExportConfig, export_bundle
-from reft_edge.export.verify import Batch, OrtGraph, TorchReference, random_batch, run_both
+from reft_edge.export.verify import Batch, TorchReference, open_engine, random_batch, run_both
 from reft_edge.runtime.bundle import Manifest, past_names
+from reft_edge.runtime.engine import Engine
+from reft_edge.runtime.slots import SlotArrays, resolve_edits, slot_arrays
 from reft_edge.train import TrainConfig, train
 from reft_edge.train.backbone import decoder_layers, load_backbone
 from reft_edge.train.intervention import low_rank_edit
@@ -45,41 +47,22 @@ def llama_bundle(tiny_bundle) -> Path:
 
 
 @pytest.fixture(scope="session")
-def llama_graph(llama_bundle) -> OrtGraph:
-    return OrtGraph(llama_bundle / "model.onnx", num_layers=3)
+def llama_engine(llama_bundle) -> Engine:
+    return bundle_engine(llama_bundle)
 
 
-def prompt_batch(rows: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Left-padded input_ids, attention_mask, position_ids (as the runtime builds them)."""
-    seq = max(len(r) for r in rows)
-    ids = np.full((len(rows), seq), pad_id, dtype=np.int64)
-    attention = np.zeros_like(ids)
-    positions = np.ones_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, seq - len(row):] = row
-        attention[i, seq - len(row):] = 1
-        positions[i, seq - len(row):] = np.arange(len(row))
-    return ids, attention, positions
+def bundle_engine(bundle: Path) -> Engine:
+    manifest = Manifest.from_dir(bundle)
+    return open_engine(bundle / "model.onnx", graph=manifest.graph, kv=manifest.kv,
+                       slot_layers=manifest.slot_layers, pad_id=manifest.special_tokens["pad_token_id"])
 
 
-def patch_slots(patch, slot_layers: list[int], prompt_lens: list[int], seq: int):
-    """A trained patch as slot arrays for a left-padded batch (each row carries the patch)."""
-    edits = patch.affine_edits()
-    rank = max(sum(e.A.shape[0] for e in edits if e.layer == layer) for layer in slot_layers)
-    hidden, rows = patch.hidden_size, len(prompt_lens)
-    A = np.zeros((len(slot_layers), rows, rank, hidden), np.float32)
-    B, c = np.zeros_like(A), np.zeros((len(slot_layers), rows, rank), np.float32)
-    mask = np.zeros((len(slot_layers), rows, seq, rank), np.float32)
-    for k, layer in enumerate(slot_layers):
-        start = 0
-        for edit in (e for e in edits if e.layer == layer):
-            r = edit.A.shape[0]
-            for row, n in enumerate(prompt_lens):
-                A[k, row, start:start + r], B[k, row, start:start + r], c[k, row, start:start + r] = edit.A, edit.B, edit.c
-                tokens = [seq - n + t for t in patch.positions.token_indices(edit.where, n)]
-                mask[k, row, tokens, start:start + r] = 1.0
-            start += r
-    return A, B, c, mask
+def prefill(engine: Engine, prompts: list[list[int]], slots: SlotArrays) -> np.ndarray:
+    return engine.start(prompts, slots, 1).prefill()
+
+
+def rows_of(slots: SlotArrays, rows: slice, seq: int) -> SlotArrays:
+    return SlotArrays(slots.A[:, rows], slots.B[:, rows], slots.c[:, rows], slots.mask[:, rows, :seq])
 
 
 def tiny_data(tmp_path: Path) -> Path:
@@ -108,13 +91,15 @@ def test_architecture_exports_with_parity(architecture, tiny_model_dir, tmp_path
     assert manifest.base_fingerprint == patch.base_fingerprint
     assert Manifest.from_dir(tmp_path / "bundle") == manifest
 
+    assert manifest.graph == ("fused" if architecture in ("llama", "qwen2", "qwen3", "mistral") else "traced")
+
     prompts = [[5, 9, 14, 3, 22, 7], [11, 4, 30, 8]]
-    ids, attention, positions = prompt_batch(prompts, manifest.special_tokens["pad_token_id"])
-    slots = patch_slots(patch, manifest.slot_layers, [len(p) for p in prompts], ids.shape[1])
+    edits = resolve_edits([patch], None, manifest.slot_layers)
+    slots = slot_arrays([edits, edits], [len(p) for p in prompts], 6, 3, backbone.hidden_size)
     reference = TorchReference(backbone.model, manifest.slot_layers)
     with reference.attached():
-        got, want = run_both(OrtGraph(tmp_path / "bundle" / "model.onnx", backbone.num_layers), reference,
-                             Batch(ids, attention, positions, *slots), steps=4)
+        got, want = run_both(bundle_engine(tmp_path / "bundle"), reference, Batch(prompts, slots), steps=4,
+                             pad_id=manifest.special_tokens["pad_token_id"])
     assert max(np.abs(g - w).max() for g, w in zip(got, want)) <= 1e-4
 
 
@@ -127,12 +112,12 @@ def test_graph_contract(llama_bundle, llama):
     manifest = Manifest.from_dir(llama_bundle)
     assert [v.name for v in model.graph.input] == manifest.inputs
     assert [v.name for v in model.graph.output] == manifest.outputs
-    assert shapes["input_ids"] == ["batch", "seq"] and shapes["position_ids"] == ["batch", "seq"]
-    assert shapes["attention_mask"] == ["batch", "total_seq"]
-    assert shapes["past_key_values.0.key"] == ["batch", 2, "past_seq", 16]
-    assert shapes["present.2.value"] == ["batch", 2, "past_seq + seq", 16]
-    assert shapes["slot.A"] == [3, "batch", "rank", 64] and shapes["slot.c"] == [3, "batch", "rank"]
-    assert shapes["slot.mask"] == [3, "batch", "seq", "rank"]
+    assert manifest.graph == "fused" and "position_ids" not in shapes
+    assert shapes["input_ids"] == ["batch", "seq"] and shapes["attention_mask"] == ["batch", "total_seq"]
+    assert shapes["past_key_values.0.key"] == ["batch", 2, "max_length", 16]
+    assert shapes["present.2.value"] == ["batch", 2, "max_length", 16]
+    assert shapes["slot.0.A"] == ["batch", "rank", 64] and shapes["slot.2.c"] == ["batch", 1, "rank"]
+    assert shapes["slot.1.mask"] == ["batch", "seq", "rank"]
     assert shapes["logits"] == ["batch", 1, llama.model.config.vocab_size]
     assert (llama_bundle / "model.onnx.data").is_file()
     assert manifest.files == {"model": "model.onnx", "model_data": "model.onnx.data",
@@ -145,40 +130,40 @@ def test_graph_contract(llama_bundle, llama):
 
 # -- the edit inside the graph ---------------------------------------------------------------------
 
-def test_empty_and_zero_mask_patches_are_bit_exact_identity(llama_graph):
-    batch = random_batch(vocab_size=300, hidden=64, num_slots=3, edited_slots=[0, 1, 2], pad_id=0)
-    past = llama_graph.empty_past(2, 2, 16)
-    args = (batch.input_ids, batch.attention_mask, batch.position_ids, past)
-    rank0, present0 = llama_graph.step(*args, batch.A[:, :, :0], batch.B[:, :, :0], batch.c[:, :, :0],
-                                       batch.mask[..., :0])
-    zero_mask, present1 = llama_graph.step(*args, batch.A, batch.B, batch.c, np.zeros_like(batch.mask))
-    patched, _ = llama_graph.step(*args, batch.A, batch.B, batch.c, batch.mask)
-    assert np.array_equal(rank0, zero_mask) and all(np.array_equal(a, b) for a, b in zip(present0, present1))
+def test_empty_and_zero_mask_patches_are_bit_exact_identity(llama_engine):
+    batch = random_batch(vocab_size=300, hidden=64, num_slots=3, edited_slots=[0, 1, 2])
+    rank0 = prefill(llama_engine, batch.prompts, SlotArrays.empty(3, 2, 8, 64))
+    zero_mask = prefill(llama_engine, batch.prompts, batch.without_edit().slots)
+    patched = prefill(llama_engine, batch.prompts, batch.slots)
+    assert np.array_equal(rank0, zero_mask)
     assert not np.allclose(rank0, patched)
 
 
-def test_each_row_of_a_batch_equals_that_row_alone(llama_graph):
-    batch = random_batch(vocab_size=300, hidden=64, num_slots=3, edited_slots=[0, 2], pad_id=0, seed=3)
-    together, _ = llama_graph.step(batch.input_ids, batch.attention_mask, batch.position_ids,
-                                   llama_graph.empty_past(2, 2, 16), batch.A, batch.B, batch.c, batch.mask)
-    for row in range(2):
-        real = batch.attention_mask[row] == 1  # alone, a row needs no padding
-        alone, _ = llama_graph.step(
-            batch.input_ids[row:row + 1, real], batch.attention_mask[row:row + 1, real],
-            batch.position_ids[row:row + 1, real], llama_graph.empty_past(1, 2, 16),
-            batch.A[:, row:row + 1], batch.B[:, row:row + 1], batch.c[:, row:row + 1], batch.mask[:, row:row + 1, real])
-        np.testing.assert_allclose(together[row], alone[0], atol=1e-5)
+def test_each_row_of_a_batch_equals_that_row_alone(llama_engine):
+    batch = random_batch(vocab_size=300, hidden=64, num_slots=3, edited_slots=[0, 2], seed=3)
+    together = llama_engine.start(batch.prompts, batch.slots, 4)
+    alone = [llama_engine.start([prompt], rows_of(batch.slots, slice(row, row + 1), len(prompt)), 4)
+             for row, prompt in enumerate(batch.prompts)]
+    got, want = together.prefill(), np.concatenate([run.prefill() for run in alone])
+    for _ in range(3):  # and every decode step after it
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        tokens = want.argmax(-1)
+        got, want = together.decode(tokens), np.concatenate([run.decode(t[None]) for run, t in zip(alone, tokens)])
 
 
-def test_composed_patches_match_two_separate_edits_in_torch(llama_graph, llama):
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])  # a fused and a traced graph
+def test_composed_patches_match_two_separate_edits_in_torch(architecture, tiny_model_dir, tmp_path):
     """Two patches concatenated along the rank equal the sum of their edits, each on its own positions."""
+    backbone = load_backbone(str(tiny_model_dir(architecture)))
+    export_bundle(ExportConfig(out=str(tmp_path / "bundle"), model=backbone.path, verify=False), backbone=backbone,
+                  progress=False)
     rng = np.random.default_rng(7)
-    ids, attention, positions = prompt_batch([[3, 8, 20, 41, 9, 12, 5]])
-    seq = ids.shape[1]
+    prompt = [3, 8, 20, 41, 9, 12, 5]
+    seq, hidden = len(prompt), backbone.hidden_size
 
     def patch(rank: int, tokens: list[int]):
-        A = rng.standard_normal((rank, 64)).astype(np.float32) / 8
-        B = rng.standard_normal((rank, 64)).astype(np.float32) / 8
+        A = rng.standard_normal((rank, hidden)).astype(np.float32) / 8
+        B = rng.standard_normal((rank, hidden)).astype(np.float32) / 8
         c = rng.standard_normal(rank).astype(np.float32)
         mask = np.zeros((seq, rank), np.float32)
         mask[tokens] = 1.0
@@ -187,14 +172,13 @@ def test_composed_patches_match_two_separate_edits_in_torch(llama_graph, llama):
     # first: layer 0, first two tokens, rank rows 0-1; second: layers 0 and 2, last token, rank rows 2-4
     first, second_0, second_2 = patch(2, [0, 1]), patch(3, [seq - 1]), patch(3, [seq - 1])
     per_layer = {0: [(0, first), (2, second_0)], 2: [(2, second_2)]}
-    A, B = np.zeros((3, 1, 5, 64), np.float32), np.zeros((3, 1, 5, 64), np.float32)
+    A, B = np.zeros((3, 1, 5, hidden), np.float32), np.zeros((3, 1, 5, hidden), np.float32)
     c, mask = np.zeros((3, 1, 5), np.float32), np.zeros((3, 1, seq, 5), np.float32)
     for layer, parts in per_layer.items():
         for offset, (a, b, c_, m) in parts:
             rows = slice(offset, offset + a.shape[0])
             A[layer, 0, rows], B[layer, 0, rows], c[layer, 0, rows], mask[layer, 0, :, rows] = a, b, c_, m
-    slots = A, B, c, mask
-    got, _ = llama_graph.step(ids, attention, positions, llama_graph.empty_past(1, 2, 16), *slots)
+    got = prefill(bundle_engine(tmp_path / "bundle"), [prompt], SlotArrays(A, B, c, mask))
 
     def hook(parts):
         def apply(module, args, output):
@@ -204,11 +188,11 @@ def test_composed_patches_match_two_separate_edits_in_torch(llama_graph, llama):
             return (edited, *output[1:]) if isinstance(output, tuple) else edited
         return apply
 
-    layers = decoder_layers(llama.model)
+    layers = decoder_layers(backbone.model)
     handles = [layers[layer].register_forward_hook(hook(parts)) for layer, parts in per_layer.items()]
     try:
         with torch.no_grad():
-            want = llama.model(input_ids=torch.from_numpy(ids)).logits[:, -1].numpy()
+            want = backbone.model(input_ids=torch.tensor([prompt])).logits[:, -1].numpy()
     finally:
         for handle in handles:
             handle.remove()
@@ -227,9 +211,8 @@ def test_reduced_precisions_record_their_figures(precision, llama, tmp_path):
     checked = manifest.verification
     assert 0.0 < checked["max_abs_logit_diff"] < 1.0 and 0.0 <= checked["greedy_tokens_agreement"] <= 1.0
     assert checked["identity_bit_exact"]
-    graph = OrtGraph(out / "model.onnx", num_layers=3)
-    types = {i.name: i.type for i in graph.session.get_inputs()}
-    assert types["slot.A"] == "tensor(float)"
+    types = {i.name: i.type for i in bundle_engine(out).session.get_inputs()}
+    assert types["slot.0.A"] == "tensor(float)" and types["slot.2.mask"] == "tensor(float)"
     assert types[past_names(0)[0]] == ("tensor(float16)" if precision == "fp16" else "tensor(float)")
     assert manifest.size_bytes == sum(p.stat().st_size for p in out.iterdir() if p.name != "manifest.json")
 
@@ -261,10 +244,11 @@ def test_failed_parity_raises_and_leaves_no_bundle(llama, tmp_path, monkeypatch)
     assert not out.exists()
 
 
-def test_killed_export_leaves_no_bundle_and_rerun_succeeds(llama, tmp_path):
+def test_killed_export_leaves_no_bundle_and_rerun_succeeds(tiny_model_dir, tmp_path):
     out = tmp_path / "bundle"
+    model = str(tiny_model_dir("gpt2"))  # traced: slow enough to be killed in the middle
     code = ("from reft_edge.export import ExportConfig, export_bundle; "
-            f"export_bundle(ExportConfig(out={str(out)!r}, model={llama.path!r}), progress=False)")
+            f"export_bundle(ExportConfig(out={str(out)!r}, model={model!r}), progress=False)")
     process = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy())
     try:
         deadline = time.monotonic() + 120
@@ -277,7 +261,7 @@ def test_killed_export_leaves_no_bundle_and_rerun_succeeds(llama, tmp_path):
     finally:
         process.wait()
     assert not out.exists()
-    export_bundle(ExportConfig(out=str(out), model=llama.path), backbone=llama, progress=False)
+    export_bundle(ExportConfig(out=str(out), model=model), progress=False)
     assert Manifest.from_dir(out).verification["greedy_tokens_match"]
 
 

@@ -1,0 +1,303 @@
+"""Build the ONNX graph of a Llama-family model node by node, with fused attention and edit slots.
+
+Example::
+
+    from reft_edge.train.backbone import load_backbone
+    from reft_edge.export.fused import build_fused_graph, supports_fused_graph
+    backbone = load_backbone()                                  # SmolLM2-135M-Instruct
+    assert supports_fused_graph(backbone.model) is None        # else: why not, as text
+    build_fused_graph(backbone.model, slot_layers=[15], path="/tmp/model.onnx")   # + .data
+
+Why not trace: a traced decoder spends ~70 small ops per layer on attention, rotary and
+RMSNorm, which cost more than the matrix products at decode time on a CPU. Here every
+layer is onnxruntime's fused kernels (the layout onnxruntime-genai's model builder
+uses): SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization,
+GroupQueryAttention with rotary inside, and a KV cache that is one preallocated buffer
+per layer, written in place (present aliases past). The weights come straight from the
+Hugging Face modules, so the torch model stays the reference (export.verify checks it).
+
+Feeds (docs/bundle-format.md, graph "fused"): rows are right-padded; attention_mask is
+1 for each row's tokens so far (prompt plus generated), so its row sums give GQA each
+row's length and its width the batch's longest; past buffers are [batch, kv_heads,
+max_length, head_dim], zeros at the start of a generation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from reft_edge.runtime.bundle import (
+    ATTENTION_MASK, INPUT_IDS, LOGITS, past_names, present_names, slot_names,
+)
+from reft_edge.train.backbone import decoder_layers
+
+FUSED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+OPSET = 18
+MS_DOMAIN = "com.microsoft"
+STATIC_ROPE_TYPES = (None, "default", "linear", "llama3", "yarn")  # position -> angle fixed at export
+
+
+def supports_fused_graph(model: nn.Module) -> str | None:
+    """None when ``model`` can be built here; else why not (it is then traced instead)."""
+    config = model.config
+    if config.model_type not in FUSED_ARCHITECTURES:
+        return f"architecture {config.model_type} has no fused builder"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act}"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) not in STATIC_ROPE_TYPES:
+        return f"rope type {rope.get('rope_type')} depends on the sequence length"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        if getattr(config, "sliding_window", None) is None:
+            return "layer types other than full attention"
+    return None
+
+
+def build_fused_graph(model: nn.Module, slot_layers: list[int], path: str | Path) -> None:
+    """Write the fp32 graph of ``model`` with slots at ``slot_layers`` to ``path`` (+ ``path``.data)."""
+    import onnx
+
+    graph = FusedGraph(model, slot_layers)
+    onnx.save_model(graph.model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=Path(path).name + ".data", size_threshold=1024)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to(torch.float32).cpu().numpy()
+
+
+class FusedGraph:
+    """Collects nodes, initializers and value names while walking the model's layers once."""
+
+    def __init__(self, model: nn.Module, slot_layers: list[int]):
+        self.config = config = model.config
+        self.model_ = model
+        self.layers = decoder_layers(model)
+        self.slot_layers = list(slot_layers)
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = float(config.rms_norm_eps)
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.names: set[str] = set()
+
+    # -- small helpers ---------------------------------------------------------------------------
+
+    def name(self, base: str) -> str:
+        """A unique value/node name starting with ``base``."""
+        candidate, n = base, 0
+        while candidate in self.names:
+            n += 1
+            candidate = f"{base}_{n}"
+        self.names.add(candidate)
+        return candidate
+
+    def node(self, op: str, inputs: list[str], *, name: str, outputs: int | list[str] = 1,
+             domain: str = "", **attributes: Any) -> list[str]:
+        from onnx import helper
+
+        node_name = self.name(name)
+        if isinstance(outputs, int):
+            outputs = [self.name(f"{node_name}/out{i}") for i in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=node_name, domain=domain or None,
+                                           **attributes))
+        return outputs
+
+    def one(self, op: str, inputs: list[str], *, name: str, **attributes: Any) -> str:
+        return self.node(op, inputs, name=name, **attributes)[0]
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        name = self.name(name)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def linear(self, x: str, modules: list[nn.Linear], name: str) -> str:
+        """x @ W^T (+ b) for one module, or for several packed side by side (one MatMul)."""
+        matrix = np.concatenate([_numpy(m.weight).T for m in modules], axis=1)
+        y = self.one("MatMul", [x, self.weight(f"{name}.weight", matrix)], name=f"{name}/MatMul")
+        if any(m.bias is not None for m in modules):
+            bias = np.concatenate([_numpy(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32)
+                                   for m in modules])
+            y = self.one("Add", [y, self.weight(f"{name}.bias", bias)], name=f"{name}/Add")
+        return y
+
+    def rms_norm(self, x: str, module: nn.Module, name: str) -> str:
+        return self.one("SimplifiedLayerNormalization", [x, self.weight(f"{name}.weight", _numpy(module.weight))],
+                        name=name, axis=-1, epsilon=self.eps)
+
+    def skip_rms_norm(self, x: str, skip: str, module: nn.Module, name: str) -> tuple[str, str]:
+        """(norm(x + skip), x + skip) in one kernel."""
+        out = self.node("SkipSimplifiedLayerNormalization",
+                        [x, skip, self.weight(f"{name}.weight", _numpy(module.weight))],
+                        name=name, outputs=4, domain=MS_DOMAIN, epsilon=self.eps)
+        return out[0], out[3]
+
+    # -- the graph -------------------------------------------------------------------------------
+
+    def model(self) -> Any:
+        from onnx import TensorProto, helper
+
+        lengths, total = self.sequence_lengths()
+        h = self.one("Gather", [self.weight("embed_tokens.weight", _numpy(self.model_.get_input_embeddings().weight)),
+                                INPUT_IDS], name="embed_tokens")
+        cos, sin = self.rotary_caches()
+        pending = None  # the last MLP's output, not yet added to the residual stream h
+        for index, layer in enumerate(self.layers):
+            h, pending = self.decoder_layer(index, layer, h, pending, lengths, total, cos, sin)
+        h = self.last_residual(h, pending)
+        logits = self.output(h, lengths)
+
+        dim = self.kv_heads, self.head_dim
+        float_ = TensorProto.FLOAT
+        inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
+                  helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"])]
+        outputs = [helper.make_tensor_value_info(LOGITS, float_, ["batch", 1, self.config.vocab_size])]
+        for layer in range(len(self.layers)):
+            for past, present in zip(past_names(layer), present_names(layer)):
+                inputs.append(helper.make_tensor_value_info(past, float_, ["batch", dim[0], "max_length", dim[1]]))
+                outputs.append(helper.make_tensor_value_info(present, float_, ["batch", dim[0], "max_length", dim[1]]))
+        hidden = self.config.hidden_size
+        for layer in self.slot_layers:
+            shapes = (["batch", "rank", hidden], ["batch", "rank", hidden], ["batch", 1, "rank"], ["batch", "seq", "rank"])
+            inputs += [helper.make_tensor_value_info(name, float_, shape)
+                       for name, shape in zip(slot_names(layer), shapes)]
+        graph = helper.make_graph(self.nodes, "reft_edge_fused", inputs, outputs, self.initializers)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                       helper.make_opsetid(MS_DOMAIN, 1)],
+                                 producer_name="reft-edge")
+
+    def sequence_lengths(self) -> tuple[str, str]:
+        """GroupQueryAttention's seqlens_k (each row's length - 1, int32) and total_sequence_length.
+
+            attention_mask --ReduceSum(1)--Sub 1--Cast int32--> seqlens_k [batch]
+                           --Shape[1]------------Cast int32--> total_sequence_length []
+        """
+        one = self.weight("one", np.array(1, np.int64))
+        summed = self.one("ReduceSum", [ATTENTION_MASK, self.weight("axis_1", np.array([1], np.int64))],
+                          name="lengths/ReduceSum", keepdims=0)
+        last = self.one("Sub", [summed, one], name="lengths/Sub")
+        lengths = self.one("Cast", [last], name="lengths/Cast", to=6)  # int32
+        width = self.one("Shape", [ATTENTION_MASK], name="total/Shape", start=1, end=2)
+        total = self.one("Squeeze", [self.one("Cast", [width], name="total/Cast", to=6)], name="total/Squeeze")
+        return lengths, total
+
+    def rotary_caches(self) -> tuple[str, str]:
+        """cos/sin [max_positions, rotary_dim/2] from the model's own rotary module (its scaling included)."""
+        rotary = self.model_.model.rotary_emb
+        positions = torch.arange(int(self.config.max_position_embeddings), dtype=torch.float32)
+        angles = torch.outer(positions, rotary.inv_freq.to(torch.float32))
+        scale = float(getattr(rotary, "attention_scaling", 1.0))
+        return (self.weight("cos_cache", _numpy(angles.cos() * scale)),
+                self.weight("sin_cache", _numpy(angles.sin() * scale)))
+
+    def decoder_layer(self, index: int, layer: nn.Module, h: str, pending: str | None, lengths: str, total: str,
+                      cos: str, sin: str) -> tuple[str, str]:
+        """One block; returns (residual stream, MLP output still to be added to it).
+
+            pending, h --SkipSimplifiedLayerNorm--> normed, h + pending   (layer 0: SimplifiedLayerNorm(h))
+            (slot on the block before: h + pending --edit--> delta; SkipSimplifiedLayerNorm(delta, h + pending))
+            normed --MatMul qkv--GroupQueryAttention(rotary, KV buffer)--MatMul o--> attn
+            attn, h --SkipSimplifiedLayerNorm--> normed2, h
+            normed2 --MatMul gate, up--> SiLU(gate) * up --MatMul down--> pending
+        """
+        prefix = f"layers.{index}"
+        if pending is None:
+            normed = self.rms_norm(h, layer.input_layernorm, f"{prefix}/input_layernorm")
+        elif index - 1 in self.slot_layers:  # edit the previous block's output, then norm it: h' = h + delta
+            h = self.one("Add", [h, pending], name=f"layers.{index - 1}/residual")
+            normed, h = self.skip_rms_norm(self.edit(h, index - 1), h, layer.input_layernorm,
+                                           f"{prefix}/input_layernorm")
+        else:
+            normed, h = self.skip_rms_norm(pending, h, layer.input_layernorm, f"{prefix}/input_layernorm")
+        attention = self.attention(index, layer.self_attn, normed, lengths, total, cos, sin)
+        normed, h = self.skip_rms_norm(attention, h, layer.post_attention_layernorm,
+                                       f"{prefix}/post_attention_layernorm")
+        mlp = layer.mlp
+        gate = self.linear(normed, [mlp.gate_proj], f"{prefix}/mlp/gate_proj")
+        up = self.linear(normed, [mlp.up_proj], f"{prefix}/mlp/up_proj")
+        silu = self.one("Mul", [gate, self.one("Sigmoid", [gate], name=f"{prefix}/mlp/Sigmoid")],
+                        name=f"{prefix}/mlp/silu")
+        product = self.one("Mul", [silu, up], name=f"{prefix}/mlp/Mul")
+        return h, self.linear(product, [mlp.down_proj], f"{prefix}/mlp/down_proj")
+
+    def last_residual(self, h: str, pending: str) -> str:
+        """The last block's output, edited when it has a slot."""
+        index = len(self.layers) - 1
+        h = self.one("Add", [h, pending], name=f"layers.{index}/residual")
+        if index in self.slot_layers:
+            h = self.one("Add", [h, self.edit(h, index)], name=f"layers.{index}/slot/Add")
+        return h
+
+    def edit(self, h: str, layer: int) -> str:
+        """The change the slot of ``layer`` makes to h: train.intervention.low_rank_edit minus h.
+
+            h --FusedMatMul B^T--Add c--Mul mask--MatMul A--> delta      (the caller adds it to h)
+        """
+        A, B, c, mask = slot_names(layer)
+        name = f"layers.{layer}/slot"
+        product = self.one("FusedMatMul", [h, B], name=f"{name}/MatMul_B", domain=MS_DOMAIN, transB=1)
+        coefficients = self.one("Add", [product, c], name=f"{name}/Add_c")
+        masked = self.one("Mul", [coefficients, mask], name=f"{name}/Mul_mask")
+        return self.one("MatMul", [masked, A], name=f"{name}/MatMul_A")
+
+    def attention(self, index: int, module: nn.Module, x: str, lengths: str, total: str, cos: str, sin: str) -> str:
+        """Packed QKV projection -> GroupQueryAttention (rotary and KV buffer inside) -> output projection.
+
+        With per-head q/k norms (Qwen3) Q, K and V go in separately, normed before rotary.
+        """
+        prefix = f"layers.{index}/attn"
+        projections = [module.q_proj, module.k_proj, module.v_proj]
+        q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
+        if q_norm is None:
+            query_key_value = [self.linear(x, projections, f"{prefix}/qkv_proj"), "", ""]
+        else:
+            query_key_value = [self.head_norm(self.linear(x, [module.q_proj], f"{prefix}/q_proj"), q_norm,
+                                              self.heads, f"{prefix}/q_norm"),
+                               self.head_norm(self.linear(x, [module.k_proj], f"{prefix}/k_proj"), k_norm,
+                                              self.kv_heads, f"{prefix}/k_norm"),
+                               self.linear(x, [module.v_proj], f"{prefix}/v_proj")]
+        past_key, past_value = past_names(index)
+        window = getattr(self.config, "sliding_window", None)
+        layer_types = getattr(self.config, "layer_types", None)
+        sliding = window is not None and (layer_types is None and self.config.model_type == "mistral"
+                                          or layer_types is not None and layer_types[index] == "sliding_attention")
+        out = self.node("GroupQueryAttention",
+                        [*query_key_value, past_key, past_value, lengths, total, cos, sin],
+                        name=f"{prefix}/GroupQueryAttention", outputs=[self.name(f"{prefix}/out"),
+                                                                        *present_names(index)],
+                        domain=MS_DOMAIN, num_heads=self.heads, kv_num_heads=self.kv_heads,
+                        scale=float(module.scaling), do_rotary=1, rotary_interleaved=0,
+                        local_window_size=int(window) - 1 if sliding else -1)
+        return self.linear(out[0], [module.o_proj], f"{prefix}/o_proj")
+
+    def head_norm(self, x: str, module: nn.Module, heads: int, name: str) -> str:
+        """RMSNorm over each head's slice: [b, s, heads*d] -> [b, s, heads, d] -> norm -> back."""
+        split = self.weight(f"{name}.shape", np.array([0, 0, heads, self.head_dim], np.int64))
+        flat = self.weight(f"{name}.flat", np.array([0, 0, heads * self.head_dim], np.int64))
+        per_head = self.one("Reshape", [x, split], name=f"{name}/Reshape")
+        return self.one("Reshape", [self.rms_norm(per_head, module, name), flat], name=f"{name}/Flatten")
+
+    def output(self, h: str, lengths: str) -> str:
+        """Logits of each row's last token only: the vocabulary product over the whole prompt is wasted.
+
+            seqlens_k --Min(seq-1)--> last [b] --GatherND(h, batch_dims 1)--> [b,H] --norm--MatMul lm_head
+        """
+        seq = self.one("Shape", [INPUT_IDS], name="output/Shape", start=1, end=2)
+        seq_last = self.one("Sub", [seq, self.weight("one_1d", np.array([1], np.int64))], name="output/Sub")
+        # prefill: row b's last token is at lengths[b]; a decode step has one token, at 0
+        last = self.one("Min", [self.one("Cast", [lengths], name="output/Cast", to=7), seq_last], name="output/Min")
+        index = self.one("Unsqueeze", [last, self.weight("axis_1b", np.array([1], np.int64))], name="output/Unsqueeze")
+        picked = self.one("GatherND", [h, index], name="output/GatherND", batch_dims=1)
+        normed = self.rms_norm(self.one("Unsqueeze", [picked, self.weight("axis_1c", np.array([1], np.int64))],
+                                        name="output/Unsqueeze_seq"), self.model_.model.norm, "norm")
+        head = self.model_.get_output_embeddings()
+        return self.node("MatMul", [normed, self.weight("lm_head.weight", _numpy(head.weight).T)], name="lm_head",
+                         outputs=[LOGITS])[0]

@@ -1,0 +1,171 @@
+"""Step a bundle's graph through one generation: one prefill pass, then one token per decode step.
+
+Example::
+
+    engine = Engine(session, graph="fused", kv=manifest.kv, slot_layers=[15], device="cpu", pad_id=2)
+    run = engine.start([[1, 2, 3], [4, 5]], SlotArrays.empty(1, batch=2, seq=3, hidden=576), max_new_tokens=8)
+    logits = run.prefill()                          # [batch, vocab], each row's last prompt token
+    logits = run.decode(logits.argmax(-1))          # the next position of every row
+
+The two graph kinds (``manifest.graph``, docs/bundle-format.md) are fed differently:
+
+- ``fused`` (export.fused): rows are right-padded. Each layer's KV cache is one buffer
+  [batch, kv_heads, prompt + max_new_tokens, head_dim] allocated once per generation
+  and bound as both past and present, so GroupQueryAttention writes each step's keys
+  and values in place. attention_mask has 1 for each row's tokens so far.
+- ``traced`` (export.graph): rows are left-padded, position ids are explicit, and the
+  cache grows: present = past + the new step, bound back as the next past.
+
+A run owns its IOBinding, so generations on one session from several threads do not
+share state (onnxruntime sessions are thread-safe). Slot inputs are placed on the
+device once per run; between prefill and decode only their masks change (to zero:
+generated tokens are never edited).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from reft_edge.runtime.bundle import (
+    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, KVLayout, past_names, present_names, slot_names,
+)
+from reft_edge.runtime.slots import SlotArrays
+
+
+class Engine:
+    """One session of a bundle's graph, and how to feed it."""
+
+    def __init__(self, session: Any, *, graph: str, kv: KVLayout, slot_layers: Sequence[int], device: str,
+                 pad_id: int):
+        self.session, self.graph, self.kv, self.device, self.pad_id = session, graph, kv, device, pad_id
+        self.slot_layers = list(slot_layers)
+        self.kv_dtype = np.float16 if kv.dtype == "float16" else np.float32
+
+    def start(self, prompts: Sequence[Sequence[int]], slots: SlotArrays, max_new_tokens: int) -> "_Run":
+        run_type = _SharedBufferRun if self.graph == "fused" else _GrowingRun
+        return run_type(self, [list(p) for p in prompts], slots, max_new_tokens)
+
+    def on_device(self, array: np.ndarray) -> Any:
+        from onnxruntime import OrtValue
+
+        return OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+
+class _Run:
+    """What both graph kinds share: the binding, the slot inputs, running a step."""
+
+    def __init__(self, engine: Engine, prompts: list[list[int]], slots: SlotArrays, max_new_tokens: int):
+        self.engine = engine
+        self.binding = engine.session.io_binding()
+        self.lens = np.array([len(p) for p in prompts], np.int64)
+        self.batch, self.seq = len(prompts), int(self.lens.max())
+        self.max_length = self.seq + max_new_tokens
+        self.steps = 0
+        self.prompt_ids = prompts
+        self.arrays: dict[str, np.ndarray] = {}  # bound numpy inputs: onnxruntime reads their memory, keep them
+        for k, layer in enumerate(engine.slot_layers):
+            a, b, c, _ = slot_names(layer)
+            self.binding.bind_ortvalue_input(a, engine.on_device(slots.A[k]))
+            self.binding.bind_ortvalue_input(b, engine.on_device(slots.B[k]))
+            self.binding.bind_ortvalue_input(c, engine.on_device(slots.c[k][:, None, :]))
+        self.prefill_mask = slots.mask
+        self.rank = slots.mask.shape[-1]
+        self.binding.bind_output(LOGITS, "cpu")
+
+    def bind(self, name: str, array: np.ndarray) -> None:
+        """Bind a numpy input; onnxruntime reads it in place at every run, so the run keeps it alive."""
+        self.arrays[name] = array = np.ascontiguousarray(array)
+        self.binding.bind_cpu_input(name, array)
+
+    def bind_slot_masks(self, masks: np.ndarray) -> None:
+        for k, layer in enumerate(self.engine.slot_layers):
+            self.bind(slot_names(layer)[3], masks[k])
+
+    def run(self, arrays: dict[str, np.ndarray]) -> list[Any]:
+        for name, array in arrays.items():
+            self.bind(name, array)
+        self.engine.session.run_with_iobinding(self.binding)
+        return self.binding.get_outputs()
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed each row's next token; returns the logits [batch, vocab] that follow it."""
+        if self.steps == 0:  # generated tokens are never edited
+            zero = np.zeros((len(self.engine.slot_layers), self.batch, 1, self.rank), np.float32)
+            self.bind_slot_masks(zero)
+        self.steps += 1
+        return self.step(np.asarray(tokens, np.int64).reshape(self.batch, 1))
+
+
+class _SharedBufferRun(_Run):
+    """Right-padded rows; KV buffers preallocated and written in place (graph "fused")."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        engine, kv = self.engine, self.engine.kv
+        for layer in range(kv.num_layers):
+            for past, present in zip(past_names(layer), present_names(layer)):
+                buffer = engine.on_device(np.zeros((self.batch, kv.num_kv_heads, self.max_length, kv.head_dim),
+                                                   engine.kv_dtype))
+                self.binding.bind_ortvalue_input(past, buffer)
+                self.binding.bind_ortvalue_output(present, buffer)
+
+    def prefill(self) -> np.ndarray:
+        input_ids = np.full((self.batch, self.seq), self.engine.pad_id, np.int64)
+        for row, prompt in enumerate(self.prompt_ids):
+            input_ids[row, :len(prompt)] = prompt
+        self.bind_slot_masks(self.prefill_mask)
+        return self.logits(input_ids)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        return self.logits(tokens)
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        width = self.seq + self.steps
+        attention = (np.arange(width) < (self.lens + self.steps)[:, None]).astype(np.int64)
+        return last_logits(self.run({INPUT_IDS: input_ids, ATTENTION_MASK: attention})[0])
+
+
+class _GrowingRun(_Run):
+    """Left-padded rows, explicit positions, a cache that grows by one step per run (graph "traced")."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        kv, engine = self.engine.kv, self.engine
+        self.pads = self.seq - self.lens
+        empty = engine.on_device(np.zeros((self.batch, kv.num_kv_heads, 0, kv.head_dim), engine.kv_dtype))
+        self.past = [empty] * (2 * kv.num_layers)
+        # the whole run's attention mask: 0 on each row's left pads, 1 from there on
+        self.attention = (np.arange(self.max_length) >= self.pads[:, None]).astype(np.int64)
+
+    def prefill(self) -> np.ndarray:
+        input_ids = np.full((self.batch, self.seq), self.engine.pad_id, np.int64)
+        positions = np.ones((self.batch, self.seq), np.int64)  # pads: 1, as Hugging Face gives them
+        masks = np.zeros_like(self.prefill_mask)
+        for row, (prompt, pad) in enumerate(zip(self.prompt_ids, self.pads)):
+            input_ids[row, pad:] = prompt
+            positions[row, pad:] = np.arange(len(prompt))
+            masks[:, row, pad:] = self.prefill_mask[:, row, :len(prompt)]
+        self.bind_slot_masks(masks)
+        return self.grow(input_ids, positions)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        return self.grow(tokens, (self.lens + self.steps - 1)[:, None])
+
+    def grow(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        kv = self.engine.kv
+        names = [(past, present) for layer in range(kv.num_layers)
+                 for past, present in zip(past_names(layer), present_names(layer))]
+        for (past, present), value in zip(names, self.past):
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_output(present, self.engine.device)
+        width = self.seq + self.steps
+        logits, *self.past = self.run({INPUT_IDS: input_ids, POSITION_IDS: positions,
+                                       ATTENTION_MASK: np.ascontiguousarray(self.attention[:, :width])})
+        return last_logits(logits)
+
+
+def last_logits(value: Any) -> np.ndarray:
+    """[batch, vocab], copied: the binding's next run may reuse the output's memory."""
+    return np.array(value.numpy()[:, -1, :])
