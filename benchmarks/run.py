@@ -5,8 +5,9 @@
     python -m benchmarks.run --repeats 5 --skip-genai --skip-train --out /tmp/bench.md
 
 Configurations: transformers eager fp32 with and without the emoji patch (hooks of the
-training stage), reft-edge bundles at fp32 / int8 / int4 with the patch and with no
-patch, an fp32 bundle with one slot layer instead of thirty, and onnxruntime-genai
+training stage), reft-edge bundles at fp32 / int8 / int4 (slots at all 30 layers) with
+the patch and with no patch, slot-free fp32 and int4 bundles (`--slot-layers none`,
+what the slots cost), and onnxruntime-genai
 fp32 / int4 built from the same base by its own model builder (optional: `pip install
 onnxruntime-genai`). Each configuration runs in its own process (so peak RSS is its
 own), all at the same thread count; one round runs every configuration once, in an
@@ -82,8 +83,9 @@ def prepare(args: argparse.Namespace) -> Setup:
                Config("transformers eager fp32 + patch", "transformers", backbone.path, patch)]
     for label, folder in bundles(backbone, cache_dir(), bench).items():
         size = bundle_weight_bytes(folder)
-        configs += [Config(f"reft-edge {label} + patch", "runtime", str(folder), patch, size),
-                    Config(f"reft-edge {label}", "runtime", str(folder), None, size)]
+        if "slot-free" not in label:  # a patch needs slots
+            configs.append(Config(f"reft-edge {label} + patch", "runtime", str(folder), patch, size))
+        configs.append(Config(f"reft-edge {label}", "runtime", str(folder), None, size))
     setup = Setup(configs, prompt_text)
     if args.skip_genai:
         setup.notes.append("onnxruntime-genai skipped (--skip-genai).")
@@ -107,15 +109,15 @@ def find_or_train_patch(backbone, cache: Path, bench: Path) -> str:
 
 
 def bundles(backbone, cache: Path, bench: Path) -> dict[str, Path]:
-    """label -> bundle folder. ExportConfig refuses empty slot layers, so the slot-free
-    comparison uses the smallest bundle it allows: one slot, at the patch's layer."""
+    """label -> bundle folder (slots at every layer, or none: "slot-free")."""
     from reft_edge.export import ExportConfig, export_bundle
 
     demo_int8 = cache / "demo" / f"bundle-{backbone.fingerprint[:12]}-int8"
     wanted = {"fp32": (bench / "fp32", "fp32", None),
-              "fp32 1 slot (layer 15)": (bench / "fp32-slot15", "fp32", (15,)),
+              "fp32 slot-free": (bench / "fp32-slot-free", "fp32", ()),
               "int8": (demo_int8 if demo_int8.is_dir() else bench / "int8", "int8", None),
-              "int4": (bench / "int4", "int4", None)}
+              "int4": (bench / "int4", "int4", None),
+              "int4 slot-free": (bench / "int4-slot-free", "int4", ())}
     for folder, precision, slots in wanted.values():
         print(f"bundle {folder} ({precision})", flush=True)
         export_bundle(ExportConfig(out=str(folder), precision=precision, slot_layers=slots), backbone=backbone,

@@ -77,7 +77,7 @@ def export_bundle(config: ExportConfig, *, backbone: Any = None, progress: bool 
         step("build graph" if graph == "fused" else "trace graph")
         work = folder / ".work"
         work.mkdir()
-        build_graph(backbone, slot_layers, work / MODEL_FILE, graph)
+        build_graph(backbone, slot_layers, work / MODEL_FILE, graph, config.precision)
         step(f"convert to {config.precision}")
         convert(work / MODEL_FILE, folder / MODEL_FILE, config.precision)
         shutil.rmtree(work)
@@ -101,8 +101,6 @@ def check_config(config: ExportConfig) -> None:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder path for the bundle")
-    if config.slot_layers is not None and not config.slot_layers:
-        raise UsageError("--slot-layers is empty; pass 'all' or layer numbers, e.g. --slot-layers 10,15")
 
 
 def resolve_slot_layers(config: ExportConfig, num_layers: int) -> list[int]:
@@ -138,11 +136,12 @@ def graph_kind(backbone: Any) -> str:
     return "fused" if supports_fused_graph(backbone.model) is None else "traced"
 
 
-def build_graph(backbone: Any, slot_layers: list[int], path: Path, graph: str) -> None:
+def build_graph(backbone: Any, slot_layers: list[int], path: Path, graph: str, precision: str) -> None:
     if graph == "fused":
         from reft_edge.export.fused import build_fused_graph
 
-        build_fused_graph(backbone.model, slot_layers, path)
+        # int8/int4 quantize MatMul weights only; float precisions keep one copy of a tied matrix
+        build_fused_graph(backbone.model, slot_layers, path, share_tied_output=precision in ("fp32", "fp16"))
     else:
         from reft_edge.export.graph import export_onnx
 

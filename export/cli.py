@@ -19,7 +19,7 @@ import click
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8", "int4"]),
               help="Weights: fp32, fp16 (for CUDA), int8 and int4 (weight-only blocks).")
 @click.option("--slot-layers", default="all", show_default=True,
-              help="Layers whose output a patch may edit: 'all' or a comma list, e.g. 10,15.")
+              help="Layers whose output a patch may edit: 'all', a comma list (e.g. 10,15), or 'none' (base only).")
 @click.option("--force", is_flag=True, help="Export even if an identical bundle is already there.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare the graph with torch on a random patch (fp32 fails on a mismatch).")
@@ -32,13 +32,15 @@ def export_command(out: str, model: str | None, precision: str, slot_layers: str
 
 
 def parse_slot_layers(text: str) -> tuple[int, ...] | None:
-    """'all' -> None (every layer); '10,15' -> (10, 15)."""
+    """'all' -> None (every layer); '10,15' -> (10, 15); 'none' -> () (no slots: the base model only)."""
     from reft_edge.errors import UsageError
 
     if text.strip() == "all":
         return None
+    if text.strip() == "none":
+        return ()
     parts = [p.strip() for p in text.split(",")]
     if not all(p.isdigit() for p in parts):
-        raise UsageError(f"--slot-layers {text!r} is malformed; pass 'all' or layer numbers separated by commas, "
-                         "e.g. --slot-layers 10,15")
+        raise UsageError(f"--slot-layers {text!r} is malformed; pass 'all', 'none' or layer numbers separated by "
+                         "commas, e.g. --slot-layers 10,15")
     return tuple(int(p) for p in parts)

@@ -58,11 +58,16 @@ def supports_fused_graph(model: nn.Module) -> str | None:
     return None
 
 
-def build_fused_graph(model: nn.Module, slot_layers: list[int], path: str | Path) -> None:
-    """Write the fp32 graph of ``model`` with slots at ``slot_layers`` to ``path`` (+ ``path``.data)."""
+def build_fused_graph(model: nn.Module, slot_layers: list[int], path: str | Path, *,
+                      share_tied_output: bool = True) -> None:
+    """Write the fp32 graph of ``model`` with slots at ``slot_layers`` to ``path`` (+ ``path``.data).
+
+    ``share_tied_output``: a tied output layer reads the embedding matrix (one copy);
+    False gives it a transposed copy as a MatMul weight, for the weight quantizers.
+    """
     import onnx
 
-    graph = FusedGraph(model, slot_layers)
+    graph = FusedGraph(model, slot_layers, share_tied_output)
     onnx.save_model(graph.model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=Path(path).name + ".data", size_threshold=1024)
 
@@ -74,7 +79,8 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 class FusedGraph:
     """Collects nodes, initializers and value names while walking the model's layers once."""
 
-    def __init__(self, model: nn.Module, slot_layers: list[int]):
+    def __init__(self, model: nn.Module, slot_layers: list[int], share_tied_output: bool):
+        self.share_tied_output = share_tied_output
         self.config = config = model.config
         self.model_ = model
         self.layers = decoder_layers(model)
@@ -146,14 +152,14 @@ class FusedGraph:
         from onnx import TensorProto, helper
 
         lengths, total = self.sequence_lengths()
-        h = self.one("Gather", [self.weight("embed_tokens.weight", _numpy(self.model_.get_input_embeddings().weight)),
-                                INPUT_IDS], name="embed_tokens")
+        embedding = self.weight("embed_tokens.weight", _numpy(self.model_.get_input_embeddings().weight))
+        h = self.one("Gather", [embedding, INPUT_IDS], name="embed_tokens")
         cos, sin = self.rotary_caches()
         pending = None  # the last MLP's output, not yet added to the residual stream h
         for index, layer in enumerate(self.layers):
             h, pending = self.decoder_layer(index, layer, h, pending, lengths, total, cos, sin)
         h = self.last_residual(h, pending)
-        logits = self.output(h, lengths)
+        logits = self.output(h, lengths, embedding)
 
         dim = self.kv_heads, self.head_dim
         float_ = TensorProto.FLOAT
@@ -275,7 +281,7 @@ class FusedGraph:
                                                                         *present_names(index)],
                         domain=MS_DOMAIN, num_heads=self.heads, kv_num_heads=self.kv_heads,
                         scale=float(module.scaling), do_rotary=1, rotary_interleaved=0,
-                        local_window_size=int(window) - 1 if sliding else -1)
+                        local_window_size=int(window) if sliding else -1)
         return self.linear(out[0], [module.o_proj], f"{prefix}/o_proj")
 
     def head_norm(self, x: str, module: nn.Module, heads: int, name: str) -> str:
@@ -285,10 +291,11 @@ class FusedGraph:
         per_head = self.one("Reshape", [x, split], name=f"{name}/Reshape")
         return self.one("Reshape", [self.rms_norm(per_head, module, name), flat], name=f"{name}/Flatten")
 
-    def output(self, h: str, lengths: str) -> str:
+    def output(self, h: str, lengths: str, embedding: str) -> str:
         """Logits of each row's last token only: the vocabulary product over the whole prompt is wasted.
 
-            seqlens_k --Min(seq-1)--> last [b] --GatherND(h, batch_dims 1)--> [b,H] --norm--MatMul lm_head
+            seqlens_k --Min(seq-1)--> last [b] --GatherND(h, batch_dims 1)--> [b,H] --norm
+                --Gemm(embedding, transB) or MatMul(lm_head)--> [b,V] --Unsqueeze--> logits [b,1,V]
         """
         seq = self.one("Shape", [INPUT_IDS], name="output/Shape", start=1, end=2)
         seq_last = self.one("Sub", [seq, self.weight("one_1d", np.array([1], np.int64))], name="output/Sub")
@@ -296,8 +303,13 @@ class FusedGraph:
         last = self.one("Min", [self.one("Cast", [lengths], name="output/Cast", to=7), seq_last], name="output/Min")
         index = self.one("Unsqueeze", [last, self.weight("axis_1b", np.array([1], np.int64))], name="output/Unsqueeze")
         picked = self.one("GatherND", [h, index], name="output/GatherND", batch_dims=1)
-        normed = self.rms_norm(self.one("Unsqueeze", [picked, self.weight("axis_1c", np.array([1], np.int64))],
-                                        name="output/Unsqueeze_seq"), self.model_.model.norm, "norm")
+        normed = self.rms_norm(picked, self.model_.model.norm, "norm")
         head = self.model_.get_output_embeddings()
-        return self.node("MatMul", [normed, self.weight("lm_head.weight", _numpy(head.weight).T)], name="lm_head",
+        if self.share_tied_output and head.weight is self.model_.get_input_embeddings().weight:
+            # one copy of a tied matrix: Gemm reads the embedding transposed
+            logits = self.one("Gemm", [normed, embedding], name="lm_head/Gemm", transB=1)
+        else:  # a MatMul weight of its own, which the int8/int4 quantizers compress
+            logits = self.one("MatMul", [normed, self.weight("lm_head.weight", _numpy(head.weight).T)],
+                              name="lm_head/MatMul")
+        return self.node("Unsqueeze", [logits, self.weight("axis_1c", np.array([1], np.int64))], name="lm_head",
                          outputs=[LOGITS])[0]

@@ -171,8 +171,8 @@ def run_both(engine: Engine, reference: TorchReference, batch: Batch, steps: int
 
 
 def pick_edited_slots(num_slots: int) -> list[int]:
-    """Edit the first and last slot (two layers apart when there are two or more)."""
-    return sorted({0, num_slots - 1})
+    """Edit the first and last slot (two layers apart when there are two or more; none without slots)."""
+    return sorted({0, num_slots - 1}) if num_slots else []
 
 
 def verify_graph(path: str | Path, model: nn.Module, slot_layers: list[int], *, graph: str, pad_id: int = 0,

@@ -18,8 +18,8 @@ The two graph kinds (``manifest.graph``, docs/bundle-format.md) are fed differen
 
 A run owns its IOBinding, so generations on one session from several threads do not
 share state (onnxruntime sessions are thread-safe). Slot inputs are placed on the
-device once per run; between prefill and decode only their masks change (to zero:
-generated tokens are never edited).
+device once per run, for the prefill; decode steps bind rank-0 slots (generated
+tokens are never edited, and empty slots leave nothing to compute).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class _Run:
             self.binding.bind_ortvalue_input(b, engine.on_device(slots.B[k]))
             self.binding.bind_ortvalue_input(c, engine.on_device(slots.c[k][:, None, :]))
         self.prefill_mask = slots.mask
-        self.rank = slots.mask.shape[-1]
+        self.hidden = slots.A.shape[-1]
         self.binding.bind_output(LOGITS, "cpu")
 
     def bind(self, name: str, array: np.ndarray) -> None:
@@ -91,11 +91,20 @@ class _Run:
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """Feed each row's next token; returns the logits [batch, vocab] that follow it."""
-        if self.steps == 0:  # generated tokens are never edited
-            zero = np.zeros((len(self.engine.slot_layers), self.batch, 1, self.rank), np.float32)
-            self.bind_slot_masks(zero)
+        if self.steps == 0:
+            self.bind_empty_slots()
         self.steps += 1
         return self.step(np.asarray(tokens, np.int64).reshape(self.batch, 1))
+
+    def bind_empty_slots(self) -> None:
+        """Generated tokens are never edited: rank 0 adds exactly zero (as a zero mask does) and
+        leaves the slot nodes nothing to compute."""
+        empty = {"A": np.zeros((self.batch, 0, self.hidden), np.float32),
+                 "c": np.zeros((self.batch, 1, 0), np.float32)}
+        for layer in self.engine.slot_layers:
+            a, b, c, mask = slot_names(layer)
+            for name, array in ((a, empty["A"]), (b, empty["A"]), (c, empty["c"]), (mask, empty["c"])):
+                self.bind(name, array)
 
 
 class _SharedBufferRun(_Run):

@@ -56,6 +56,8 @@ def _config(architecture: str, vocab_size: int, special: dict[str, int]):
         return tf.LlamaConfig(**llama_like)
     if architecture == "mistral":
         return tf.MistralConfig(sliding_window=None, **llama_like)
+    if architecture == "mistral-window":  # each token sees itself and the 3 before it
+        return tf.MistralConfig(sliding_window=4, **llama_like)
     if architecture == "qwen2":
         return tf.Qwen2Config(**llama_like)
     if architecture == "qwen3":

@@ -103,6 +103,17 @@ def test_architecture_exports_with_parity(architecture, tiny_model_dir, tmp_path
     assert max(np.abs(g - w).max() for g, w in zip(got, want)) <= 1e-4
 
 
+def test_sliding_window_attention_matches_torch(tiny_model_dir, tmp_path):
+    """Prompts of 13 and 20 tokens and 32 greedy tokens run far past a 4-token window."""
+    backbone = load_backbone(str(tiny_model_dir("mistral-window")))
+    assert backbone.model.config.sliding_window == 4
+    manifest = export_bundle(ExportConfig(out=str(tmp_path / "bundle"), model=backbone.path), backbone=backbone,
+                             progress=False)
+    checked = manifest.verification
+    assert manifest.graph == "fused" and min(checked["prompt_tokens"]) > 4
+    assert checked["max_abs_logit_diff"] <= 1e-4 and checked["greedy_tokens_match"], checked
+
+
 def test_graph_contract(llama_bundle, llama):
     import onnx
 
@@ -280,6 +291,27 @@ def test_bad_options_fail_before_loading(tmp_path):
         export_bundle(ExportConfig(out=str(tmp_path / "b"), precision="int2"))
     result = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "b"), "--slot-layers", "1,x"])
     assert result.exit_code == 2 and "--slot-layers '1,x' is malformed" in result.output
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])  # a fused and a traced graph
+def test_slot_free_bundle_runs_the_base_and_refuses_patches(architecture, tiny_model_dir, tmp_path):
+    from reft_edge.errors import PatchCompatibilityError
+    from reft_edge.runtime import Runtime
+
+    backbone = load_backbone(str(tiny_model_dir(architecture)))
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(main, ["export", "--model", backbone.path, "--out", str(out), "--slot-layers", "none"])
+    assert result.exit_code == 0, result.output
+    manifest = Manifest.from_dir(out)
+    assert manifest.slot_layers == [] and not any(name.startswith("slot.") for name in manifest.inputs)
+    assert manifest.verification["max_abs_logit_diff"] <= 1e-4 and manifest.verification["greedy_tokens_match"]
+    patch = train(TrainConfig(data=str(tiny_data(tmp_path)), out=str(tmp_path / "p.reft"), model=backbone.path,
+                              layers=(1,), rank=2, steps=1), backbone=backbone, progress=False)
+    runtime = Runtime.load(out)
+    assert runtime.generate("Hi", max_new_tokens=3, ignore_eos=True).token_ids
+    with pytest.raises(PatchCompatibilityError, match=r"edits layers \[1\], which are not among the bundle's slot "
+                                                      r"layers \[\]; re-export with --slot-layers"):
+        runtime.generate("Hi", patches=[patch], max_new_tokens=3)
 
 
 def test_slot_layer_out_of_range(llama, tmp_path):
