@@ -42,10 +42,17 @@ class Engine:
         self.session, self.graph, self.kv, self.device, self.pad_id = session, graph, kv, device, pad_id
         self.slot_layers = list(slot_layers)
         self.kv_dtype = np.float16 if kv.dtype == "float16" else np.float32
+        self.vocab_size = next(o.shape[-1] for o in session.get_outputs() if o.name == LOGITS)
 
     def start(self, prompts: Sequence[Sequence[int]], slots: SlotArrays, max_new_tokens: int) -> "_Run":
         run_type = _SharedBufferRun if self.graph == "fused" else _GrowingRun
         return run_type(self, [list(p) for p in prompts], slots, max_new_tokens)
+
+    @staticmethod
+    def on_cpu(array: np.ndarray) -> Any:
+        from onnxruntime import OrtValue
+
+        return OrtValue.ortvalue_from_numpy(array)
 
     def on_device(self, array: np.ndarray) -> Any:
         from onnxruntime import OrtValue
@@ -72,7 +79,9 @@ class _Run:
             self.binding.bind_ortvalue_input(c, engine.on_device(slots.c[k][:, None, :]))
         self.prefill_mask = slots.mask
         self.hidden = slots.A.shape[-1]
-        self.binding.bind_output(LOGITS, "cpu")
+        # logits land in one buffer of this run: no output to look up and wrap per step
+        self.logits_buffer = np.empty((self.batch, 1, engine.vocab_size), np.float32)
+        self.binding.bind_ortvalue_output(LOGITS, engine.on_cpu(self.logits_buffer))
 
     def bind(self, name: str, array: np.ndarray) -> None:
         """Bind a numpy input; onnxruntime reads it in place at every run, so the run keeps it alive."""
@@ -83,11 +92,13 @@ class _Run:
         for k, layer in enumerate(self.engine.slot_layers):
             self.bind(slot_names(layer)[3], masks[k])
 
-    def run(self, arrays: dict[str, np.ndarray]) -> list[Any]:
+    def run(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """One pass; returns the logits [batch, vocab] of each row's last token (a copy: the
+        next pass overwrites the buffer)."""
         for name, array in arrays.items():
             self.bind(name, array)
         self.engine.session.run_with_iobinding(self.binding)
-        return self.binding.get_outputs()
+        return self.logits_buffer[:, -1, :].copy()
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """Feed each row's next token; returns the logits [batch, vocab] that follow it."""
@@ -125,15 +136,15 @@ class _SharedBufferRun(_Run):
         for row, prompt in enumerate(self.prompt_ids):
             input_ids[row, :len(prompt)] = prompt
         self.bind_slot_masks(self.prefill_mask)
-        return self.logits(input_ids)
+        return self.forward(input_ids)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        return self.logits(tokens)
+        return self.forward(tokens)
 
-    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+    def forward(self, input_ids: np.ndarray) -> np.ndarray:
         width = self.seq + self.steps
         attention = (np.arange(width) < (self.lens + self.steps)[:, None]).astype(np.int64)
-        return last_logits(self.run({INPUT_IDS: input_ids, ATTENTION_MASK: attention})[0])
+        return self.run({INPUT_IDS: input_ids, ATTENTION_MASK: attention})
 
 
 class _GrowingRun(_Run):
@@ -170,11 +181,8 @@ class _GrowingRun(_Run):
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_output(present, self.engine.device)
         width = self.seq + self.steps
-        logits, *self.past = self.run({INPUT_IDS: input_ids, POSITION_IDS: positions,
-                                       ATTENTION_MASK: np.ascontiguousarray(self.attention[:, :width])})
-        return last_logits(logits)
+        logits = self.run({INPUT_IDS: input_ids, POSITION_IDS: positions,
+                           ATTENTION_MASK: np.ascontiguousarray(self.attention[:, :width])})
+        self.past = self.binding.get_outputs()[1:]  # logits was bound first
+        return logits
 
-
-def last_logits(value: Any) -> np.ndarray:
-    """[batch, vocab], copied: the binding's next run may reuse the output's memory."""
-    return np.array(value.numpy()[:, -1, :])
