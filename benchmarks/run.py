@@ -1,6 +1,6 @@
 """Inference and training speed of reft-edge against its references, measured side by side in one run.
 
-    python -m benchmarks.run                      # 3 rounds, 64 new tokens: docs/benchmarks.md + docs/benchmark_decode.png
+    python -m benchmarks.run                      # 5 rounds, 128 new tokens: docs/benchmarks.md + docs/benchmark_decode.png
     python -m benchmarks.run --quick              # 1 round, 32 new tokens, 10 training steps
     python -m benchmarks.run --repeats 5 --skip-genai --skip-train --out /tmp/bench.md
 
@@ -279,8 +279,8 @@ def package_version(name: str) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 round, 32 new tokens, 10 training steps")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds (default 3, --quick 1)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated (default 64, --quick 32)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds (default 5, --quick 1)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated (default 128, --quick 32)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every engine")
     parser.add_argument("--train-steps", type=int, default=None, help="training steps (default 60, --quick 10)")
     parser.add_argument("--skip-genai", action="store_true", help="leave out onnxruntime-genai")
@@ -288,8 +288,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
                         help="the report; the chart goes next to it as benchmark_decode.png")
     args = parser.parse_args()
-    args.repeats = args.repeats or (1 if args.quick else 3)
-    args.new_tokens = args.new_tokens or (32 if args.quick else 64)
+    args.repeats = args.repeats or (1 if args.quick else 5)
+    args.new_tokens = args.new_tokens or (32 if args.quick else 128)
     args.train_steps = args.train_steps or (10 if args.quick else 60)
     if args.repeats < 1 or args.new_tokens < 2 or args.threads < 1 or args.train_steps < 1:
         parser.error("--repeats, --threads and --train-steps must be at least 1, --new-tokens at least 2")

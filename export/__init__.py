@@ -1,4 +1,4 @@
-"""Export stage: trace the frozen base once into an ONNX bundle (torch, onnx, onnxruntime).
+"""Export stage: build the frozen base once into an ONNX bundle (torch, onnx, onnxruntime).
 
 Example::
 

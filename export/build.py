@@ -140,8 +140,11 @@ def build_graph(backbone: Any, slot_layers: list[int], path: Path, graph: str, p
     if graph == "fused":
         from reft_edge.export.fused import build_fused_graph
 
-        # int8/int4 quantize MatMul weights only; float precisions keep one copy of a tied matrix
-        build_fused_graph(backbone.model, slot_layers, path, share_tied_output=precision in ("fp32", "fp16"))
+        # int8/int4 quantize MatMul weights only; float precisions keep one copy of a tied matrix.
+        # No slot-free decoder in fp16: it rounds the residual sum otherwise than the slotted one,
+        # so an empty patch would no longer give bit-equal logits (and fp16 bundles are for CUDA).
+        build_fused_graph(backbone.model, slot_layers, path, share_tied_output=precision in ("fp32", "fp16"),
+                          slot_free_decoder=precision != "fp16")
     else:
         from reft_edge.export.graph import export_onnx
 
@@ -267,7 +270,7 @@ def summary_line(config: ExportConfig, manifest: Manifest, seconds: float) -> st
 
 @contextlib.contextmanager
 def step_bar(progress: bool) -> Iterator[Callable[[str], None]]:
-    """A tqdm bar over the export's four steps (the trace is one long step); call the
+    """A tqdm bar over the export's four steps (building or tracing the graph is one step); call the
     yielded function with each step's name as it starts."""
     from tqdm.auto import tqdm
 

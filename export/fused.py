@@ -59,15 +59,17 @@ def supports_fused_graph(model: nn.Module) -> str | None:
 
 
 def build_fused_graph(model: nn.Module, slot_layers: list[int], path: str | Path, *,
-                      share_tied_output: bool = True) -> None:
+                      share_tied_output: bool = True, slot_free_decoder: bool = True) -> None:
     """Write the fp32 graph of ``model`` with slots at ``slot_layers`` to ``path`` (+ ``path``.data).
 
     ``share_tied_output``: a tied output layer reads the embedding matrix (one copy);
     False gives it a transposed copy as a MatMul weight, for the weight quantizers.
+    ``slot_free_decoder``: also build the decoder without slots, run when the slots
+    have rank 0 (every decode step); see FusedGraph.model.
     """
     import onnx
 
-    graph = FusedGraph(model, slot_layers, share_tied_output)
+    graph = FusedGraph(model, slot_layers, share_tied_output, slot_free_decoder)
     onnx.save_model(graph.model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=Path(path).name + ".data", size_threshold=1024)
 
@@ -79,8 +81,8 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 class FusedGraph:
     """Collects nodes, initializers and value names while walking the model's layers once."""
 
-    def __init__(self, model: nn.Module, slot_layers: list[int], share_tied_output: bool):
-        self.share_tied_output = share_tied_output
+    def __init__(self, model: nn.Module, slot_layers: list[int], share_tied_output: bool, slot_free_decoder: bool):
+        self.share_tied_output, self.slot_free_decoder = share_tied_output, slot_free_decoder
         self.config = config = model.config
         self.model_ = model
         self.layers = decoder_layers(model)
@@ -91,7 +93,10 @@ class FusedGraph:
         self.eps = float(config.rms_norm_eps)
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
-        self.names: set[str] = set()
+        self.weights: dict[str, str] = {}  # weight key -> initializer name: both decoders share one copy
+        self.names: set[str] = {LOGITS, *(n for i in range(len(self.layers)) for n in present_names(i))}
+        self.use_slots = False  # whether the decoder being built applies its slots
+        self.output_name = str  # the name a decoder output gets (public, or unique inside an If branch)
 
     # -- small helpers ---------------------------------------------------------------------------
 
@@ -118,12 +123,14 @@ class FusedGraph:
     def one(self, op: str, inputs: list[str], *, name: str, **attributes: Any) -> str:
         return self.node(op, inputs, name=name, **attributes)[0]
 
-    def weight(self, name: str, array: np.ndarray) -> str:
+    def weight(self, key: str, array: np.ndarray) -> str:
+        """The initializer for ``key``, made on first use."""
         from onnx import numpy_helper
 
-        name = self.name(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
+        if key not in self.weights:
+            self.weights[key] = name = self.name(key)
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return self.weights[key]
 
     def linear(self, x: str, modules: list[nn.Linear], name: str) -> str:
         """x @ W^T (+ b) for one module, or for several packed side by side (one MatMul)."""
@@ -149,36 +156,79 @@ class FusedGraph:
     # -- the graph -------------------------------------------------------------------------------
 
     def model(self) -> Any:
-        from onnx import TensorProto, helper
+        """The whole graph. With slots, the decoder is built twice and an If picks one per run:
+
+            slot.{first}.A --Size--Greater 0--> If --then--> decoder with slots   --> logits, present.*
+                                                   --else--> decoder without slots
+        The runtime sends rank-0 slots on decode steps (generated tokens are never edited),
+        which then skip the slot nodes entirely; both decoders read the same weights and
+        write the same KV buffers.
+        """
+        from onnx import helper
 
         lengths, total = self.sequence_lengths()
         embedding = self.weight("embed_tokens.weight", _numpy(self.model_.get_input_embeddings().weight))
         h = self.one("Gather", [embedding, INPUT_IDS], name="embed_tokens")
         cos, sin = self.rotary_caches()
-        pending = None  # the last MLP's output, not yet added to the residual stream h
-        for index, layer in enumerate(self.layers):
-            h, pending = self.decoder_layer(index, layer, h, pending, lengths, total, cos, sin)
-        h = self.last_residual(h, pending)
-        logits = self.output(h, lengths, embedding)
+        decoder_inputs = h, lengths, total, cos, sin, embedding
+        if not self.slot_layers or not self.slot_free_decoder:
+            self.decoder(*decoder_inputs, use_slots=bool(self.slot_layers), output_name=str)
+        else:
+            outer, self.nodes = self.nodes, []
+            with_slots = self.decoder(*decoder_inputs, use_slots=True,
+                                      output_name=lambda n: self.name(f"with_slots/{n}"))
+            with_nodes, self.nodes = self.nodes, []
+            without_slots = self.decoder(*decoder_inputs, use_slots=False,
+                                         output_name=lambda n: self.name(f"without_slots/{n}"))
+            without_nodes, self.nodes = self.nodes, outer
+            size = self.one("Size", [slot_names(self.slot_layers[0])[0]], name="use_slots/Size")
+            use = self.one("Greater", [size, self.weight("zero", np.array(0, np.int64))], name="use_slots")
+            branch = lambda name, nodes, values: helper.make_graph(  # noqa: E731
+                nodes, name, [], [self.value_info(value, public) for value, public in zip(values, self.outputs())])
+            self.node("If", [use], name="decoder", outputs=self.outputs(),
+                      then_branch=branch("with_slots", with_nodes, with_slots),
+                      else_branch=branch("without_slots", without_nodes, without_slots))
+        return helper.make_model(
+            helper.make_graph(self.nodes, "reft_edge_fused", self.inputs(),
+                              [self.value_info(name, name) for name in self.outputs()], self.initializers),
+            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+            producer_name="reft-edge")
 
-        dim = self.kv_heads, self.head_dim
-        float_ = TensorProto.FLOAT
+    def decoder(self, h: str, lengths: str, total: str, cos: str, sin: str, embedding: str, *, use_slots: bool,
+                output_name: Any) -> list[str]:
+        """Every block, the final norm and the output layer; returns [logits, present.*] value names."""
+        self.use_slots, self.output_name = use_slots, output_name
+        pending = None  # the last MLP's output, not yet added to the residual stream h
+        presents = []
+        for index, layer in enumerate(self.layers):
+            h, pending, present = self.decoder_layer(index, layer, h, pending, lengths, total, cos, sin)
+            presents += present
+        return [self.output(self.last_residual(h, pending), lengths, embedding), *presents]
+
+    def outputs(self) -> list[str]:
+        return [LOGITS, *(n for layer in range(len(self.layers)) for n in present_names(layer))]
+
+    def value_info(self, value: str, public: str) -> Any:
+        """The type and shape of graph output ``public`` (given to ``value``, which may be a branch's)."""
+        from onnx import TensorProto, helper
+
+        if public == LOGITS:
+            return helper.make_tensor_value_info(value, TensorProto.FLOAT, ["batch", 1, self.config.vocab_size])
+        return helper.make_tensor_value_info(value, TensorProto.FLOAT,
+                                             ["batch", self.kv_heads, "max_length", self.head_dim])
+
+    def inputs(self) -> list[Any]:
+        from onnx import TensorProto, helper
+
         inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
                   helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"])]
-        outputs = [helper.make_tensor_value_info(LOGITS, float_, ["batch", 1, self.config.vocab_size])]
-        for layer in range(len(self.layers)):
-            for past, present in zip(past_names(layer), present_names(layer)):
-                inputs.append(helper.make_tensor_value_info(past, float_, ["batch", dim[0], "max_length", dim[1]]))
-                outputs.append(helper.make_tensor_value_info(present, float_, ["batch", dim[0], "max_length", dim[1]]))
+        inputs += [self.value_info(past, past) for layer in range(len(self.layers)) for past in past_names(layer)]
         hidden = self.config.hidden_size
+        shapes = (["batch", "rank", hidden], ["batch", "rank", hidden], ["batch", 1, "rank"], ["batch", "seq", "rank"])
         for layer in self.slot_layers:
-            shapes = (["batch", "rank", hidden], ["batch", "rank", hidden], ["batch", 1, "rank"], ["batch", "seq", "rank"])
-            inputs += [helper.make_tensor_value_info(name, float_, shape)
+            inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
                        for name, shape in zip(slot_names(layer), shapes)]
-        graph = helper.make_graph(self.nodes, "reft_edge_fused", inputs, outputs, self.initializers)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                       helper.make_opsetid(MS_DOMAIN, 1)],
-                                 producer_name="reft-edge")
+        return inputs
 
     def sequence_lengths(self) -> tuple[str, str]:
         """GroupQueryAttention's seqlens_k (each row's length - 1, int32) and total_sequence_length.
@@ -205,8 +255,8 @@ class FusedGraph:
                 self.weight("sin_cache", _numpy(angles.sin() * scale)))
 
     def decoder_layer(self, index: int, layer: nn.Module, h: str, pending: str | None, lengths: str, total: str,
-                      cos: str, sin: str) -> tuple[str, str]:
-        """One block; returns (residual stream, MLP output still to be added to it).
+                      cos: str, sin: str) -> tuple[str, str, list[str]]:
+        """One block; returns (residual stream, MLP output still to be added to it, present KV names).
 
             pending, h --SkipSimplifiedLayerNorm--> normed, h + pending   (layer 0: SimplifiedLayerNorm(h))
             (slot on the block before: h + pending --edit--> delta; SkipSimplifiedLayerNorm(delta, h + pending))
@@ -217,13 +267,13 @@ class FusedGraph:
         prefix = f"layers.{index}"
         if pending is None:
             normed = self.rms_norm(h, layer.input_layernorm, f"{prefix}/input_layernorm")
-        elif index - 1 in self.slot_layers:  # edit the previous block's output, then norm it: h' = h + delta
+        elif self.has_slot(index - 1):  # edit the previous block's output, then norm it: h' = h + delta
             h = self.one("Add", [h, pending], name=f"layers.{index - 1}/residual")
             normed, h = self.skip_rms_norm(self.edit(h, index - 1), h, layer.input_layernorm,
                                            f"{prefix}/input_layernorm")
         else:
             normed, h = self.skip_rms_norm(pending, h, layer.input_layernorm, f"{prefix}/input_layernorm")
-        attention = self.attention(index, layer.self_attn, normed, lengths, total, cos, sin)
+        attention, present = self.attention(index, layer.self_attn, normed, lengths, total, cos, sin)
         normed, h = self.skip_rms_norm(attention, h, layer.post_attention_layernorm,
                                        f"{prefix}/post_attention_layernorm")
         mlp = layer.mlp
@@ -232,13 +282,16 @@ class FusedGraph:
         silu = self.one("Mul", [gate, self.one("Sigmoid", [gate], name=f"{prefix}/mlp/Sigmoid")],
                         name=f"{prefix}/mlp/silu")
         product = self.one("Mul", [silu, up], name=f"{prefix}/mlp/Mul")
-        return h, self.linear(product, [mlp.down_proj], f"{prefix}/mlp/down_proj")
+        return h, self.linear(product, [mlp.down_proj], f"{prefix}/mlp/down_proj"), present
+
+    def has_slot(self, layer: int) -> bool:
+        return self.use_slots and layer in self.slot_layers
 
     def last_residual(self, h: str, pending: str) -> str:
         """The last block's output, edited when it has a slot."""
         index = len(self.layers) - 1
         h = self.one("Add", [h, pending], name=f"layers.{index}/residual")
-        if index in self.slot_layers:
+        if self.has_slot(index):
             h = self.one("Add", [h, self.edit(h, index)], name=f"layers.{index}/slot/Add")
         return h
 
@@ -254,8 +307,10 @@ class FusedGraph:
         masked = self.one("Mul", [coefficients, mask], name=f"{name}/Mul_mask")
         return self.one("MatMul", [masked, A], name=f"{name}/MatMul_A")
 
-    def attention(self, index: int, module: nn.Module, x: str, lengths: str, total: str, cos: str, sin: str) -> str:
-        """Packed QKV projection -> GroupQueryAttention (rotary and KV buffer inside) -> output projection.
+    def attention(self, index: int, module: nn.Module, x: str, lengths: str, total: str, cos: str,
+                  sin: str) -> tuple[str, list[str]]:
+        """Packed QKV projection -> GroupQueryAttention (rotary and KV buffer inside) -> output projection;
+        returns the output and the present KV names.
 
         With per-head q/k norms (Qwen3) Q, K and V go in separately, normed before rotary.
         """
@@ -277,12 +332,12 @@ class FusedGraph:
                                           or layer_types is not None and layer_types[index] == "sliding_attention")
         out = self.node("GroupQueryAttention",
                         [*query_key_value, past_key, past_value, lengths, total, cos, sin],
-                        name=f"{prefix}/GroupQueryAttention", outputs=[self.name(f"{prefix}/out"),
-                                                                        *present_names(index)],
+                        name=f"{prefix}/GroupQueryAttention",
+                        outputs=[self.name(f"{prefix}/out"), *map(self.output_name, present_names(index))],
                         domain=MS_DOMAIN, num_heads=self.heads, kv_num_heads=self.kv_heads,
                         scale=float(module.scaling), do_rotary=1, rotary_interleaved=0,
                         local_window_size=int(window) if sliding else -1)
-        return self.linear(out[0], [module.o_proj], f"{prefix}/o_proj")
+        return self.linear(out[0], [module.o_proj], f"{prefix}/o_proj"), out[1:]
 
     def head_norm(self, x: str, module: nn.Module, heads: int, name: str) -> str:
         """RMSNorm over each head's slice: [b, s, heads*d] -> [b, s, heads, d] -> norm -> back."""
@@ -312,4 +367,4 @@ class FusedGraph:
             logits = self.one("MatMul", [normed, self.weight("lm_head.weight", _numpy(head.weight).T)],
                               name="lm_head/MatMul")
         return self.node("Unsqueeze", [logits, self.weight("axis_1c", np.array([1], np.int64))], name="lm_head",
-                         outputs=[LOGITS])[0]
+                         outputs=[self.output_name(LOGITS)])[0]

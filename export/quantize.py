@@ -1,4 +1,4 @@
-"""Turn the traced fp32 graph into the bundle's precision: fp16, int8 or int4 (fp32 is moved as is).
+"""Turn the exported fp32 graph into the bundle's precision: fp16, int8 or int4 (fp32 is moved as is).
 
 Example::
 

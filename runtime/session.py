@@ -159,7 +159,7 @@ class Runtime:
                 yield pieces[0]
 
     def generate_batch(self, requests: Sequence[tuple], *, raw: bool = False, **options: Any) -> list[Generation]:
-        """Answer several (prompt, patches) or (prompt, patches, weights) requests in one left-padded batch."""
+        """Answer several (prompt, patches) or (prompt, patches, weights) requests in one padded batch."""
         if not requests:
             raise UsageError("generate_batch needs at least one (prompt, patches) request")
         prepared = []
