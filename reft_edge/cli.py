@@ -127,8 +127,9 @@ def inspect_bundle(path: str, as_json: bool) -> None:
     checked = manifest.verification
     click.echo(f"bundle {Path(path).name} ({manifest.precision}, {manifest.size_bytes} bytes, "
                f"exported by reft-edge {manifest.tool_version})")
-    click.echo(f"  model {manifest.source_model} ({manifest.architecture}), {manifest.num_layers} layers, "
-               f"hidden size {manifest.hidden_size}, vocab {manifest.vocab_size}, context {manifest.context_length}")
+    click.echo(f"  model {manifest.source_model} ({manifest.architecture}, {manifest.graph} graph), "
+               f"{manifest.num_layers} layers, hidden size {manifest.hidden_size}, vocab {manifest.vocab_size}, "
+               f"context {manifest.context_length}")
     click.echo(f"  base {manifest.base_fingerprint[:16]}, slot layers {manifest.slot_layers}")
     if checked:
         click.echo(f"  verified: max |logit diff| {checked.get('max_abs_logit_diff')}, greedy tokens "

@@ -282,6 +282,7 @@ def test_inspect_bundle(llama_bundle):
     assert json.loads(result.output) == Manifest.from_dir(llama_bundle).to_dict()
     result = CliRunner().invoke(main, ["inspect", str(llama_bundle)])
     assert result.exit_code == 0 and "fp32" in result.output and "slot layers [0, 1, 2]" in result.output
+    assert "(llama, fused graph)" in result.output
 
 
 # -- errors ----------------------------------------------------------------------------------------
