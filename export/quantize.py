@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
 
 from reft_edge.runtime.bundle import LOGITS
 
@@ -26,8 +25,7 @@ WEIGHT_RECIPES = {
     "fp32": "float32",
     "fp16": "float16, float32 slot inputs and logits",
     "int8": f"MatMulNBits 8-bit asymmetric blocks of {INT8_BLOCK}, float embedding",
-    "int4": f"MatMulNBits 4-bit symmetric blocks of {INT4_BLOCK}, GatherBlockQuantized embedding "
-            "(a tied one reads the output layer's blocks)",
+    "int4": f"MatMulNBits 4-bit symmetric blocks of {INT4_BLOCK}, GatherBlockQuantized embedding",
 }
 
 
@@ -110,67 +108,16 @@ def to_int4(source: Path, target: Path) -> None:
     """Weight-only 4-bit blocks (symmetric, block 32, as onnxruntime-genai's builder makes them)
     for every MatMul weight and the embedding.
 
-    Quantizing the embedding Gather too (GatherBlockQuantized) matters: a float
-    embedding would be half the file. When the output layer is tied to the embedding,
-    the embedding then reads the output layer's 4-bit blocks (share_tied_embedding).
-    The quantizer raises the opset to 21 for its int4 tensors.
+    Quantizing the embedding Gather too (GatherBlockQuantized) matters: after folding,
+    the tied output layer has its own copy, and a float embedding would be half the
+    file. The quantizer raises the opset to 21 for its int4 tensors.
     """
-    quantize_blockwise(source, target, bits=4, block_size=INT4_BLOCK, symmetric=True, op_types=("MatMul", "Gather"),
-                       finish=share_tied_embedding)
-
-
-def share_tied_embedding(model) -> None:
-    """Point the 4-bit embedding at the output layer's 4-bit blocks when both hold the same matrix.
-
-        lm_head.weight_Q4 [vocab, blocks, 16] uint8 --Reshape [vocab, hidden/2]--> GatherBlockQuantized(bits 4)
-        lm_head.weight_scales [vocab, blocks]     ------------------------------->
-
-    Both are symmetric blocks of 32 along the hidden axis, nibbles low first, so a tied
-    matrix quantizes to the same scales; equal scales and equal codes are the test.
-    Saves a second copy (14 MB on the default model), as onnxruntime-genai's builder does.
-    """
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    initializers = {i.name: i for i in model.graph.initializer}
-    gather = next((n for n in model.graph.node if n.op_type == "GatherBlockQuantized"), None)
-    head = next((n for n in _all_nodes(model.graph) if n.op_type == "MatMulNBits" and n.name.startswith("lm_head")), None)
-    if gather is None or head is None or len(head.input) != 3 or len(gather.input) != 3:
-        return  # untied (or asymmetric) output layer: nothing to share
-    codes, scales = (numpy_helper.to_array(initializers[name]) for name in head.input[1:])
-    embedding_codes, embedding_scales = (numpy_helper.to_array(initializers[name]) for name in gather.input[::2])
-    packed = codes.reshape(codes.shape[0], -1)
-    unpacked = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(codes.shape[0], -1).astype(np.int8) - 8
-    same = (scales.shape == embedding_scales.shape and np.array_equal(scales, embedding_scales)
-            and np.array_equal(unpacked[:, :embedding_codes.shape[1]], embedding_codes.astype(np.int8)))
-    if not same:
-        return
-    shape = numpy_helper.from_array(np.array(packed.shape, np.int64), "lm_head.weight_Q4_as_rows")
-    reshape = helper.make_node("Reshape", [head.input[1], shape.name], ["embed_tokens.weight_shared"],
-                               name="embed_tokens/Reshape")
-    model.graph.initializer.append(shape)
-    for name in gather.input[::2]:
-        model.graph.initializer.remove(initializers[name])
-    gather.input[0], gather.input[2] = "embed_tokens.weight_shared", head.input[2]
-    gather.attribute.append(helper.make_attribute("bits", 4))
-    model.graph.node.insert(list(model.graph.node).index(gather), reshape)
-
-
-def _all_nodes(graph) -> list:
-    """The nodes of ``graph`` and of its subgraphs (the fused graph's If branches)."""
-    nodes = []
-    for node in graph.node:
-        nodes.append(node)
-        for attribute in node.attribute:
-            if attribute.g.node:
-                nodes += _all_nodes(attribute.g)
-    return nodes
+    quantize_blockwise(source, target, bits=4, block_size=INT4_BLOCK, symmetric=True, op_types=("MatMul", "Gather"))
 
 
 def quantize_blockwise(source: Path, target: Path, *, bits: int, block_size: int, symmetric: bool,
-                       op_types: tuple[str, ...], finish: Callable[[Any], None] | None = None) -> None:
-    """onnxruntime's MatMulNBits quantizer after pre-processing, then ``finish`` on the quantized
-    ModelProto; weights go to <target>.data."""
+                       op_types: tuple[str, ...]) -> None:
+    """onnxruntime's MatMulNBits quantizer after pre-processing; weights go to <target>.data."""
     import numpy as np
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -188,8 +135,6 @@ def quantize_blockwise(source: Path, target: Path, *, bits: int, block_size: int
             quantizer.process()
     finally:
         logger.setLevel(level)
-    if finish:
-        finish(quantizer.model.model)
     quantizer.model.save_model_to_file(str(target), use_external_data_format=True)
     _remove(prepared)
 
