@@ -18,8 +18,8 @@ CHART_NAME = "benchmark_decode.png"
 MB = 1e6
 
 # Export of the default model (fused graph, verification included), /usr/bin/time -v on a quiet machine; not this run's
-EXPORT_FIGURES = [("fp32", "16", "2.52 GB", "544 MB"), ("fp16", "18", "2.52 GB", "274 MB"),
-                  ("int8", "19", "2.85 GB", "296 MB"), ("int4", "19", "2.85 GB", "108 MB")]
+EXPORT_FIGURES = [("fp32", "17", "2.69 GB", "544 MB"), ("fp16", "17", "2.54 GB", "274 MB"),
+                  ("int8", "21", "2.87 GB", "296 MB"), ("int4", "20", "2.87 GB", "108 MB")]
 
 # Names benchmarks.run gives its configurations
 HF, HF_PATCH = "transformers eager fp32", "transformers eager fp32 + patch"

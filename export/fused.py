@@ -25,7 +25,7 @@ max_length, head_dim], zeros at the start of a generation.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -123,33 +123,42 @@ class FusedGraph:
     def one(self, op: str, inputs: list[str], *, name: str, **attributes: Any) -> str:
         return self.node(op, inputs, name=name, **attributes)[0]
 
-    def weight(self, key: str, array: np.ndarray) -> str:
-        """The initializer for ``key``, made on first use."""
+    def weight(self, key: str, make: Callable[[], np.ndarray]) -> str:
+        """The initializer for ``key``; ``make`` runs on first use only (the second decoder
+        reuses the first one's weights, so their arrays are not built twice)."""
         from onnx import numpy_helper
 
         if key not in self.weights:
             self.weights[key] = name = self.name(key)
-            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(make()), name))
         return self.weights[key]
+
+    def constant(self, value: int | list[int]) -> str:
+        """An int64 scalar or vector initializer, one per value."""
+        key = f"const_s{value}" if isinstance(value, int) else "const_v" + "_".join(map(str, value))
+        return self.weight(key, lambda: np.array(value, np.int64))
 
     def linear(self, x: str, modules: list[nn.Linear], name: str) -> str:
         """x @ W^T (+ b) for one module, or for several packed side by side (one MatMul)."""
-        matrix = np.concatenate([_numpy(m.weight).T for m in modules], axis=1)
-        y = self.one("MatMul", [x, self.weight(f"{name}.weight", matrix)], name=f"{name}/MatMul")
+        matrix = self.weight(f"{name}.weight", lambda: np.concatenate([_numpy(m.weight).T for m in modules], axis=1))
+        y = self.one("MatMul", [x, matrix], name=f"{name}/MatMul")
         if any(m.bias is not None for m in modules):
-            bias = np.concatenate([_numpy(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32)
-                                   for m in modules])
-            y = self.one("Add", [y, self.weight(f"{name}.bias", bias)], name=f"{name}/Add")
+            bias = self.weight(f"{name}.bias", lambda: np.concatenate(
+                [_numpy(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32) for m in modules]))
+            y = self.one("Add", [y, bias], name=f"{name}/Add")
         return y
 
+    def module_weight(self, module: nn.Module, name: str) -> str:
+        return self.weight(f"{name}.weight", lambda: _numpy(module.weight))
+
     def rms_norm(self, x: str, module: nn.Module, name: str) -> str:
-        return self.one("SimplifiedLayerNormalization", [x, self.weight(f"{name}.weight", _numpy(module.weight))],
+        return self.one("SimplifiedLayerNormalization", [x, self.module_weight(module, name)],
                         name=name, axis=-1, epsilon=self.eps)
 
     def skip_rms_norm(self, x: str, skip: str, module: nn.Module, name: str) -> tuple[str, str]:
         """(norm(x + skip), x + skip) in one kernel."""
         out = self.node("SkipSimplifiedLayerNormalization",
-                        [x, skip, self.weight(f"{name}.weight", _numpy(module.weight))],
+                        [x, skip, self.module_weight(module, name)],
                         name=name, outputs=4, domain=MS_DOMAIN, epsilon=self.eps)
         return out[0], out[3]
 
@@ -167,7 +176,7 @@ class FusedGraph:
         from onnx import helper
 
         lengths, total = self.sequence_lengths()
-        embedding = self.weight("embed_tokens.weight", _numpy(self.model_.get_input_embeddings().weight))
+        embedding = self.module_weight(self.model_.get_input_embeddings(), "embed_tokens")
         h = self.one("Gather", [embedding, INPUT_IDS], name="embed_tokens")
         cos, sin = self.rotary_caches()
         decoder_inputs = h, lengths, total, cos, sin, embedding
@@ -182,7 +191,7 @@ class FusedGraph:
                                          output_name=lambda n: self.name(f"without_slots/{n}"))
             without_nodes, self.nodes = self.nodes, outer
             size = self.one("Size", [slot_names(self.slot_layers[0])[0]], name="use_slots/Size")
-            use = self.one("Greater", [size, self.weight("zero", np.array(0, np.int64))], name="use_slots")
+            use = self.one("Greater", [size, self.constant(0)], name="use_slots")
             branch = lambda name, nodes, values: helper.make_graph(  # noqa: E731
                 nodes, name, [], [self.value_info(value, public) for value, public in zip(values, self.outputs())])
             self.node("If", [use], name="decoder", outputs=self.outputs(),
@@ -236,8 +245,8 @@ class FusedGraph:
             attention_mask --ReduceSum(1)--Sub 1--Cast int32--> seqlens_k [batch]
                            --Shape[1]------------Cast int32--> total_sequence_length []
         """
-        one = self.weight("one", np.array(1, np.int64))
-        summed = self.one("ReduceSum", [ATTENTION_MASK, self.weight("axis_1", np.array([1], np.int64))],
+        one = self.constant(1)
+        summed = self.one("ReduceSum", [ATTENTION_MASK, self.constant([1])],
                           name="lengths/ReduceSum", keepdims=0)
         last = self.one("Sub", [summed, one], name="lengths/Sub")
         lengths = self.one("Cast", [last], name="lengths/Cast", to=6)  # int32
@@ -251,8 +260,8 @@ class FusedGraph:
         positions = torch.arange(int(self.config.max_position_embeddings), dtype=torch.float32)
         angles = torch.outer(positions, rotary.inv_freq.to(torch.float32))
         scale = float(getattr(rotary, "attention_scaling", 1.0))
-        return (self.weight("cos_cache", _numpy(angles.cos() * scale)),
-                self.weight("sin_cache", _numpy(angles.sin() * scale)))
+        return (self.weight("cos_cache", lambda: _numpy(angles.cos() * scale)),
+                self.weight("sin_cache", lambda: _numpy(angles.sin() * scale)))
 
     def decoder_layer(self, index: int, layer: nn.Module, h: str, pending: str | None, lengths: str, total: str,
                       cos: str, sin: str) -> tuple[str, str, list[str]]:
@@ -341,10 +350,9 @@ class FusedGraph:
 
     def head_norm(self, x: str, module: nn.Module, heads: int, name: str) -> str:
         """RMSNorm over each head's slice: [b, s, heads*d] -> [b, s, heads, d] -> norm -> back."""
-        split = self.weight(f"{name}.shape", np.array([0, 0, heads, self.head_dim], np.int64))
-        flat = self.weight(f"{name}.flat", np.array([0, 0, heads * self.head_dim], np.int64))
-        per_head = self.one("Reshape", [x, split], name=f"{name}/Reshape")
-        return self.one("Reshape", [self.rms_norm(per_head, module, name), flat], name=f"{name}/Flatten")
+        per_head = self.one("Reshape", [x, self.constant([0, 0, heads, self.head_dim])], name=f"{name}/Reshape")
+        normed = self.rms_norm(per_head, module, name)
+        return self.one("Reshape", [normed, self.constant([0, 0, heads * self.head_dim])], name=f"{name}/Flatten")
 
     def output(self, h: str, lengths: str, embedding: str) -> str:
         """Logits of each row's last token only: the vocabulary product over the whole prompt is wasted.
@@ -353,10 +361,10 @@ class FusedGraph:
                 --Gemm(embedding, transB) or MatMul(lm_head)--> [b,V] --Unsqueeze--> logits [b,1,V]
         """
         seq = self.one("Shape", [INPUT_IDS], name="output/Shape", start=1, end=2)
-        seq_last = self.one("Sub", [seq, self.weight("one_1d", np.array([1], np.int64))], name="output/Sub")
+        seq_last = self.one("Sub", [seq, self.constant([1])], name="output/Sub")
         # prefill: row b's last token is at lengths[b]; a decode step has one token, at 0
         last = self.one("Min", [self.one("Cast", [lengths], name="output/Cast", to=7), seq_last], name="output/Min")
-        index = self.one("Unsqueeze", [last, self.weight("axis_1b", np.array([1], np.int64))], name="output/Unsqueeze")
+        index = self.one("Unsqueeze", [last, self.constant([1])], name="output/Unsqueeze")
         picked = self.one("GatherND", [h, index], name="output/GatherND", batch_dims=1)
         normed = self.rms_norm(picked, self.model_.model.norm, "norm")
         head = self.model_.get_output_embeddings()
@@ -364,7 +372,7 @@ class FusedGraph:
             # one copy of a tied matrix: Gemm reads the embedding transposed
             logits = self.one("Gemm", [normed, embedding], name="lm_head/Gemm", transB=1)
         else:  # a MatMul weight of its own, which the int8/int4 quantizers compress
-            logits = self.one("MatMul", [normed, self.weight("lm_head.weight", _numpy(head.weight).T)],
+            logits = self.one("MatMul", [normed, self.weight("lm_head.weight", lambda: _numpy(head.weight).T)],
                               name="lm_head/MatMul")
-        return self.node("Unsqueeze", [logits, self.weight("axis_1c", np.array([1], np.int64))], name="lm_head",
+        return self.node("Unsqueeze", [logits, self.constant([1])], name="lm_head",
                          outputs=[self.output_name(LOGITS)])[0]

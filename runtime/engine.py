@@ -43,6 +43,8 @@ class Engine:
         self.slot_layers = list(slot_layers)
         self.kv_dtype = np.float16 if kv.dtype == "float16" else np.float32
         self.vocab_size = next(o.shape[-1] for o in session.get_outputs() if o.name == LOGITS)
+        self.kv_names = [(past, present) for layer in range(kv.num_layers)
+                         for past, present in zip(past_names(layer), present_names(layer))]
 
     def start(self, prompts: Sequence[Sequence[int]], slots: SlotArrays, max_new_tokens: int) -> "_Run":
         run_type = _SharedBufferRun if self.graph == "fused" else _GrowingRun
@@ -124,12 +126,11 @@ class _SharedBufferRun(_Run):
     def __init__(self, *args: Any):
         super().__init__(*args)
         engine, kv = self.engine, self.engine.kv
-        for layer in range(kv.num_layers):
-            for past, present in zip(past_names(layer), present_names(layer)):
-                buffer = engine.on_device(np.zeros((self.batch, kv.num_kv_heads, self.max_length, kv.head_dim),
-                                                   engine.kv_dtype))
-                self.binding.bind_ortvalue_input(past, buffer)
-                self.binding.bind_ortvalue_output(present, buffer)
+        for past, present in engine.kv_names:
+            buffer = engine.on_device(np.zeros((self.batch, kv.num_kv_heads, self.max_length, kv.head_dim),
+                                               engine.kv_dtype))
+            self.binding.bind_ortvalue_input(past, buffer)
+            self.binding.bind_ortvalue_output(present, buffer)
 
     def prefill(self) -> np.ndarray:
         input_ids = np.full((self.batch, self.seq), self.engine.pad_id, np.int64)
@@ -174,10 +175,7 @@ class _GrowingRun(_Run):
         return self.grow(tokens, (self.lens + self.steps - 1)[:, None])
 
     def grow(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        kv = self.engine.kv
-        names = [(past, present) for layer in range(kv.num_layers)
-                 for past, present in zip(past_names(layer), present_names(layer))]
-        for (past, present), value in zip(names, self.past):
+        for (past, present), value in zip(self.engine.kv_names, self.past):
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_output(present, self.engine.device)
         width = self.seq + self.steps
