@@ -36,6 +36,7 @@ from reft_edge.train.intervention import EditSlots, attach_edits
 
 PROMPT_LENGTHS = (5, 8)  # random prompts when none are given: row 0 has 3 pads
 PREFIX, SUFFIX = 2, 2  # untied positions: rank rows 0-1 edit the first 2 prompt tokens, rows 2-3 the last 2
+GENERATED_ROWS = slice(3, 4)  # and in batch row 1, rank row 3 edits every generated token too
 RANK = 4
 DECODE_STEPS = 4
 GREEDY_TOKENS = 32
@@ -51,7 +52,7 @@ class Batch:
     def without_edit(self) -> "Batch":
         """The same patch with an all-zero mask: must be exactly the identity."""
         s = self.slots
-        return Batch(self.prompts, SlotArrays(s.A, s.B, s.c, np.zeros_like(s.mask)))
+        return Batch(self.prompts, SlotArrays(s.A, s.B, s.c, np.zeros_like(s.mask), np.zeros_like(s.decode_mask)))
 
     def left_padded(self, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """torch's feed: (input_ids, attention_mask, position_ids, slot mask), rows left-padded."""
@@ -72,13 +73,16 @@ def random_batch(vocab_size: int, hidden: int, num_slots: int, edited_slots: lis
                  prompts: list[list[int]] | None = None) -> Batch:
     """``prompts`` (else two random ones of different lengths); at ``edited_slots`` a random patch per row.
 
-    Row 1 uses all RANK rows; row 0 only RANK - 1 (its last row is zero-padded, as the
-    runtime pads a smaller patch), so rows of one batch differ in rank and values.
+    Row 1 uses all RANK rows, one of them also on generated tokens; row 0 only RANK - 1 (its
+    last row is zero-padded, as the runtime pads a smaller patch) and no generated tokens, so
+    rows of one batch differ in rank, values and positions.
     """
     rng = np.random.default_rng(seed)
     prompts = prompts or [[int(t) for t in rng.integers(0, vocab_size, n)] for n in PROMPT_LENGTHS]
     batch, seq = len(prompts), max(len(p) for p in prompts)
     mask = np.zeros((num_slots, batch, seq, RANK), dtype=np.float32)
+    decode_mask = np.zeros((num_slots, batch, 1, RANK), dtype=np.float32)
+    decode_mask[edited_slots, min(1, batch - 1), :, GENERATED_ROWS] = 1.0
     for row, prompt in enumerate(prompts):
         used = RANK - 1 if row == 0 else RANK
         for slot in edited_slots:
@@ -91,7 +95,7 @@ def random_batch(vocab_size: int, hidden: int, num_slots: int, edited_slots: lis
     unused = np.ones((num_slots, batch, RANK, 1), dtype=np.float32)
     unused[:, 0, RANK - 1] = 0.0  # row 0: rank 3
     unused[[s for s in range(num_slots) if s not in edited_slots]] = 0.0
-    return Batch(prompts, SlotArrays(A * unused, B * unused, c * unused[..., 0], mask))
+    return Batch(prompts, SlotArrays(A * unused, B * unused, c * unused[..., 0], mask, decode_mask))
 
 
 def open_engine(path: str | Path, *, graph: str, kv: KVLayout, slot_layers: list[int], pad_id: int) -> Engine:
@@ -152,11 +156,10 @@ def run_both(engine: Engine, reference: TorchReference, batch: Batch, steps: int
     run = engine.start(batch.prompts, batch.slots, steps + 1)
     cache = DynamicCache()
     ids, attention, positions, mask = batch.left_padded(pad_id)
-    rows, num_slots, rank = len(batch.prompts), mask.shape[0], mask.shape[-1]
+    rows = len(batch.prompts)
     got = run.prefill()
     want = reference.step(ids, attention, positions, cache, batch.slots, mask)
     ort_logits, torch_logits = [got], [want]
-    zero_mask = np.zeros((num_slots, rows, 1, rank), dtype=np.float32)  # generated tokens are never edited
     for _ in range(steps):
         torch_next = want.argmax(-1)
         ort_next = got.argmax(-1) if greedy_from == "own" else torch_next
@@ -164,7 +167,7 @@ def run_both(engine: Engine, reference: TorchReference, batch: Batch, steps: int
         positions = positions[:, -1:] + 1
         got = run.decode(ort_next)
         want = reference.step(torch_next[:, None].astype(np.int64), attention, positions, cache, batch.slots,
-                              zero_mask)
+                              batch.slots.decode_mask)
         ort_logits.append(got)
         torch_logits.append(want)
     return ort_logits, torch_logits
@@ -208,7 +211,7 @@ def verify_graph(path: str | Path, model: nn.Module, slot_layers: list[int], *, 
         "edited_slot_layers": [slot_layers[k] for k in edited],
         "batch": len(batch.prompts),
         "rank": RANK,
-        "positions": f"f{PREFIX}+l{SUFFIX} (untied)",
+        "positions": f"f{PREFIX}+l{SUFFIX} (untied); row 1: rank row {GENERATED_ROWS.start} also g",
         "prompt_tokens": [len(p) for p in batch.prompts],
         "seed": seed,
     }

@@ -12,12 +12,15 @@ import json
 import sys
 import tempfile
 import traceback
+from dataclasses import fields
 from pathlib import Path
 
 import click
 
 from reft_edge import __version__
 from reft_edge.errors import ReftEdgeError, UsageError
+from reft_edge.runtime.patch import KINDS, SAVE_DTYPES
+from reft_edge.train.config import DEFAULT_LAYERS_HELP, DEFAULT_STEPS, TrainConfig
 
 
 class _Group(click.Group):
@@ -64,32 +67,50 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     return tuple(int(p) for p in parts)
 
 
+_TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def _default(name: str):
+    """A training option's default, read from TrainConfig (the one source of truth)."""
+    return _TRAIN_DEFAULTS[name]
+
+
 @main.command()
 @click.option("--data", required=True, help="JSONL file: {\"prompt\", \"response\"} or {\"messages\"} per line.")
 @click.option("--out", required=True, help="Patch file to write (e.g. alice.reft).")
 @click.option("--model", default=None, help="Hugging Face folder or id; default: the embedded SmolLM2-135M-Instruct.")
-@click.option("--layers", default=None, help="Comma list of layers to edit; default: one layer at half depth.")
-@click.option("--rank", default=4, show_default=True, type=int)
-@click.option("--positions", default="f1+l1", show_default=True, help="First p / last s prompt tokens: f<p>+l<s>, f<p> or l<s>.")
-@click.option("--share-weights/--no-share-weights", default=True, show_default=True,
-              help="Untied: separate interventions for prefix and suffix positions.")
-@click.option("--kind", default="loreft", show_default=True,
-              type=click.Choice(["loreft", "direft", "noreft", "nodireft", "consreft", "lobireft"]))
-@click.option("--steps", default=None, type=int, help="Optimizer steps (default 100 unless --epochs).")
-@click.option("--epochs", default=None, type=int)
-@click.option("--lr", default=4e-3, show_default=True, type=float)
-@click.option("--batch-size", default=8, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--save-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
-@click.option("--chat-template/--no-chat-template", default=True, show_default=True)
+@click.option("--layers", default=None,
+              help=f"Comma list of layers to edit; default: {DEFAULT_LAYERS_HELP}.")
+@click.option("--rank", default=_default("rank"), show_default=True, type=int, help="Rank per intervention.")
+@click.option("--positions", default=_default("positions"), show_default=True,
+              help="Tokens to edit, joined by '+': f<p> first p prompt tokens, l<s> last s, p every prompt token, "
+                   "g every generated token; 'all' = p+g.")
+@click.option("--share-weights/--no-share-weights", default=_default("share_weights"), show_default=True,
+              help="Untied: a separate intervention per position group (prefix, suffix, generated).")
+@click.option("--kind", default=_default("kind"), show_default=True, type=click.Choice(list(KINDS)))
+@click.option("--steps", default=_default("steps"), type=int,
+              help=f"Optimizer steps (default {DEFAULT_STEPS} unless --epochs).")
+@click.option("--epochs", default=_default("epochs"), type=int)
+@click.option("--lr", default=_default("lr"), show_default=True, type=float)
+@click.option("--batch-size", default=_default("batch_size"), show_default=True, type=int)
+@click.option("--seed", default=_default("seed"), show_default=True, type=int)
+@click.option("--val-data", default=None, help="JSONL of held-out pairs: validation loss, early stopping, best step kept.")
+@click.option("--val-fraction", default=_default("val_fraction"), type=float,
+              help="Hold out this share of --data for validation instead (seeded).")
+@click.option("--eval-every", default=_default("eval_every"), show_default=True, type=int,
+              help="Validate every N steps.")
+@click.option("--patience", default=_default("patience"), show_default=True, type=int,
+              help="Stop after N validations without improvement.")
+@click.option("--device", default=_default("device"), show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--save-dtype", default=_default("save_dtype"), show_default=True, type=click.Choice(list(SAVE_DTYPES)))
+@click.option("--chat-template/--no-chat-template", default=_default("chat_template"), show_default=True)
 @click.option("--name", default=None, help="Patch name stored in the file (default: the file's stem).")
 @click.option("--record-time", is_flag=True, help="Store training seconds in the patch (the bytes then differ run to run).")
 @click.option("--checkpoint-every", default=None, type=int, help="Write OUT.ckpt every N steps (optimizer state included).")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt if a killed run left one.")
 def train(layers: str | None, **options) -> None:
     """Learn a LoReFT patch from examples."""
-    from reft_edge.train import TrainConfig, train as run_training
+    from reft_edge.train.recipe import train as run_training
 
     run_training(TrainConfig(layers=parse_layers(layers), chat_template=options.pop("chat_template"), **options))
 
@@ -141,8 +162,9 @@ def inspect_bundle(path: str, as_json: bool) -> None:
 # The stage commands' modules import only click; each stage loads when its command runs.
 from reft_edge.export.cli import export_command  # noqa: E402
 from reft_edge.runtime.cli import chat_command, run_command  # noqa: E402
+from reft_edge.runtime.eval_cli import eval_command  # noqa: E402
 
-for _command in (export_command, run_command, chat_command):
+for _command in (export_command, run_command, chat_command, eval_command):
     main.add_command(_command)
 
 

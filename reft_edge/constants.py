@@ -1,7 +1,7 @@
 """File names and format identifiers, in one place."""
 
 PATCH_FORMAT = "reft-edge-patch"
-PATCH_FORMAT_VERSION = 1
+PATCH_FORMAT_VERSION = 2  # the newest this reads; a file carries the oldest that can say it
 PATCH_SUFFIX = ".reft"
 
 BUNDLE_SCHEMA_VERSION = 2  # 2: per-layer slot inputs, the "graph" field (fused | traced)

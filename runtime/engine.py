@@ -18,8 +18,9 @@ The two graph kinds (``manifest.graph``, docs/bundle-format.md) are fed differen
 
 A run owns its IOBinding, so generations on one session from several threads do not
 share state (onnxruntime sessions are thread-safe). Slot inputs are placed on the
-device once per run, for the prefill; decode steps bind rank-0 slots (generated
-tokens are never edited, and empty slots leave nothing to compute).
+device once per run. Decode steps feed the patch's generated-token mask; when no row's
+patch edits generated tokens they bind rank-0 slots instead (empty slots leave the graph
+nothing to compute: the fused graph then runs its slot-free branch).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class _Run:
             self.binding.bind_ortvalue_input(b, engine.on_device(slots.B[k]))
             self.binding.bind_ortvalue_input(c, engine.on_device(slots.c[k][:, None, :]))
         self.prefill_mask = slots.mask
+        self.decode_mask = slots.decode_mask if slots.edits_generated else None
         self.hidden = slots.A.shape[-1]
         # logits land in one buffer of this run: no output to look up and wrap per step
         self.logits_buffer = np.empty((self.batch, 1, engine.vocab_size), np.float32)
@@ -105,12 +107,15 @@ class _Run:
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """Feed each row's next token; returns the logits [batch, vocab] that follow it."""
         if self.steps == 0:
-            self.bind_empty_slots()
+            if self.decode_mask is None:
+                self.bind_empty_slots()
+            else:
+                self.bind_slot_masks(self.decode_mask)
         self.steps += 1
         return self.step(np.asarray(tokens, np.int64).reshape(self.batch, 1))
 
     def bind_empty_slots(self) -> None:
-        """Generated tokens are never edited: rank 0 adds exactly zero (as a zero mask does) and
+        """No row edits generated tokens: rank 0 adds exactly zero (as a zero mask does) and
         leaves the slot nodes nothing to compute."""
         empty = {"A": np.zeros((self.batch, 0, self.hidden), np.float32),
                  "c": np.zeros((self.batch, 1, 0), np.float32)}

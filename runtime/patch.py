@@ -26,7 +26,7 @@ import numpy as np
 
 from reft_edge.constants import PATCH_FORMAT, PATCH_FORMAT_VERSION
 from reft_edge.errors import BackboneMismatchError, PatchCompatibilityError, PatchFormatError
-from reft_edge.runtime.positions import Positions
+from reft_edge.runtime.positions import WHERE, Positions
 
 # Each kind's tensors, in the order they are listed in the format spec.
 KIND_TENSORS: dict[str, tuple[str, ...]] = {
@@ -38,7 +38,6 @@ KIND_TENSORS: dict[str, tuple[str, ...]] = {
     "lobireft": ("R", "b"),
 }
 KINDS = tuple(KIND_TENSORS)
-WHERE = ("both", "prefix", "suffix")  # which of the positions an intervention edits
 SAVE_DTYPES = ("float32", "float16")
 
 MAX_PATCH_BYTES = 64 * 1024 * 1024  # patches are kilobytes; anything this big is not one
@@ -138,7 +137,7 @@ class Patch:
 
     def metadata(self) -> dict[str, str]:
         values = {
-            "format": PATCH_FORMAT, "format_version": PATCH_FORMAT_VERSION, "name": self.name,
+            "format": PATCH_FORMAT, "format_version": format_version(self.positions), "name": self.name,
             "kind": self.kind, "layers": self.layers, "positions": str(self.positions),
             "share_weights": self.share_weights, "rank": self.rank, "hidden_size": self.hidden_size,
             "base_fingerprint": self.base_fingerprint, "dtype": self.dtype,
@@ -219,6 +218,12 @@ class Patch:
         }
 
 
+def format_version(positions: Positions) -> int:
+    """The oldest format that can say these positions, so older readers keep reading what they can:
+    1 knows ``f{p}+l{s}`` only; 2 adds ``p`` (every prompt token) and ``g`` (every generated token)."""
+    return 2 if positions.prompt or positions.generated else 1
+
+
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16"}
 
 
@@ -289,7 +294,7 @@ def _parse_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
             raise bad(key, "a JSON value") from None
     if values["format"] != PATCH_FORMAT:
         raise bad("format", repr(PATCH_FORMAT))
-    if values["format_version"] != PATCH_FORMAT_VERSION or type(values["format_version"]) is not int:
+    if type(values["format_version"]) is not int or not 1 <= values["format_version"] <= PATCH_FORMAT_VERSION:
         raise PatchFormatError(
             f"{source}: format version {values['format_version']!r}, this reft-edge reads version "
             f"{PATCH_FORMAT_VERSION}; upgrade reft-edge or re-train the patch"
@@ -318,12 +323,18 @@ def _parse_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
         values["positions"] = Positions.parse(values["positions"])
     except Exception:
         raise bad("positions", "a string like 'f1+l1'") from None
+    if format_version(values["positions"]) > values["format_version"]:
+        raise bad("positions", f"positions that format version {values['format_version']} can express")
     entries = values["interventions"]
     if not isinstance(entries, list) or not entries or not all(
         isinstance(e, dict) and set(e) == {"layer", "where"} and type(e["layer"]) is int
         and 0 <= e["layer"] < 4096 and e["where"] in WHERE for e in entries
     ):
         raise bad("interventions", "a non-empty list of {layer, where} objects")
+    groups = ("both",) if values["share_weights"] else values["positions"].groups()
+    if any(e["where"] not in groups for e in entries):
+        raise bad("interventions", f"'where' among {list(groups)} (the groups of positions "
+                                   f"{values['positions']} with share_weights {values['share_weights']})")
     if not isinstance(values["layers"], list) or values["layers"] != sorted({e["layer"] for e in entries}):
         raise bad("layers", "the sorted layers of the interventions")
     return values

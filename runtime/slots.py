@@ -11,7 +11,10 @@ Slot k edits decoder layer ``slot_layers[k]``: ``h <- h + ((h B^T + c) * m) A``.
 patches (and a patch's prefix/suffix interventions) at one layer are concatenated along
 the rank; each group of rank rows has its own mask, so each keeps its own positions.
 A row's prompt token j sits at mask column j (the engine moves it where its graph's
-padding puts it). Unused rank rows are zero with a zero mask: an exact identity.
+padding puts it). Edits of generated tokens (positions with ``g``) have a second mask,
+``decode_mask``, fed with every decode step; when no row has one, decode steps run
+rank-0 slots (the graph's slot-free path). Unused rank rows are zero with a zero mask:
+an exact identity.
 """
 
 from __future__ import annotations
@@ -41,19 +44,25 @@ class SlotEdit:
 @dataclass(frozen=True)
 class SlotArrays:
     """Every slot's edit for every row: A, B [slots, batch, rank, hidden], c [slots, batch, rank],
-    mask [slots, batch, prompt_len, rank] with column j = the row's prompt token j."""
+    mask [slots, batch, prompt_len, rank] with column j = the row's prompt token j, and
+    decode_mask [slots, batch, 1, rank]: the rank rows that edit every generated token."""
 
     A: np.ndarray
     B: np.ndarray
     c: np.ndarray
     mask: np.ndarray
+    decode_mask: np.ndarray
 
     @classmethod
     def empty(cls, num_slots: int, batch: int, seq: int, hidden: int) -> "SlotArrays":
         """Rank 0 everywhere: no edit."""
         matrix = np.zeros((num_slots, batch, 0, hidden), np.float32)
         return cls(matrix, matrix, np.zeros((num_slots, batch, 0), np.float32),
-                   np.zeros((num_slots, batch, seq, 0), np.float32))
+                   np.zeros((num_slots, batch, seq, 0), np.float32), np.zeros((num_slots, batch, 1, 0), np.float32))
+
+    @property
+    def edits_generated(self) -> bool:
+        return bool(self.decode_mask.any())
 
 
 def check_weights(patches: Sequence[Patch], weights: Sequence[float] | None) -> list[float]:
@@ -88,12 +97,13 @@ def slot_rank(rows: Sequence[Sequence[SlotEdit]], num_slots: int) -> int:
 
 def slot_arrays(rows: Sequence[Sequence[SlotEdit]], prompt_lens: Sequence[int], seq: int, num_slots: int,
                 hidden_size: int) -> SlotArrays:
-    """A, B, c and the prefill mask for a batch; the mask marks each edit's prompt positions."""
+    """A, B, c and the masks for a batch: each edit's prompt positions, and whether it edits generated tokens."""
     batch, rank = len(rows), slot_rank(rows, num_slots)
     A = np.zeros((num_slots, batch, rank, hidden_size), np.float32)
     B = np.zeros_like(A)
     c = np.zeros((num_slots, batch, rank), np.float32)
     mask = np.zeros((num_slots, batch, seq, rank), np.float32)
+    decode_mask = np.zeros((num_slots, batch, 1, rank), np.float32)
     for row, (edits, prompt_len) in enumerate(zip(rows, prompt_lens)):
         used = [0] * num_slots  # next free rank row per slot
         for edit in edits:
@@ -102,5 +112,6 @@ def slot_arrays(rows: Sequence[Sequence[SlotEdit]], prompt_lens: Sequence[int], 
             A[k, row, start:stop], B[k, row, start:stop], c[k, row, start:stop] = edit.A, edit.B, edit.c
             tokens = np.asarray(edit.positions.token_indices(edit.where, prompt_len), dtype=np.int64)
             mask[k, row, tokens, start:stop] = 1.0
+            decode_mask[k, row, :, start:stop] = float(edit.positions.edits(edit.where, "generated"))
             used[k] = stop
-    return SlotArrays(A, B, c, mask)
+    return SlotArrays(A, B, c, mask, decode_mask)

@@ -62,7 +62,8 @@ def prefill(engine: Engine, prompts: list[list[int]], slots: SlotArrays) -> np.n
 
 
 def rows_of(slots: SlotArrays, rows: slice, seq: int) -> SlotArrays:
-    return SlotArrays(slots.A[:, rows], slots.B[:, rows], slots.c[:, rows], slots.mask[:, rows, :seq])
+    return SlotArrays(slots.A[:, rows], slots.B[:, rows], slots.c[:, rows], slots.mask[:, rows, :seq],
+                      slots.decode_mask[:, rows])
 
 
 def tiny_data(tmp_path: Path) -> Path:
@@ -189,7 +190,7 @@ def test_composed_patches_match_two_separate_edits_in_torch(architecture, tiny_m
         for offset, (a, b, c_, m) in parts:
             rows = slice(offset, offset + a.shape[0])
             A[layer, 0, rows], B[layer, 0, rows], c[layer, 0, rows], mask[layer, 0, :, rows] = a, b, c_, m
-    got = prefill(bundle_engine(tmp_path / "bundle"), [prompt], SlotArrays(A, B, c, mask))
+    got = prefill(bundle_engine(tmp_path / "bundle"), [prompt], SlotArrays(A, B, c, mask, np.zeros_like(mask[:, :, :1])))
 
     def hook(parts):
         def apply(module, args, output):

@@ -113,11 +113,11 @@ def damaged_cases(patch: Patch) -> list[tuple[str, bytes | str]]:
                       serialize_safetensors(tensors, {k: v for k, v in patch.metadata().items() if k != key})))
     mutations = {
         "format": ['"safetensors"', '"reft-edge-patch2"', "null", "1"],
-        "format_version": ["2", "0", '"1"', "1.0", "true", "null"],
+        "format_version": ["3", "0", '"1"', "1.0", "true", "null"],
         "name": ["1", "null", "[]"],
         "kind": ['"lora"', '"LOREFT"', "1", "null", '["loreft"]'],
         "layers": ["[0]", "[1, 0]", "[]", '"0,1"', "[-1]", "null", "[0, 1, 2]"],
-        "positions": ['"f2l2"', '"x"', "2", "null", '""', '"f0"'],
+        "positions": ['"f2l2"', '"x"', "2", "null", '""', '"f0"', '"f1+l1+g"', '"g+f1"'],
         "share_weights": ['"false"', "0", "null"],
         "rank": ["0", "-4", "3", "5", "1e9", '"4"', "4.0", "null", "[4]", "65", "true"],
         "hidden_size": ["0", "63", "-64", '"64"', "null", "1099511627776"],

@@ -53,13 +53,16 @@ def _train(backbone, folder: Path, name: str, response: str, **options) -> Patch
 
 @pytest.fixture(scope="session")
 def patches(tiny_backbone, tmp_path_factory) -> dict[str, Patch]:
-    """fox: one shared LoReFT edit at layer 1; beach: untied DiReFT edits at layers 0 and 2."""
+    """fox: one shared LoReFT edit at layer 1; beach: untied DiReFT edits at layers 0 and 2;
+    steer: untied edits of the last prompt token and of every generated token at layers 1 and 2."""
     folder = tmp_path_factory.mktemp("patches")
     return {
         "fox": _train(tiny_backbone, folder, "fox", "The quick brown fox jumps over the lazy dog.",
                       layers=(1,), rank=4, positions="f1+l1"),
         "beach": _train(tiny_backbone, folder, "beach", "I went to the beach and read a book.",
                         layers=(0, 2), rank=2, positions="f2+l1", share_weights=False, kind="direft"),
+        "steer": _train(tiny_backbone, folder, "steer", "Sailing ships sail the seven seas.",
+                        layers=(1, 2), rank=2, positions="l1+g", share_weights=False),
     }
 
 
@@ -67,7 +70,8 @@ def patches(tiny_backbone, tmp_path_factory) -> dict[str, Patch]:
 
 def torch_greedy(backbone, prompt: str, patches: list[Patch], weights: list[float] | None = None, *,
                  max_new_tokens: int = 12, repetition_penalty: float | None = None) -> list[int]:
-    """Greedy tokens from the HF model with the train-stage hooks, prompt positions edited."""
+    """Greedy tokens from the HF model with the train-stage hooks: the patches' prompt positions
+    edited, and every generated token for the edits with ``g`` positions."""
     import torch
     from transformers import RepetitionPenaltyLogitsProcessor
 
@@ -84,7 +88,8 @@ def torch_greedy(backbone, prompt: str, patches: list[Patch], weights: list[floa
         for edit in patch.affine_edits():
             mask = np.zeros((n_prompt, edit.A.shape[0]), np.float32)
             mask[patch.positions.token_indices(edit.where, n_prompt)] = 1.0
-            per_layer.setdefault(edit.layer, []).append((weight * edit.A, edit.B, edit.c, mask))
+            generated = float(patch.positions.edits(edit.where, "generated"))
+            per_layer.setdefault(edit.layer, []).append((weight * edit.A, edit.B, edit.c, mask, generated))
     penalty = RepetitionPenaltyLogitsProcessor(repetition_penalty) if repetition_penalty else None
     slots, layers, out = EditSlots(), decoder_layers(model), []
     with attach_edits({layer: layers[layer] for layer in per_layer}, slots), torch.no_grad():
@@ -92,7 +97,8 @@ def torch_greedy(backbone, prompt: str, patches: list[Patch], weights: list[floa
             for layer, edits in per_layer.items():
                 A, B, c = (torch.from_numpy(np.concatenate([e[i] for e in edits]))[None] for i in range(3))
                 mask = np.concatenate([e[3] for e in edits], axis=1)
-                mask = np.concatenate([mask, np.zeros((len(ids) - n_prompt, mask.shape[1]), np.float32)])
+                generated = np.concatenate([np.full(e[0].shape[0], e[4], np.float32) for e in edits])
+                mask = np.concatenate([mask, np.tile(generated, (len(ids) - n_prompt, 1))])
                 slots.set(layer, A, B, c, torch.from_numpy(mask)[None])
             input_ids = torch.tensor([ids])
             logits = model(input_ids=input_ids).logits[:, -1]
@@ -162,6 +168,7 @@ def test_prompt_tokens_equal_training_tokens(rt, tiny_backbone):
 
 @pytest.mark.parametrize("names, weights", [
     ((), None), (("fox",), None), (("beach",), None), (("fox", "beach"), None), (("fox", "beach"), [0.5, 1.5]),
+    (("steer",), None), (("steer", "fox"), [1.0, 0.5]),
 ])
 def test_greedy_tokens_equal_torch(rt, tiny_backbone, patches, names, weights):
     chosen = [patches[n] for n in names]
@@ -184,6 +191,8 @@ def test_patches_change_the_answer_and_weight_zero_removes_them(rt, patches):
     base = rt.generate(prompt, max_new_tokens=8).token_ids
     assert rt.generate(prompt, patches=[patches["fox"]], max_new_tokens=8).token_ids != base
     assert rt.generate(prompt, patches=[patches["fox"]], weights=[0.0], max_new_tokens=8).token_ids == base
+    assert rt.generate(prompt, patches=[patches["steer"]], max_new_tokens=8).token_ids != base
+    assert rt.generate(prompt, patches=[patches["steer"]], weights=[0.0], max_new_tokens=8).token_ids == base
 
 
 def test_patch_paths_and_objects_are_the_same(rt, patches, tmp_path):
@@ -195,7 +204,8 @@ def test_patch_paths_and_objects_are_the_same(rt, patches, tmp_path):
 
 def test_batch_equals_each_alone(rt, patches):
     requests = [(PROMPTS[0], [patches["fox"]]), (PROMPTS[2], []), (PROMPTS[1], [patches["fox"], patches["beach"]]),
-                (PROMPTS[2], [patches["beach"]], [2.0])]
+                (PROMPTS[2], [patches["beach"]], [2.0]), (PROMPTS[0], [patches["steer"]]),
+                (PROMPTS[1], [patches["steer"], patches["beach"]])]
     batch = rt.generate_batch(requests, max_new_tokens=10, repetition_penalty=PENALTY)
     for (prompt, chosen, *weights), got in zip(requests, batch):
         alone = rt.generate(prompt, patches=chosen, weights=weights[0] if weights else None, max_new_tokens=10,

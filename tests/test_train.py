@@ -262,3 +262,59 @@ def test_resume_refuses_a_checkpoint_from_other_options(tiny_model_dir, emoji_da
     result = CliRunner().invoke(main, [*base, "--resume"])
     assert result.exit_code == 2
     assert "p.reft.ckpt: written by a run with different" in result.output and "rank" in result.output
+
+
+# -- generated-token edits and validation -----------------------------------------------------
+
+def test_generated_positions_cover_exactly_the_response_tokens():
+    from reft_edge.runtime.positions import Positions
+    from reft_edge.train.data import Example
+    from reft_edge.train.recipe import collate, edit_masks
+
+    examples = [Example((1, 2, 3), (5, 6, 7)), Example((1, 2), (5, 6, 7, 8, 9))]
+    states = [torch.zeros(len(e.prompt_ids) + len(e.target_ids) - 1, HIDDEN) for e in examples]
+    batch = collate(examples, states, torch.device("cpu"))
+    positions = Positions.parse("f1+g")
+    both = edit_masks(positions, "both", batch, 1, torch.device("cpu"))[..., 0]
+    # row 0: a prompt of 3, 2 fed response tokens, 1 pad; row 1: a prompt of 2, 4 fed response tokens
+    assert both.tolist() == [[1, 0, 0, 1, 1, 0], [1, 0, 1, 1, 1, 1]]
+    assert edit_masks(positions, "prefix", batch, 1, torch.device("cpu"))[..., 0].tolist() == [
+        [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+    assert edit_masks(positions, "generated", batch, 1, torch.device("cpu"))[..., 0].tolist() == [
+        [0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+
+
+def test_untied_generated_positions_train_one_intervention_per_group(tiny_model_dir, emoji_data, tmp_path):
+    config = TrainConfig(data=str(emoji_data), out=str(tmp_path / "g.reft"), model=str(tiny_model_dir("llama")),
+                         layers=(1,), rank=2, positions="l1+g", share_weights=False, steps=6, lr=2e-2, seed=0)
+    patch = train(config, progress=False)
+    assert [iv.where for iv in patch.interventions] == ["suffix", "generated"]
+    assert str(Patch.from_file(config.out).positions) == "l1+g"
+    assert json.loads(patch.metadata()["format_version"]) == 2  # 1 cannot say "g"
+
+
+def test_validation_keeps_the_best_step_and_stops_early(tiny_model_dir, emoji_data, tmp_path):
+    config = TrainConfig(data=str(emoji_data), out=str(tmp_path / "v.reft"), model=str(tiny_model_dir("llama")),
+                         layers=(1,), rank=4, positions="p+g", steps=200, lr=5e-2, batch_size=4, seed=0,
+                         val_fraction=0.25, eval_every=2, patience=3, name="v")
+    training = train(config, progress=False).training
+    assert training["examples"] == 9 and training["val_examples"] == 3
+    assert training["steps_run"] < 200  # a tiny random model overfits 9 examples quickly: stopped early
+    assert training["best_step"] <= training["steps_run"] and training["best_step"] % 2 == 0
+    assert np.isfinite(training["val_loss"])
+    again = train(TrainConfig.from_dict({**config.to_dict(), "out": str(tmp_path / "v2.reft")}), progress=False)
+    assert again.to_bytes() == Patch.from_file(config.out).to_bytes()  # the same seed: the same patch
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"val_fraction": 1.5}, "between 0 and 1"),
+    ({"val_fraction": 0.2, "val_data": "x.jsonl"}, "one way"),
+    ({"patience": 0}, "--patience 0"),
+    ({"positions": "g+p"}, "malformed"),
+])
+def test_bad_validation_and_position_options(options, message, tiny_model_dir, emoji_data, tmp_path):
+    from reft_edge.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        train(TrainConfig(data=str(emoji_data), out=str(tmp_path / "x.reft"), model=str(tiny_model_dir("llama")),
+                          **options), progress=False)

@@ -27,77 +27,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from reft_edge import __version__
-from reft_edge.configs import config_from_dict
 from reft_edge.errors import UsageError
 from reft_edge.runtime.patch import KINDS, SAVE_DTYPES, Intervention, Patch
 from reft_edge.runtime.positions import Positions
 from reft_edge.train.backbone import Backbone, decoder_layers, decoder_layers_owner, load_backbone
+from reft_edge.train.config import DEFAULT_STEPS, TrainConfig
 from reft_edge.train.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from reft_edge.train.data import Example, file_digest, read_jsonl, tokenize
+from reft_edge.train.data import Example, Record, file_digest, read_jsonl, tokenize
 from reft_edge.train.intervention import EditSlots, InterventionParams, attach_edits
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a patch. Same config + data + base on CPU = same bytes."""
-
-    data: str
-    out: str
-    model: str | None = None  # None or "default": the embedded SmolLM2-135M-Instruct
-    layers: tuple[int, ...] | None = None  # None: one layer at about half depth
-    rank: int = 4
-    positions: str = "f1+l1"
-    share_weights: bool = True  # False: separate interventions for prefix and suffix
-    kind: str = "loreft"
-    steps: int | None = None  # neither steps nor epochs: 100 steps
-    epochs: int | None = None
-    lr: float = 4e-3
-    batch_size: int = 8
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    save_dtype: str = "float32"
-    chat_template: bool = True
-    name: str | None = None  # default: the output file's stem
-    record_time: bool = False  # store wall-clock seconds (makes the file differ run to run)
-    checkpoint_every: int | None = None  # write <out>.ckpt every N steps
-    resume: bool = False  # continue from <out>.ckpt when it exists
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        return config_from_dict(cls, values, what="training", tuple_fields=("layers",))
-
-
-DEFAULT_STEPS = 100
 _NOT_NUMERIC = {"checkpoint_every", "resume", "record_time"}  # options that cannot change the patch
 
 
 def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bool = True) -> Patch:
     """Train and save a patch; returns it as loaded back from ``config.out``."""
     positions = check_config(config)
-    records = read_jsonl(config.data)
+    train_records, val_records = split_records(config, read_jsonl(config.data))
     backbone = backbone or load_backbone(config.model)
     layers = resolve_layers(config, backbone)
     device = pick_device(config.device)
-    examples = tokenize(records, backbone.tokenizer, use_chat_template=config.chat_template)
+    examples = tokenize(train_records, backbone.tokenizer, use_chat_template=config.chat_template)
+    val_examples = tokenize(val_records, backbone.tokenizer, use_chat_template=config.chat_template)
     torch.manual_seed(config.seed)
-    interventions = build_interventions(config, layers, backbone.hidden_size)
+    interventions = build_interventions(config, positions, layers, backbone.hidden_size)
     started = time.perf_counter()
     backbone.model.to(device)
     states = cache_frozen_states(backbone.model, examples, min(layers), device)
+    val_states = cache_frozen_states(backbone.model, val_examples, min(layers), device)
     steps = count_steps(config, len(examples))
     data_sha256 = file_digest(config.data)
     identity = json.loads(json.dumps({  # as JSON sees it, so it compares equal after a round trip
         **{k: v for k, v in config.to_dict().items() if k not in _NOT_NUMERIC}, "steps": steps,
         "data_sha256": data_sha256, "base_fingerprint": backbone.fingerprint}))
-    first_loss, final_loss = fit(backbone.model, examples, states, interventions, positions, config, steps,
-                                 device, identity, progress)
+    fitted = fit(backbone.model, (examples, states), (val_examples, val_states), interventions, positions, config,
+                 steps, device, identity, progress)
     seconds = time.perf_counter() - started
     backbone.model.to("cpu")
     training = {
-        "steps": steps, "first_loss": round(first_loss, 6), "final_loss": round(final_loss, 6),
+        "steps": steps, "steps_run": fitted.steps_run, "best_step": fitted.best_step,
+        "first_loss": round(fitted.first_loss, 6), "final_loss": round(fitted.final_loss, 6),
+        "val_loss": None if fitted.val_loss is None else round(fitted.val_loss, 6),
+        "val_examples": len(val_examples),
         "seconds": round(seconds, 2) if config.record_time else None, "examples": len(examples),
         "data_sha256": data_sha256, "lr": config.lr, "batch_size": config.batch_size,
         "seed": config.seed, "library_version": __version__, "model": backbone.source,
@@ -105,8 +76,9 @@ def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bo
     patch = to_patch(config, positions, interventions, backbone, training).to_file(config.out)
     checkpoint_path(config.out).unlink(missing_ok=True)
     if progress:
-        print(f"trained {config.out}: final loss {final_loss:.4f}, {steps} steps, {seconds:.1f} s, "
-              f"{patch.size_bytes} bytes")
+        val = "" if fitted.val_loss is None else f", validation loss {fitted.val_loss:.4f} (best step {fitted.best_step})"
+        print(f"trained {config.out}: final loss {fitted.final_loss:.4f}{val}, {fitted.steps_run} steps, "
+              f"{seconds:.1f} s, {patch.size_bytes} bytes")
     return patch
 
 
@@ -127,6 +99,13 @@ def check_config(config: TrainConfig) -> Positions:
             raise UsageError(f"{option} {value} must be at least 1")
     if not config.lr > 0:
         raise UsageError(f"--lr {config.lr} must be positive (4e-3 is typical)")
+    if config.val_data and config.val_fraction:
+        raise UsageError("--val-data and --val-fraction both given; hold out data one way")
+    if config.val_fraction is not None and not 0 < config.val_fraction < 1:
+        raise UsageError(f"--val-fraction {config.val_fraction} must be between 0 and 1 (0.2 is typical)")
+    for option, value in (("--eval-every", config.eval_every), ("--patience", config.patience)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} {value} must be at least 1")
     out_dir = Path(config.out).parent
     if not out_dir.is_dir():
         raise UsageError(f"--out {config.out}: folder {out_dir} does not exist; create it or choose another path")
@@ -158,9 +137,24 @@ def count_steps(config: TrainConfig, n_examples: int) -> int:
     return DEFAULT_STEPS
 
 
-def build_interventions(config: TrainConfig, layers: list[int], hidden: int) -> list[tuple[int, str, InterventionParams]]:
-    """One intervention per layer (shared weights) or one each for prefix and suffix (untied)."""
-    groups = ["both"] if config.share_weights else ["prefix", "suffix"]
+def split_records(config: TrainConfig, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    """(training, validation) records: --val-data, or a seeded --val-fraction of --data, or none."""
+    if config.val_data:
+        return records, read_jsonl(config.val_data)
+    if not config.val_fraction:
+        return records, []
+    n_val = max(1, round(len(records) * config.val_fraction))
+    if n_val >= len(records):
+        raise UsageError(f"--val-fraction {config.val_fraction} leaves no training example of {len(records)}; "
+                         "use a smaller fraction or more data")
+    held = set(torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed))[:n_val].tolist())
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def build_interventions(config: TrainConfig, positions: Positions, layers: list[int],
+                        hidden: int) -> list[tuple[int, str, InterventionParams]]:
+    """One intervention per layer (shared weights) or one per position group (untied)."""
+    groups = ["both"] if config.share_weights else list(positions.groups())
     return [(layer, where, InterventionParams(config.kind, hidden, config.rank)) for layer in layers for where in groups]
 
 
@@ -229,6 +223,7 @@ class _Batch:
     attention_mask: torch.Tensor
     states: torch.Tensor  # cached block outputs [batch, seq, hidden]
     prompt_lens: list[int]
+    lengths: list[int]  # prompt + target[:-1]: the response tokens that stand for generated ones
     rows: torch.Tensor  # (rows, cols) of the positions that predict a target token
     cols: torch.Tensor
     targets: torch.Tensor
@@ -252,16 +247,19 @@ def collate(examples: list[Example], states: list[torch.Tensor], device: torch.d
         cols += range(n_prompt - 1, n_prompt - 1 + n_target)
         targets += example.target_ids
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return _Batch(input_ids, attention_mask, padded, [len(e.prompt_ids) for e in examples],
+    return _Batch(input_ids, attention_mask, padded, [len(e.prompt_ids) for e in examples], lengths,
                   as_long(rows), as_long(cols), as_long(targets))
 
 
-def edit_masks(positions: Positions, where: str, prompt_lens: list[int], seq: int, rank: int,
-               device: torch.device) -> torch.Tensor:
-    """[batch, seq, rank] 0/1: which tokens of each row one intervention edits."""
-    mask = torch.zeros(len(prompt_lens), seq, rank, device=device)
-    for row, prompt_len in enumerate(prompt_lens):
+def edit_masks(positions: Positions, where: str, batch: _Batch, rank: int, device: torch.device) -> torch.Tensor:
+    """[batch, seq, rank] 0/1: which tokens of each row one intervention edits. Response tokens
+    are the generated ones (teacher forcing), so a ``g`` edit covers them as generation will."""
+    mask = torch.zeros(*batch.input_ids.shape, rank, device=device)
+    generated = positions.edits(where, "generated")
+    for row, (prompt_len, length) in enumerate(zip(batch.prompt_lens, batch.lengths)):
         mask[row, positions.token_indices(where, prompt_len)] = 1.0
+        if generated:
+            mask[row, prompt_len:length] = 1.0
     return mask
 
 
@@ -269,15 +267,14 @@ def set_edits(slots: EditSlots, interventions: list[tuple[int, str, Intervention
               batch: _Batch, device: torch.device) -> None:
     """Concatenate the interventions at each layer along the rank (each row keeps its own mask)."""
     slots.clear()
-    seq = batch.input_ids.shape[1]
     for layer in sorted({layer for layer, _, _ in interventions}):
         here = [(where, params) for l, where, params in interventions if l == layer]
         affine = [params.affine() for _, params in here]
         A = torch.cat([a for a, _, _ in affine])[None]
         B = torch.cat([b for _, b, _ in affine])[None]
         c = torch.cat([c for _, _, c in affine])[None]
-        mask = torch.cat([edit_masks(positions, where, batch.prompt_lens, seq, params.b.shape[0], device)
-                          for where, params in here], dim=-1)
+        mask = torch.cat([edit_masks(positions, where, batch, params.b.shape[0], device) for where, params in here],
+                         dim=-1)
         slots.set(layer, A, B, c, mask)
 
 
@@ -292,13 +289,27 @@ def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list
     return order[:steps]
 
 
-def fit(model: nn.Module, examples: list[Example], states: list[torch.Tensor],
-        interventions: list[tuple[int, str, InterventionParams]], positions: Positions, config: TrainConfig,
-        steps: int, device: torch.device, identity: dict[str, Any], progress: bool) -> tuple[float, float]:
-    """AdamW on the intervention parameters only (checkpointed and resumable); returns the
-    first and the last step's loss."""
+@dataclass(frozen=True)
+class Fitted:
+    """How a fit went: losses, steps run, and the step whose parameters were kept."""
+
+    first_loss: float
+    final_loss: float  # training loss of the kept step's batch (the last step without validation)
+    steps_run: int
+    best_step: int
+    val_loss: float | None  # validation loss of the kept parameters
+
+
+def fit(model: nn.Module, train_set: tuple[list[Example], list[torch.Tensor]],
+        val_set: tuple[list[Example], list[torch.Tensor]], interventions: list[tuple[int, str, InterventionParams]],
+        positions: Positions, config: TrainConfig, steps: int, device: torch.device, identity: dict[str, Any],
+        progress: bool) -> Fitted:
+    """AdamW on the intervention parameters only (checkpointed and resumable). With validation
+    data: the validation loss every ``eval_every`` steps, the best step's parameters kept, and
+    an early stop after ``patience`` validations without improvement."""
     from tqdm.auto import tqdm
 
+    examples, states = train_set
     for _, _, params in interventions:
         params.to(device)
     parameters = [p for _, _, params in interventions for p in params.parameters()]
@@ -307,36 +318,85 @@ def fit(model: nn.Module, examples: list[Example], states: list[torch.Tensor],
     done, first_loss = 0, math.nan
     if config.resume and checkpoint.is_file():
         done, first_loss = load_checkpoint(checkpoint, parameters=parameters, optimizer=optimizer, identity=identity)
-    lowest = min(layer for layer, _, _ in interventions)
-    head = model.get_output_embeddings()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     slots = EditSlots()
     loss = math.nan
-    with replay_frozen_layers(model, lowest) as (replay, layers), \
+    best = _Best()
+    with replay_frozen_layers(model, min(layer for layer, _, _ in interventions)) as (replay, layers), \
             attach_edits({layer: layers[layer] for layer, _, _ in interventions}, slots):
+        def batch_loss(batch: _Batch) -> torch.Tensor:
+            return forward_loss(model, replay, slots, interventions, positions, batch, device)
+
         order = batch_order(len(examples), config.batch_size, steps, config.seed)
         bar = tqdm(desc="train", total=steps, initial=done, disable=not progress, unit="step")
         for step, indices in enumerate(order[done:], start=done + 1):
-            batch = collate([examples[i] for i in indices], [states[i] for i in indices], device)
-            replay.states = batch.states
-            with autocast:
-                set_edits(slots, interventions, positions, batch, device)
-                hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                          use_cache=False).last_hidden_state
-                logits = head(hidden[batch.rows, batch.cols])
-            step_loss = F.cross_entropy(logits.float(), batch.targets)
+            step_loss = batch_loss(collate([examples[i] for i in indices], [states[i] for i in indices], device))
             optimizer.zero_grad(set_to_none=True)
             step_loss.backward()
             optimizer.step()
             loss = step_loss.item()
             first_loss = loss if step == 1 else first_loss
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}", **({"val": f"{best.loss:.4f}"} if best.step else {}))
+            if val_set[0] and (step % config.eval_every == 0 or step == steps):
+                best.consider(step, validation_loss(batch_loss, val_set, config.batch_size, device), loss, parameters)
+                if config.patience and best.stale >= config.patience:
+                    break
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < steps:
                 save_checkpoint(checkpoint, step=step, first_loss=first_loss, parameters=parameters,
                                 optimizer=optimizer, identity=identity)
         bar.close()
-    return first_loss, loss
+    if not best.step:
+        return Fitted(first_loss, loss, step if order[done:] else done, steps, None)
+    best.restore(parameters)
+    return Fitted(first_loss, best.train_loss, step, best.step, best.loss)
+
+
+def forward_loss(model: nn.Module, replay: "_Replay", slots: EditSlots,
+                 interventions: list[tuple[int, str, InterventionParams]], positions: Positions, batch: "_Batch",
+                 device: torch.device) -> torch.Tensor:
+    """Mean cross-entropy of the batch's target tokens with the edits applied."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    replay.states = batch.states
+    with autocast:
+        set_edits(slots, interventions, positions, batch, device)
+        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[batch.rows, batch.cols])
+    return F.cross_entropy(logits.float(), batch.targets)
+
+
+@torch.no_grad()
+def validation_loss(batch_loss: Any, val_set: tuple[list[Example], list[torch.Tensor]], batch_size: int,
+                    device: torch.device) -> float:
+    """Mean target-token loss over the validation examples (token-weighted, batch by batch)."""
+    examples, states = val_set
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        n = sum(len(e.target_ids) for e in chunk)
+        total += batch_loss(collate(chunk, states[start:start + batch_size], device)).item() * n
+        tokens += n
+    return total / tokens
+
+
+class _Best:
+    """The best validation loss so far, its step, and a copy of its parameters."""
+
+    def __init__(self) -> None:
+        self.loss, self.step, self.train_loss, self.stale = math.inf, 0, math.nan, 0
+        self.parameters: list[torch.Tensor] = []
+
+    def consider(self, step: int, val_loss: float, train_loss: float, parameters: list[torch.Tensor]) -> None:
+        if val_loss < self.loss:
+            self.loss, self.step, self.train_loss, self.stale = val_loss, step, train_loss, 0
+            self.parameters = [p.detach().clone() for p in parameters]
+        else:
+            self.stale += 1
+
+    @torch.no_grad()
+    def restore(self, parameters: list[torch.Tensor]) -> None:
+        for param, kept in zip(parameters, self.parameters):
+            param.copy_(kept)
 
 
 def to_patch(config: TrainConfig, positions: Positions, interventions: list[tuple[int, str, InterventionParams]],
