@@ -1,0 +1,203 @@
+"""The torch side of ``reft-edge eval --model``: a Hugging Face model, patches applied by the
+training stage's edit hooks (train.intervention.attach_edits), attached per call and removed.
+
+Example::
+
+    from reft_edge.runtime.evaluate import evaluate
+    report = evaluate(model="default", data="heldout.jsonl", patches=["emoji.reft"], judge="no-letters")
+
+``TorchBackend`` answers what runtime.evaluate asks of a base, the way the runtime answers
+it on a bundle: slot arrays from runtime.slots.slot_arrays (several patches compose as the
+runtime composes them), rows left-padded for greedy generation with the prompt mask at
+prefill and the generated-token mask (positions with ``g``) at each decode step. The
+held-out loss is one teacher-forced pass per batch, right-padded and masked as training
+masks it: prompt positions, and response tokens where the patch edits generated tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from reft_edge.runtime.evaluate import BATCH_SIZE, Messages, chunks
+from reft_edge.runtime.patch import Patch
+from reft_edge.runtime.slots import SlotArrays, SlotEdit, resolve_edits, slot_arrays
+from reft_edge.train.backbone import Backbone, decoder_layers, load_backbone
+from reft_edge.train.data import Example, Record, prompt_text, tokenize
+from reft_edge.train.intervention import EditSlots, attach_edits
+
+
+class TorchBackend:
+    """A loaded Backbone; patches may edit any of its layers."""
+
+    kind = "model"
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self.model, self.tokenizer = backbone.model, backbone.tokenizer
+        self.source = backbone.source
+        self.precision = f"torch-{str(next(self.model.parameters()).dtype).removeprefix('torch.')}"
+        self.base_fingerprint = backbone.fingerprint
+        self.layers = decoder_layers(self.model)
+        self.slot_layers = list(range(len(self.layers)))
+        self.use_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.eos_ids = eos_token_ids(self.tokenizer, self.model)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
+
+    @classmethod
+    def load(cls, model: str) -> "TorchBackend":
+        return cls(load_backbone(model))
+
+    def load_patches(self, patches: Sequence[Patch | str | Path]) -> list[Patch]:
+        loaded = []
+        for item in patches:
+            patch = item if isinstance(item, Patch) else Patch.from_file(item)
+            patch.check_compatible(base_fingerprint=self.base_fingerprint, hidden_size=self.backbone.hidden_size,
+                                   slot_layers=self.slot_layers,
+                                   source=f"patch {patch.name!r}" if isinstance(item, Patch) else str(item))
+            loaded.append(patch)
+        return loaded
+
+    def examples(self, records: Sequence[Record]) -> list[Example]:
+        return tokenize(list(records), self.tokenizer, use_chat_template=self.use_chat_template)
+
+    def edits(self, patches: Sequence[Patch], weights: Sequence[float] | None) -> list[SlotEdit]:
+        return resolve_edits(patches, weights, self.slot_layers)
+
+    def slot_arrays(self, rows: int, edits: list[SlotEdit], prompt_lens: list[int]) -> SlotArrays:
+        return slot_arrays([edits] * rows, prompt_lens, max(prompt_lens), len(self.slot_layers),
+                           self.backbone.hidden_size)
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[EditSlots]:
+        """Edit hooks on every layer (a layer without a value in the slots is left alone), eager attention."""
+        slots = EditSlots()
+        with eager_attention(self.model), torch.no_grad(), \
+                attach_edits(dict(enumerate(self.layers)), slots):
+            yield slots
+
+    # -- the held-out loss ------------------------------------------------------------------------
+
+    def response_nll(self, examples: Sequence[Example], patches: Sequence[Patch],
+                     weights: Sequence[float] | None) -> float:
+        edits = self.edits(patches, weights)
+        with self.hooks() as slots:
+            return sum(self._chunk_nll(slots, chunk, edits) for chunk in chunks(examples, BATCH_SIZE))
+
+    def _chunk_nll(self, slots: EditSlots, examples: Sequence[Example], edits: list[SlotEdit]) -> float:
+        """One pass over prompt + target[:-1], right-padded; the NLL of every target token, summed."""
+        sequences = [list(e.prompt_ids) + list(e.target_ids[:-1]) for e in examples]
+        prompt_lens = [len(e.prompt_ids) for e in examples]
+        seq = max(len(s) for s in sequences)
+        input_ids = torch.full((len(examples), seq), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(examples), seq), dtype=torch.long)
+        arrays = self.slot_arrays(len(examples), edits, prompt_lens)
+        mask = np.zeros((*arrays.mask.shape[:2], seq, arrays.mask.shape[-1]), np.float32)
+        mask[:, :, :arrays.mask.shape[2]] = arrays.mask
+        generated = decode_mask(arrays)
+        rows, cols, targets = [], [], []
+        for row, (example, sequence, prompt_len) in enumerate(zip(examples, sequences, prompt_lens)):
+            input_ids[row, :len(sequence)] = torch.tensor(sequence)
+            attention[row, :len(sequence)] = 1
+            if generated is not None:  # response tokens stand for generated ones, as in training
+                mask[:, row, prompt_len:len(sequence)] = generated[:, row]
+            rows += [row] * len(example.target_ids)
+            cols += range(prompt_len - 1, prompt_len - 1 + len(example.target_ids))
+            targets += example.target_ids
+        set_slots(slots, arrays, mask)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention,
+                                       use_cache=False).last_hidden_state
+        logits = self.model.get_output_embeddings()(hidden[torch.tensor(rows), torch.tensor(cols)])
+        return float(F.cross_entropy(logits.double(), torch.tensor(targets), reduction="sum"))
+
+    # -- greedy answers ---------------------------------------------------------------------------
+
+    def answers(self, prompts: Sequence[Messages], patches: Sequence[Patch], weights: Sequence[float] | None,
+                max_new_tokens: int) -> list[str]:
+        edits = self.edits(patches, weights)
+        ids = [self.tokenizer(prompt_text(self.tokenizer, list(p), self.use_chat_template),
+                              add_special_tokens=False)["input_ids"] for p in prompts]
+        tokens = []
+        with self.hooks() as slots:
+            for chunk in chunks(ids, BATCH_SIZE):
+                tokens += self._greedy(slots, chunk, edits, max_new_tokens)
+        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+
+    def _greedy(self, slots: EditSlots, prompts: Sequence[list[int]], edits: list[SlotEdit],
+                max_new_tokens: int) -> list[list[int]]:
+        """Left-padded batch, KV cache; tokens up to (not including) each row's EOS."""
+        from transformers import DynamicCache
+
+        batch, lens = len(prompts), [len(p) for p in prompts]
+        seq = max(lens)
+        arrays = self.slot_arrays(batch, edits, lens)
+        input_ids = torch.full((batch, seq), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((batch, seq), dtype=torch.long)
+        positions = torch.ones((batch, seq), dtype=torch.long)  # pads: 1, as Hugging Face gives them
+        mask = np.zeros_like(arrays.mask)
+        for row, prompt in enumerate(prompts):
+            start = seq - len(prompt)
+            input_ids[row, start:], attention[row, start:] = torch.tensor(prompt), 1
+            positions[row, start:] = torch.arange(len(prompt))
+            mask[:, row, start:] = arrays.mask[:, row, :len(prompt)]
+        cache = DynamicCache()
+        set_slots(slots, arrays, mask)
+        logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache,
+                            use_cache=True).logits[:, -1]
+        set_slots(slots, arrays, decode_mask(arrays))  # every decode step: the generated-token edits, if any
+        out: list[list[int]] = [[] for _ in prompts]
+        done = [False] * batch
+        for step in range(max_new_tokens):
+            chosen = logits.argmax(-1)
+            for row, token in enumerate(chosen.tolist()):
+                if not done[row]:
+                    done[row] = token in self.eos_ids
+                    out[row] += [] if done[row] else [token]
+            if all(done) or step + 1 == max_new_tokens:
+                break
+            attention = torch.cat([attention, torch.ones((batch, 1), dtype=torch.long)], dim=1)
+            positions = positions[:, -1:] + 1
+            logits = self.model(input_ids=chosen[:, None], attention_mask=attention, position_ids=positions,
+                                cache=cache, use_cache=True).logits[:, -1]
+        return out
+
+
+def decode_mask(arrays: SlotArrays) -> np.ndarray | None:
+    """[slots, batch, 1, rank]: the rank rows that edit generated tokens; None when none does."""
+    mask = getattr(arrays, "decode_mask", None)
+    return mask if mask is not None and mask.any() else None
+
+
+def set_slots(slots: EditSlots, arrays: SlotArrays, mask: np.ndarray | None) -> None:
+    """Each slot (= layer) whose mask edits something; the others stay empty (exactly the identity)."""
+    slots.clear()
+    if mask is None:
+        return
+    for k in range(arrays.A.shape[0]):
+        if mask[k].any():
+            slots.set(k, *(torch.from_numpy(np.ascontiguousarray(x[k])) for x in (arrays.A, arrays.B, arrays.c, mask)))
+
+
+def eos_token_ids(tokenizer: Any, model: Any) -> set[int]:
+    """The tokenizer's EOS and generation_config's, as the export stage records them for the runtime."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])]
+    return {int(i) for i in ids if i is not None}
+
+
+@contextlib.contextmanager
+def eager_attention(model: Any) -> Iterator[None]:
+    """Eager attention while evaluating: a left-pad query row that attends to nothing gets a
+    uniform softmax instead of NaN, which would reach real rows through 0 * NaN."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
