@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.reft-edge-installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench quality clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,11 @@ demo: venv
 bench: venv
 	$(BIN)/pip install -q onnxruntime-genai matplotlib
 	$(BIN)/python -m benchmarks.run
+
+# The recipe study (docs/quality.md); PEFT trains its LoRA anchor. About an hour here.
+quality: venv
+	$(BIN)/pip install -q peft matplotlib
+	$(BIN)/python -m benchmarks.quality --precisions fp32,int8,int4
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

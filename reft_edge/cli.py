@@ -108,11 +108,20 @@ def _default(name: str):
 @click.option("--record-time", is_flag=True, help="Store training seconds in the patch (the bytes then differ run to run).")
 @click.option("--checkpoint-every", default=None, type=int, help="Write OUT.ckpt every N steps (optimizer state included).")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt if a killed run left one.")
-def train(layers: str | None, **options) -> None:
+@click.option("--auto", is_flag=True,
+              help="Search layers, rank, positions and lr on a validation split (Optuna); keep the best patch.")
+@click.option("--budget-minutes", default=10.0, show_default=True, type=float, help="Time budget of --auto.")
+def train(layers: str | None, auto: bool, budget_minutes: float, **options) -> None:
     """Learn a LoReFT patch from examples."""
+    config = TrainConfig(layers=parse_layers(layers), chat_template=options.pop("chat_template"), **options)
+    if auto:
+        from reft_edge.train.auto import train_auto
+
+        train_auto(config, budget_minutes=budget_minutes)
+        return
     from reft_edge.train.recipe import train as run_training
 
-    run_training(TrainConfig(layers=parse_layers(layers), chat_template=options.pop("chat_template"), **options))
+    run_training(config)
 
 
 @main.command()

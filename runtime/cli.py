@@ -25,6 +25,36 @@ _patch_option = click.option("--patch", "patches", multiple=True, type=click.Pat
 _threads_option = click.option("--threads", default=None, type=int, help="CPU threads (default: onnxruntime's choice).")
 
 
+def _sampling_options(function):
+    """Sampling options shared by run and chat. Unset ones come from the bundle's generation
+    config (the model's generation_config.json, recorded at export), else greedy; the loop
+    guard is on unless --no-repeat-ngram 0."""
+    from reft_edge.runtime.sampling import CLI_NO_REPEAT_NGRAM
+
+    for option in reversed([
+        click.option("--temperature", default=None, type=float,
+                     help="0 is greedy. [default: the bundle's generation config, else 0]"),
+        click.option("--top-p", default=None, type=float, help="[default: the bundle's generation config, else off]"),
+        click.option("--top-k", default=None, type=int, help="[default: the bundle's generation config, else off]"),
+        click.option("--repetition-penalty", default=None, type=float,
+                     help="1.0 is none. [default: the bundle's generation config, else none]"),
+        click.option("--no-repeat-ngram", default=CLI_NO_REPEAT_NGRAM, show_default=True, type=int,
+                     help="Loop guard: never repeat an n-gram of the answer; 0 turns it off."),
+        click.option("--seed", default=None, type=int),
+    ]):
+        function = option(function)
+    return function
+
+
+def _resolve_sampling(rt: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The user's sampling options over the bundle's generation defaults."""
+    defaults = rt.manifest.generation or {}
+    resolved = {key: options[key] if options[key] is not None else defaults.get(key)
+                for key in ("temperature", "top_p", "top_k", "repetition_penalty")}
+    resolved["temperature"] = resolved["temperature"] or 0.0
+    return {**resolved, "no_repeat_ngram": options["no_repeat_ngram"], "seed": options["seed"]}
+
+
 def _weights(patches: tuple[str, ...], weights: tuple[float, ...]) -> list[float] | None:
     if weights and len(weights) != len(patches):
         raise UsageError(f"{len(weights)} --weight for {len(patches)} --patch; give one --weight per --patch, "
@@ -38,20 +68,18 @@ def _weights(patches: tuple[str, ...], weights: tuple[float, ...]) -> list[float
 @_patch_option
 @click.option("--weight", "weights", multiple=True, type=float, help="Scale of each --patch's edit (default 1).")
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy.")
-@click.option("--top-p", default=None, type=float)
-@click.option("--seed", default=None, type=int)
+@_sampling_options
 @_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token_ids, prompt_tokens, timings.")
 def run_command(bundle: str, prompt: str, patches: tuple[str, ...], weights: tuple[float, ...], max_new_tokens: int,
-                temperature: float, top_p: float | None, seed: int | None, threads: int | None, as_json: bool) -> None:
+                threads: int | None, as_json: bool, **sampling: Any) -> None:
     """Answer PROMPT with the base model in BUNDLE, edited by the given patches."""
     from reft_edge.runtime import Runtime
 
     weights_list = _weights(patches, weights)
     rt = Runtime.load(bundle, threads=threads)
-    options = dict(patches=patches, weights=weights_list, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_p=top_p, seed=seed)
+    options = dict(patches=patches, weights=weights_list, max_new_tokens=max_new_tokens,
+                   **_resolve_sampling(rt, sampling))
     if as_json:
         click.echo(json.dumps(rt.generate(prompt, **options).to_dict(), ensure_ascii=False))
         return
@@ -78,16 +106,17 @@ def print_stream(stream: Iterator[str]) -> Any:
 @_patch_option
 @click.option("--weight", "weights", multiple=True, type=float, help="Scale of each --patch's edit (default 1).")
 @click.option("--max-new-tokens", default=256, show_default=True, type=int)
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy.")
+@_sampling_options
 @_threads_option
 def chat_command(bundle: str, patches: tuple[str, ...], weights: tuple[float, ...], max_new_tokens: int,
-                 temperature: float, threads: int | None) -> None:
+                 threads: int | None, **sampling: Any) -> None:
     """Talk with the base model in BUNDLE, edited by the given patches (Ctrl-D or Ctrl-C ends)."""
     from reft_edge.runtime import Runtime
 
     weights_list = _weights(patches, weights)
     rt = Runtime.load(bundle, threads=threads)
     loaded = rt.load_patches(patches)  # read once, checked once, reused every turn
+    options = _resolve_sampling(rt, sampling)
     click.echo(f"chat with {rt.manifest.source_model} ({len(loaded)} patch(es)); Ctrl-D or Ctrl-C to leave", err=True)
     history: list[dict[str, str]] = []
     try:
@@ -102,7 +131,7 @@ def chat_command(bundle: str, patches: tuple[str, ...], weights: tuple[float, ..
                 continue
             budget = min(max_new_tokens, rt.manifest.context_length - len(rt.encode(history)))
             reply = print_stream(rt.stream(history, patches=loaded, weights=weights_list,
-                                           max_new_tokens=budget, temperature=temperature))
+                                           max_new_tokens=budget, **options))
             history.append({"role": "assistant", "content": reply.text})
     except (EOFError, KeyboardInterrupt):
         click.echo()

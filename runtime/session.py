@@ -141,7 +141,8 @@ class Runtime:
     def generate(self, prompt: str | Sequence[dict[str, str]], *, patches: Sequence[PatchLike] = (),
                  weights: Sequence[float] | None = None, raw: bool = False, **options: Any) -> Generation:
         """Answer one prompt. Options: max_new_tokens=128, temperature=0.0 (greedy), top_k, top_p,
-        repetition_penalty, seed, stop (strings), ignore_eos."""
+        repetition_penalty, no_repeat_ngram (loop guard, off unless given), seed, stop (strings),
+        ignore_eos."""
         run = self._run([self._request(prompt, patches, weights, raw)], _options(**options))
         return _drain(run)[0]
 
@@ -196,7 +197,7 @@ class Runtime:
         rng = sampling.rng()
         seen = _seen_tokens(requests, self.manifest.vocab_size) if sampling.tracks_seen else None
 
-        tokens = sampling.pick(run.prefill(), seen, rng)
+        tokens = sampling.pick(run.prefill(), seen, rng)  # no answer yet: nothing for the loop guard
         pieces = self._advance(rows, tokens, seen, options, last=options.max_new_tokens == 1)
         prefill_s = time.perf_counter() - started
         yield pieces
@@ -205,7 +206,7 @@ class Runtime:
         while not all(row.finished for row in rows):
             tick = time.perf_counter()
             steps += 1
-            tokens = sampling.pick(run.decode(tokens), seen, rng)
+            tokens = sampling.pick(run.decode(tokens), seen, rng, [row.token_ids for row in rows])
             pieces = self._advance(rows, tokens, seen, options, last=steps + 1 == options.max_new_tokens)
             decode_s += time.perf_counter() - tick
             yield pieces
@@ -234,12 +235,12 @@ class Runtime:
 
 
 def _options(*, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
-             stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> _Options:
+             top_p: float | None = None, repetition_penalty: float | None = None, no_repeat_ngram: int | None = None,
+             seed: int | None = None, stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> _Options:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise UsageError(f"max_new_tokens {max_new_tokens!r} must be a whole number of at least 1")
     sampling = Sampling.check(temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, seed=seed)
+                              repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram, seed=seed)
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if not all(isinstance(s, str) and s for s in stops):
         raise UsageError(f"stop {stop!r} must be a non-empty string or a list of them")

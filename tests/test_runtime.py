@@ -374,6 +374,41 @@ def test_cli_run_json_and_errors(tiny_bundle, patches, tmp_path):
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "--weight" in bad.stderr
 
 
+def test_loop_guard_never_repeats_an_ngram_of_the_answer(rt, patches):
+    unguarded = rt.generate(PROMPTS[0], patches=[patches["steer"]], max_new_tokens=40, ignore_eos=True).token_ids
+    guarded = rt.generate(PROMPTS[0], patches=[patches["steer"]], max_new_tokens=40, ignore_eos=True,
+                          no_repeat_ngram=3).token_ids
+    trigrams = [tuple(guarded[i:i + 3]) for i in range(len(guarded) - 2)]
+    assert len(trigrams) == len(set(trigrams))
+    assert len({tuple(unguarded[i:i + 3]) for i in range(len(unguarded) - 2)}) < len(unguarded) - 2  # it loops
+    # the same tokens until the first repeat the guard forbids
+    first = next(i for i in range(3, len(unguarded)) if tuple(unguarded[i - 2:i + 1]) in
+                 {tuple(unguarded[j:j + 3]) for j in range(i - 2)})
+    assert guarded[:first] == unguarded[:first]
+
+
+def test_cli_sampling_defaults_come_from_the_bundle(tiny_bundle):
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from reft_edge.cli import main
+    from reft_edge.runtime.cli import _resolve_sampling
+
+    unset = {"temperature": None, "top_p": None, "top_k": None, "repetition_penalty": None, "no_repeat_ngram": 6,
+             "seed": None}
+    bundle = SimpleNamespace(manifest=SimpleNamespace(generation={"temperature": 0.7, "top_p": 0.9}))
+    assert _resolve_sampling(bundle, unset) == {**unset, "temperature": 0.7, "top_p": 0.9}
+    assert _resolve_sampling(bundle, {**unset, "temperature": 0.0})["temperature"] == 0.0  # the user's choice wins
+    plain = SimpleNamespace(manifest=SimpleNamespace(generation={}))
+    assert _resolve_sampling(plain, unset)["temperature"] == 0.0  # no generation config: greedy
+    result = CliRunner().invoke(main, ["run", str(tiny_bundle), "--max-new-tokens", "2", "--no-repeat-ngram", "0",
+                                       "--json", PROMPTS[0]])
+    assert result.exit_code == 0, result.output
+    helptext = CliRunner().invoke(main, ["chat", "--help"]).output
+    assert "generation config" in helptext and "--no-repeat-ngram" in helptext and "default: 6" in helptext
+
+
 def test_cli_chat_answers_each_turn_and_ends_on_eof(tiny_bundle):
     from click.testing import CliRunner
 

@@ -52,4 +52,16 @@ class TrainConfig:
         return config_from_dict(cls, values, what="training", tuple_fields=("layers",))
 
 DEFAULT_STEPS = 100
+DEFAULT_LAYER_COUNT = 1
 DEFAULT_LAYERS_HELP = "one layer at about half depth"
+
+
+def spread_layers(num_layers: int, count: int) -> tuple[int, ...]:
+    """``count`` layers evenly apart, each in the middle of its share of the depth.
+
+    >>> spread_layers(30, 5)
+    (3, 9, 15, 21, 27)
+    >>> spread_layers(30, 1), spread_layers(3, 5)
+    ((15,), (0, 1, 2))
+    """
+    return tuple(sorted({(2 * i + 1) * num_layers // (2 * count) for i in range(count)}))
