@@ -397,15 +397,20 @@ assert not heavy, heavy
 # -- the default model ----------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_default_model_emoji_patch(default_int8_bundle, emoji_patch_path, tmp_path):
+def test_default_model_emoji_patch(default_int8_bundle, emoji_patch_path, emoji_data, tmp_path, capsys):
     prompts = tmp_path / "unseen.txt"
     prompts.write_text("How do I learn to swim?\nWhat is your favourite animal?\nDescribe a rainy day.\n")
-    held_out = write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": "How can I sleep better?", "response": "😴🛏️🌙"}])
     report = evaluate(default_int8_bundle, data=prompts, patches=[emoji_patch_path], judge="no-letters",
                       max_new_tokens=12, samples=3, facts=True, threads=2)
+    with capsys.disabled():
+        print(f"\n{report.adherence}\n{report.retention}\n{report.samples}")
     assert report.adherence.patched >= 2 / 3 and report.adherence.base == 0.0, report.samples
     assert report.retention.facts >= 5 and report.retention.base_correct >= 1
     assert 0.0 <= report.retention.fraction <= 1.0
+    # three of the patch's own training pairs: the patch learned them, the base finds emoji unlikely
+    seen = write_jsonl(tmp_path / "seen.jsonl", emoji_data.read_text(encoding="utf-8").splitlines()[:3])
     for source in (dict(bundle=default_int8_bundle), dict(model="default")):
-        loss = evaluate(**source, data=held_out, patches=[emoji_patch_path], facts=False, samples=0).loss
-        assert loss.patched < loss.base, source
+        loss = evaluate(**source, data=seen, patches=[emoji_patch_path], facts=False, samples=0).loss
+        with capsys.disabled():
+            print(source, loss)
+        assert loss.patched < 1.0 < loss.base, (source, loss)
