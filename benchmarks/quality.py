@@ -45,6 +45,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "last+gen": {"layers": SPREAD, "rank": 2, "positions": "l1+g", "steps": 60, "lr": 2e-3},
     "gen-only": {"layers": SPREAD, "rank": 2, "positions": "g", "steps": 60, "lr": 2e-3},
     "last+gen-val": {"layers": SPREAD, "rank": 2, "positions": "l1+g", "steps": 120, "lr": 2e-3, "val": True},
+    "last+gen-20": {"layers": SPREAD, "rank": 2, "positions": "l1+g", "steps": 20, "lr": 2e-3},
     "one-layer-gen": {"layers": (15,), "rank": 4, "positions": "l1+g", "steps": 60, "lr": 2e-3},
     "all-layers-r1": {"layers": tuple(range(0, 30, 2)), "rank": 1, "positions": "l1+g", "steps": 60, "lr": 2e-3},
 }

@@ -3,15 +3,18 @@
     python -m examples.demo                       # the embedded SmolLM2-135M-Instruct, int8 bundle
     python -m examples.demo --model DIR --steps 3 --precision fp32 --max-new-tokens 8   # fast mode
 
-Trains the emoji persona (examples/emoji) and the pirate persona (examples/pirate),
-exports the base once into the cache (later runs reuse the bundle and the patches),
-then shows base vs personalised answers on prompts the patches never saw, one person
-with both patches composed, and both people served in one batch.
+Trains two personas of examples/personas with the default recipe (Alice: every answer
+opens with "Great question!"; Bob: every answer ends with "Stay curious!"), exports
+the base once into the cache (later runs reuse the bundle and the patches), then shows
+base vs personalised answers on prompts the patches never saw, measures each patch on
+its persona's 20 unseen prompts (adherence to its judge) and on the built-in facts
+(facts kept), and serves both people in one batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import textwrap
 import time
@@ -20,63 +23,87 @@ from pathlib import Path
 from reft_edge.export import ExportConfig, export_bundle
 from reft_edge.files import cache_dir
 from reft_edge.runtime import Patch, Runtime
+from reft_edge.runtime.evaluate import evaluate
 from reft_edge.train import TrainConfig, train
 from reft_edge.train.backbone import Backbone, load_backbone
 from reft_edge.train.data import file_digest
 
-EXAMPLES = Path(__file__).resolve().parent
-PERSONAS = ("emoji", "pirate")
-UNSEEN_PROMPTS = [
-    "How do I learn to swim?",
-    "What is your favourite animal?",
-    "Describe a rainy day.",
-    "What do you think about music?",
-    "How can I sleep better?",
-    "What is the best way to travel?",
-]
+PERSONAS = Path(__file__).resolve().parent / "personas"
+PEOPLE = {"alice": "enthusiast", "bob": "signoff"}  # person -> persona folder
+SHOWN_PROMPTS = 4  # side by side; all 20 unseen prompts are measured
 WIDTH = min(shutil.get_terminal_size((100, 20)).columns, 110)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="reft-edge end-to-end demo")
     parser.add_argument("--model", default=None, help="Hugging Face folder (default: the embedded SmolLM2)")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the default recipe's)")
     parser.add_argument("--precision", default="int8", choices=["fp32", "int8", "int4"])
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--work", default=None, help="Folder for patches and bundle (default: the cache)")
     return parser.parse_args()
 
 
-def persona_patch(persona: str, backbone: Backbone, steps: int, work: Path) -> Patch:
-    """Train the persona's patch, or reuse the one a previous run trained from the same data and base."""
-    data = EXAMPLES / persona / "train.jsonl"
+def persona_patch(persona: str, backbone: Backbone, steps: int | None, work: Path) -> Patch:
+    """Train the persona's patch with the default recipe, or reuse the one a previous run
+    trained from the same data, steps and base."""
+    data = PERSONAS / persona / "train.jsonl"
     out = work / f"{persona}.reft"
+    config = TrainConfig(data=str(data), out=str(out), steps=steps, record_time=True)
     if out.is_file():
         cached = Patch.load(out)
-        if (cached.base_fingerprint == backbone.fingerprint and cached.training.get("steps") == steps
-                and cached.training.get("data_sha256") == file_digest(data)):
+        if (cached.base_fingerprint == backbone.fingerprint and cached.training.get("data_sha256") == file_digest(data)
+                and cached.training.get("recipe") == _recipe(config)):
             return cached
-    layer = backbone.num_layers // 2
-    config = TrainConfig(data=str(data), out=str(out), layers=(layer,), rank=4, positions="f2+l2", steps=steps,
-                         lr=4e-3, batch_size=12, seed=0, record_time=True)
-    print(f"training the {persona} patch ({steps} steps at layer {layer})...")
+    print(f"training the {persona} patch (default recipe)...")
     return train(config, backbone=backbone)
 
 
-def show_side_by_side(runtime: Runtime, emoji: Patch, max_new_tokens: int) -> float:
-    """Base vs personalised answers; returns the personalised decode tokens/s."""
+def _recipe(config: TrainConfig) -> dict:
+    """What decides a patch besides data and base (the patch records it at training time)."""
+    from reft_edge.train.recipe import recipe_summary
+
+    return recipe_summary(config)
+
+
+def show_side_by_side(runtime: Runtime, patches: dict[str, Patch], max_new_tokens: int) -> float:
+    """Base vs personalised answers on unseen prompts; returns the personalised decode tokens/s."""
     speeds = []
     print("\n" + "=" * WIDTH)
-    print("Prompts the patch never saw: the same base model, without and with Alice's emoji patch")
+    print("Prompts the patches never saw: the same base model, without and with each person's patch")
     print("=" * WIDTH)
-    for prompt in UNSEEN_PROMPTS:
-        base = runtime.generate(prompt, max_new_tokens=max_new_tokens)
-        alice = runtime.generate(prompt, patches=[emoji], max_new_tokens=max_new_tokens)
-        speeds.append(alice.timings["tokens_per_s"])
-        print(f"\n  {prompt}")
-        print(_row("base", base.text))
-        print(_row("alice", alice.text))
+    for person, patch in patches.items():
+        prompts = _unseen(PEOPLE[person])[:SHOWN_PROMPTS // len(patches)]
+        for prompt in prompts:
+            base = runtime.generate(prompt, max_new_tokens=max_new_tokens)
+            mine = runtime.generate(prompt, patches=[patch], max_new_tokens=max_new_tokens)
+            speeds.append(mine.timings["tokens_per_s"])
+            print(f"\n  {prompt}")
+            print(_row("base", base.text))
+            print(_row(person, mine.text))
     return sorted(speeds)[len(speeds) // 2]
+
+
+def show_quality(runtime: Runtime, patches: dict[str, Patch], max_new_tokens: int) -> None:
+    """Each patch on all 20 unseen prompts of its persona (its judge) and on the built-in facts."""
+    print("\n" + "=" * WIDTH)
+    print("Measured (reft-edge eval): unseen prompts that follow the persona, and facts the base knows that")
+    print("the patched model still answers correctly")
+    print("=" * WIDTH)
+    for person, patch in patches.items():
+        folder = PERSONAS / PEOPLE[person]
+        judge = json.loads((folder / "persona.json").read_text())["judge"]
+        report = evaluate(runtime, data=folder / "unseen.txt", patches=[patch], judge=judge,
+                          max_new_tokens=max_new_tokens, samples=0)
+        kept = report.retention
+        facts = f"{kept.kept}/{kept.base_correct}" if kept and kept.base_correct else "n/a (the base knows none)"
+        print(f"  {person:<6} ({PEOPLE[person]}, judge {judge}): follows the persona in "
+              f"{report.adherence.patched:.0%} of {report.prompts} unseen answers (base {report.adherence.base:.0%}); "
+              f"facts kept {facts}")
+
+
+def _unseen(persona: str) -> list[str]:
+    return [line for line in (PERSONAS / persona / "unseen.txt").read_text().splitlines() if line.strip()]
 
 
 def _row(label: str, text: str) -> str:
@@ -84,19 +111,14 @@ def _row(label: str, text: str) -> str:
     return "\n".join(f"    {label if i == 0 else '':<6} | {line}" for i, line in enumerate(lines))
 
 
-def show_composition_and_batch(runtime: Runtime, emoji: Patch, pirate: Patch, max_new_tokens: int) -> None:
-    prompt = UNSEEN_PROMPTS[0]
+def show_batch(runtime: Runtime, patches: dict[str, Patch], max_new_tokens: int) -> None:
+    prompt = _unseen(PEOPLE["alice"])[-1]
     print("\n" + "=" * WIDTH)
-    print(f"One session, several people. Prompt: {prompt}")
+    print(f"One session, several people in one batch (generate_batch). Prompt: {prompt}")
     print("=" * WIDTH)
-    both = runtime.generate(prompt, patches=[emoji, pirate], max_new_tokens=max_new_tokens)
-    print("  composed (emoji + pirate patches on one request; trained apart at the same layer and")
-    print("  positions they interfere: see README, Limitations):")
-    print(_row("both", both.text))
-    answers = runtime.generate_batch([(prompt, [emoji]), (prompt, [pirate]), (prompt, [])],
-                                     max_new_tokens=max_new_tokens)
-    print("  one batch, each row with its own patch (generate_batch):")
-    for label, answer in zip(("alice", "bob", "base"), answers):
+    requests = [(prompt, [patch]) for patch in patches.values()] + [(prompt, [])]
+    answers = runtime.generate_batch(requests, max_new_tokens=max_new_tokens)
+    for label, answer in zip([*patches, "base"], answers):
         print(_row(label, answer.text))
 
 
@@ -106,25 +128,29 @@ def main() -> None:
     work = Path(args.work) if args.work else cache_dir() / "demo"
     work.mkdir(parents=True, exist_ok=True)
     backbone = load_backbone(args.model)
-    emoji, pirate = (persona_patch(p, backbone, args.steps, work) for p in PERSONAS)
+    patches = {person: persona_patch(persona, backbone, args.steps, work) for person, persona in PEOPLE.items()}
     bundle = work / f"bundle-{backbone.fingerprint[:12]}-{args.precision}"
     manifest = export_bundle(ExportConfig(out=str(bundle), model=args.model, precision=args.precision),
                              backbone=backbone)
     del backbone  # the runtime needs only the bundle; free the torch model
     runtime = Runtime.load(bundle)
-    tokens_per_s = show_side_by_side(runtime, emoji, args.max_new_tokens)
-    show_composition_and_batch(runtime, emoji, pirate, args.max_new_tokens)
-    seconds = emoji.training.get("seconds")
+    tokens_per_s = show_side_by_side(runtime, patches, args.max_new_tokens)
+    show_quality(runtime, patches, args.max_new_tokens)
+    show_batch(runtime, patches, args.max_new_tokens)
+    alice = patches["alice"]
+    seconds = alice.training.get("seconds")
     print("\n" + "=" * WIDTH)
-    print(f"patch size {emoji.size_bytes / 1024:.1f} KiB (base bundle {manifest.size_bytes / 2**20:.0f} MiB, "
+    print(f"patch size {alice.size_bytes / 1024:.1f} KiB (base bundle {manifest.size_bytes / 2**20:.0f} MiB, "
           f"{manifest.precision}); training {seconds if seconds is not None else '?'} s for "
-          f"{emoji.training['steps']} steps; decode {tokens_per_s:.1f} tok/s; demo took "
+          f"{alice.training['steps_run']} steps; decode {tokens_per_s:.1f} tok/s; demo took "
           f"{time.perf_counter() - started:.0f} s")
     print("\nTry next:")
-    print(f"  .venv/bin/reft-edge run {bundle} --patch {work / 'emoji.reft'} \"What is your favourite food?\"")
-    print(f"  .venv/bin/reft-edge chat {bundle} --patch {work / 'pirate.reft'}")
-    print(f"  .venv/bin/reft-edge inspect {work / 'emoji.reft'}")
-    print("  .venv/bin/reft-edge train --data your.jsonl --out you.reft --layers 15 --positions f2+l2 --steps 60")
+    print(f"  .venv/bin/reft-edge run {bundle} --patch {work / 'enthusiast.reft'} \"What is your favourite food?\"")
+    print(f"  .venv/bin/reft-edge chat {bundle} --patch {work / 'signoff.reft'}")
+    print(f"  .venv/bin/reft-edge inspect {work / 'enthusiast.reft'}")
+    print(f"  .venv/bin/reft-edge eval {bundle} --patch {work / 'signoff.reft'} "
+          f"--data {PERSONAS / 'signoff' / 'unseen.txt'} --judge 'ends-with:Stay curious!'")
+    print("  .venv/bin/reft-edge train --data your.jsonl --out you.reft")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from reft_edge.train.intervention import EditSlots, InterventionParams, attach_e
 
 
 _NOT_NUMERIC = {"checkpoint_every", "resume", "record_time"}  # options that cannot change the patch
+_NOT_RECIPE = _NOT_NUMERIC | {"data", "out", "name", "model", "device", "val_data"}
 
 
 def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bool = True) -> Patch:
@@ -72,6 +73,7 @@ def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bo
         "seconds": round(seconds, 2) if config.record_time else None, "examples": len(examples),
         "data_sha256": data_sha256, "lr": config.lr, "batch_size": config.batch_size,
         "seed": config.seed, "library_version": __version__, "model": backbone.source,
+        "recipe": recipe_summary(config),
     }
     patch = to_patch(config, positions, interventions, backbone, training).to_file(config.out)
     checkpoint_path(config.out).unlink(missing_ok=True)
@@ -80,6 +82,12 @@ def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bo
         print(f"trained {config.out}: final loss {fitted.final_loss:.4f}{val}, {fitted.steps_run} steps, "
               f"{seconds:.1f} s, {patch.size_bytes} bytes")
     return patch
+
+
+def recipe_summary(config: TrainConfig) -> dict[str, Any]:
+    """The options that decide a patch besides its data and base, as JSON sees them."""
+    chosen = {k: v for k, v in config.to_dict().items() if k not in _NOT_RECIPE}
+    return json.loads(json.dumps(chosen))
 
 
 def check_config(config: TrainConfig) -> Positions:
