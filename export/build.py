@@ -90,6 +90,7 @@ def export_bundle(config: ExportConfig, *, backbone: Any = None, progress: bool 
             verification = verify(folder / MODEL_FILE, backbone, slot_layers, config.precision, graph)
         step("write bundle")
         files = write_tokenizer(backbone.tokenizer, folder)
+        files.update(write_genai(folder, backbone, graph))
         manifest = build_manifest(config, backbone, slot_layers, files, folder, verification, graph)
         manifest.to_file(folder)  # last: a folder without a manifest is not a bundle
     if progress:
@@ -207,6 +208,17 @@ def write_tokenizer(tokenizer: Any, folder: Path) -> dict[str, str]:
         (folder / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
         files["chat_template"] = CHAT_TEMPLATE_FILE
     return files
+
+
+def write_genai(folder: Path, backbone: Any, graph: str) -> dict[str, str]:
+    """genai_config.json and tokenizer_config.json: the bundle is an onnxruntime-genai model folder too."""
+    from reft_edge.export.genai import write_genai_files
+    from reft_edge.export.graph import kv_shape
+
+    kv_heads, head_dim = kv_shape(backbone.model.config)
+    return write_genai_files(folder, backbone, graph=graph, kv_heads=kv_heads, head_dim=head_dim,
+                             context_length=context_length(backbone.model.config),
+                             special_tokens=special_tokens(backbone), generation=generation_defaults(backbone.model))
 
 
 def build_manifest(config: ExportConfig, backbone: Any, slot_layers: list[int], files: dict[str, str],

@@ -131,7 +131,15 @@ def test_graph_contract(llama_bundle, llama):
     assert shapes["logits"] == ["batch", 1, llama.model.config.vocab_size]
     assert (llama_bundle / "model.onnx.data").is_file()
     assert manifest.files == {"model": "model.onnx", "model_data": "model.onnx.data",
-                              "tokenizer": "tokenizer.json", "chat_template": "chat_template.jinja"}
+                              "tokenizer": "tokenizer.json", "chat_template": "chat_template.jinja",
+                              "genai_config": "genai_config.json", "tokenizer_config": "tokenizer_config.json"}
+    genai = json.loads((llama_bundle / "genai_config.json").read_text())["model"]
+    assert (genai["type"], genai["context_length"], genai["vocab_size"], genai["pad_token_id"]) == \
+        ("llama", 256, llama.model.config.vocab_size, manifest.special_tokens["pad_token_id"])
+    assert (genai["decoder"]["head_size"], genai["decoder"]["num_key_value_heads"]) == (16, 2)
+    assert genai["decoder"]["inputs"]["past_key_names"] % 1 == "past_key_values.1.key"
+    assert json.loads((llama_bundle / "tokenizer_config.json").read_text())["chat_template"] == \
+        llama.tokenizer.chat_template
     assert (llama_bundle / "chat_template.jinja").read_text() == llama.tokenizer.chat_template
     assert manifest.special_tokens["eos_token_ids"] == [llama.tokenizer.eos_token_id]
     assert manifest.context_length == 256 and manifest.kv.dtype == "float32" and manifest.kv.num_kv_heads == 2
