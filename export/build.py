@@ -28,7 +28,7 @@ from reft_edge.constants import (
 )
 from reft_edge.configs import config_from_dict
 from reft_edge.errors import BundleError, ExportError, UsageError
-from reft_edge.files import atomic_dir
+from reft_edge.files import atomic_dir, remove_stale_temporaries
 from reft_edge.export.quantize import WEIGHT_RECIPES
 from reft_edge.runtime.bundle import PRECISIONS, KVLayout, Manifest
 
@@ -69,6 +69,9 @@ def export_bundle(config: ExportConfig, *, backbone: Any = None, progress: bool 
     started = time.perf_counter()
     backbone = backbone or load_backbone(config.model)
     slot_layers = resolve_slot_layers(config, backbone.num_layers)
+    for stale in remove_stale_temporaries(Path(config.out)):
+        if progress:
+            print(f"removed {stale}, left by an export that was killed more than a day ago")
     existing = up_to_date_bundle(config, backbone, slot_layers)
     if existing is not None:
         if progress:

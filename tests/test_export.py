@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -324,6 +325,20 @@ def test_killed_export_leaves_no_bundle_and_rerun_succeeds(tiny_model_dir, tmp_p
     assert not out.exists()
     export_bundle(ExportConfig(out=str(out), model=model), progress=False)
     assert Manifest.from_dir(out).verification["greedy_tokens_match"]
+
+
+def test_export_removes_what_killed_exports_left_a_day_ago(llama, llama_bundle):
+    """Hidden temporaries of atomic_dir untouched for over a day go; a live one (recent change inside) stays."""
+    stale, live = (llama_bundle.parent / f".{llama_bundle.name}.{tag}.tmp" for tag in ("k1ll3d", "l1v3"))
+    for folder in (stale, live):
+        (folder / ".work").mkdir(parents=True)
+        (folder / ".work" / "model.onnx").write_bytes(b"partial")
+    old = time.time() - 2 * 86400
+    for path in (stale / ".work" / "model.onnx", stale / ".work", stale, live):
+        os.utime(path, (old, old))
+    export_bundle(ExportConfig(out=str(llama_bundle), model=llama.path), backbone=llama, progress=False)
+    assert not stale.exists() and live.is_dir()  # the live one's newest change is its file, just written
+    shutil.rmtree(live)
 
 
 def test_inspect_bundle(llama_bundle):
