@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import onnxruntime_genai as og
 import pytest
 from click.testing import CliRunner
 
@@ -24,7 +25,6 @@ from reft_edge.runtime.adapter import adapter_arrays, convert_patches
 from reft_edge.runtime.bundle import Manifest
 from reft_edge.train.backbone import load_backbone
 
-og = pytest.importorskip("onnxruntime_genai")
 
 PROMPTS = ["What is the weather like today?", "How do I bake a cake?", "Tell me about your weekend.",
            "hello world", "The quick brown fox"]
