@@ -99,7 +99,7 @@ class TorchBackend:
         attention = torch.zeros((len(examples), seq), dtype=torch.long)
         arrays = self.slot_arrays(len(examples), edits)
         rows, cols, targets = [], [], []
-        for row, (example, sequence) in enumerate(zip(examples, sequences)):
+        for row, (example, sequence, prompt_len) in enumerate(zip(examples, sequences, prompt_lens)):
             input_ids[row, :len(sequence)] = torch.tensor(sequence)
             attention[row, :len(sequence)] = 1
             rows += [row] * len(example.target_ids)
