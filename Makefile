@@ -28,9 +28,9 @@ test: venv
 demo: venv
 	$(BIN)/python -m examples.demo
 
-# Benchmark-only dependencies: the onnxruntime-genai reference and the chart.
+# Benchmark-only dependency: the chart (onnxruntime-genai comes with the dev extra).
 bench: venv
-	$(BIN)/pip install -q onnxruntime-genai matplotlib
+	$(BIN)/pip install -q matplotlib
 	$(BIN)/python -m benchmarks.run
 
 # The recipe study (docs/quality.md); PEFT trains its LoRA anchor. About an hour here.

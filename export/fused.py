@@ -19,7 +19,9 @@ Hugging Face modules, so the torch model stays the reference (export.verify chec
 Feeds (docs/bundle-format.md, graph "fused"): rows are right-padded; attention_mask is
 1 for each row's tokens so far (prompt plus generated), so its row sums give GQA each
 row's length and its width the batch's longest; past buffers are [batch, kv_heads,
-max_length, head_dim], zeros at the start of a generation.
+max_length, head_dim], zeros at the start of a generation. Slot inputs (contract v3) are
+the same at every step: the graph computes each token's edit mask from the positions
+input, the pass's place in the sequence and the attention mask (FusedGraph.slot_mask).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from reft_edge.runtime.bundle import (
-    ATTENTION_MASK, INPUT_IDS, LOGITS, past_names, present_names, slot_names,
+from reft_edge.runtime.contract import (
+    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_LINES, past_names, present_names, slot_names,
 )
 from reft_edge.train.backbone import decoder_layers
 
@@ -97,6 +99,7 @@ class FusedGraph:
         self.names: set[str] = {LOGITS, *(n for i in range(len(self.layers)) for n in present_names(i))}
         self.use_slots = False  # whether the decoder being built applies its slots
         self.output_name = str  # the name a decoder output gets (public, or unique inside an If branch)
+        self.token_places: tuple[str, str, str, str] | None = None  # slot_mask's shared values, per decoder
 
     # -- small helpers ---------------------------------------------------------------------------
 
@@ -169,7 +172,7 @@ class FusedGraph:
 
             slot.{first}.A --Size--Greater 0--> If --then--> decoder with slots   --> logits, present.*
                                                    --else--> decoder without slots
-        The runtime sends rank-0 slots on decode steps (generated tokens are never edited),
+        The runtime sends rank-0 slots on decode steps when no row edits generated tokens,
         which then skip the slot nodes entirely; both decoders read the same weights and
         write the same KV buffers.
         """
@@ -206,7 +209,7 @@ class FusedGraph:
     def decoder(self, h: str, lengths: str, total: str, cos: str, sin: str, embedding: str, *, use_slots: bool,
                 output_name: Any) -> list[str]:
         """Every block, the final norm and the output layer; returns [logits, present.*] value names."""
-        self.use_slots, self.output_name = use_slots, output_name
+        self.use_slots, self.output_name, self.token_places = use_slots, output_name, None
         pending = None  # the last MLP's output, not yet added to the residual stream h
         presents = []
         for index, layer in enumerate(self.layers):
@@ -233,10 +236,12 @@ class FusedGraph:
                   helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"])]
         inputs += [self.value_info(past, past) for layer in range(len(self.layers)) for past in past_names(layer)]
         hidden = self.config.hidden_size
-        shapes = (["batch", "rank", hidden], ["batch", "rank", hidden], ["batch", 1, "rank"], ["batch", "seq", "rank"])
+        shapes = (["batch", "rank", hidden], ["batch", "rank", hidden], ["batch", 1, "rank"],
+                  ["batch", POSITION_LINES, "rank"])
+        types = (TensorProto.FLOAT,) * 3 + (TensorProto.INT64,)
         for layer in self.slot_layers:
-            inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-                       for name, shape in zip(slot_names(layer), shapes)]
+            inputs += [helper.make_tensor_value_info(name, kind, shape)
+                       for name, kind, shape in zip(slot_names(layer), types, shapes)]
         return inputs
 
     def sequence_lengths(self) -> tuple[str, str]:
@@ -308,13 +313,65 @@ class FusedGraph:
         """The change the slot of ``layer`` makes to h: train.intervention.low_rank_edit minus h.
 
             h --FusedMatMul B^T--Add c--Mul mask--MatMul A--> delta      (the caller adds it to h)
+            slot.l.positions --slot_mask--> mask [batch, seq, rank]
         """
-        A, B, c, mask = slot_names(layer)
+        A, B, c, positions = slot_names(layer)
         name = f"layers.{layer}/slot"
         product = self.one("FusedMatMul", [h, B], name=f"{name}/MatMul_B", domain=MS_DOMAIN, transB=1)
         coefficients = self.one("Add", [product, c], name=f"{name}/Add_c")
-        masked = self.one("Mul", [coefficients, mask], name=f"{name}/Mul_mask")
+        masked = self.one("Mul", [coefficients, self.slot_mask(positions, name)], name=f"{name}/Mul_mask")
         return self.one("MatMul", [masked, A], name=f"{name}/MatMul_A")
+
+    def places(self) -> tuple[str, str, str, str]:
+        """Where this pass's tokens sit, built once per decoder (inside the slotted branch only):
+
+            attention_mask --Shape[1]--> width;  input_ids --Shape[1]--> seq;  past = width - seq
+            Range(past, width) --Unsqueeze--> t [1, seq, 1]: each token's position
+            past == 0 (the prompt pass) ? ReduceSum(attention_mask) : 0 --> prompt_len [batch, 1, 1]
+            past > 0 --> later [1, 1, 1]: a pass of generated tokens
+            t < prompt_len --> in_prompt [batch, seq, 1]: prompt tokens (never pads, never on later passes)
+        """
+        if self.token_places is None:
+            width = self.one("Shape", [ATTENTION_MASK], name="places/width", start=1, end=2)
+            seq = self.one("Shape", [INPUT_IDS], name="places/seq", start=1, end=2)
+            past = self.one("Sub", [width, seq], name="places/past")
+            scalar = lambda value, name: self.one("Squeeze", [value], name=name)  # noqa: E731
+            span = self.one("Range", [scalar(past, "places/past_scalar"), scalar(width, "places/width_scalar"),
+                                      self.constant(1)], name="places/Range")
+            t = self.one("Unsqueeze", [span, self.constant([0, 2])], name="places/t")
+            later = self.one("Greater", [past, self.constant([0])], name="places/later")
+            later = self.one("Unsqueeze", [later, self.constant([1, 2])], name="places/later3")
+            lengths = self.one("ReduceSum", [ATTENTION_MASK, self.constant([1])], name="places/lengths", keepdims=1)
+            lengths = self.one("Unsqueeze", [lengths, self.constant([2])], name="places/lengths3")
+            prompt_len = self.one("Where", [later, self.constant(0), lengths], name="places/prompt_len")
+            in_prompt = self.one("Less", [t, prompt_len], name="places/in_prompt")
+            self.token_places = t, prompt_len, in_prompt, later
+        return self.token_places
+
+    def slot_mask(self, positions: str, name: str) -> str:
+        """contract.token_mask in ONNX nodes: float [batch, seq, rank] from positions [batch, 4, rank].
+
+            first, last, after, generated = Split(positions, axis 1)      each [batch, 1, rank]
+            prefix = t < min(first, prompt_len)
+            suffix = t >= prompt_len - min(last, prompt_len - min(after, prompt_len))
+            mask = (t < prompt_len and (prefix or suffix)) or (generated and later)   (pads: neither)
+        """
+        t, prompt_len, in_prompt, later = self.places()
+        first, last, after, generated = self.node("Split", [positions], name=f"{name}/Split", outputs=4, axis=1,
+                                                  num_outputs=POSITION_LINES)
+        prefix = self.one("Less", [t, self.one("Min", [first, prompt_len], name=f"{name}/first")],
+                          name=f"{name}/prefix")
+        start = self.one("Min", [after, prompt_len], name=f"{name}/after")
+        count = self.one("Min", [last, self.one("Sub", [prompt_len, start], name=f"{name}/room")], name=f"{name}/last")
+        suffix = self.one("GreaterOrEqual", [t, self.one("Sub", [prompt_len, count], name=f"{name}/from")],
+                          name=f"{name}/suffix")
+        edits = self.one("And", [self.one("Cast", [generated], name=f"{name}/generated", to=9), later],
+                         name=f"{name}/later")
+        # (Where has no bool kernel; in_prompt and later never hold together, so And/Or choose)
+        prompt = self.one("And", [in_prompt, self.one("Or", [prefix, suffix], name=f"{name}/span")],
+                          name=f"{name}/prompt")
+        chosen = self.one("Or", [prompt, edits], name=f"{name}/choose")
+        return self.one("Cast", [chosen], name=f"{name}/mask", to=1)
 
     def attention(self, index: int, module: nn.Module, x: str, lengths: str, total: str, cos: str,
                   sin: str) -> tuple[str, list[str]]:

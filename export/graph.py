@@ -22,8 +22,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from reft_edge.runtime.bundle import (
-    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names, slot_names,
+from reft_edge.runtime.contract import (
+    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, POSITION_LINES, past_names, present_names, slot_names,
+    token_mask,
 )
 from reft_edge.train.backbone import decoder_layers
 from reft_edge.train.intervention import EditSlots, attach_edits
@@ -51,14 +52,15 @@ def output_names(num_layers: int) -> list[str]:
 class SlotGraph(nn.Module):
     """The HF model with flat KV tensors and per-layer slot tensors as plain inputs.
 
-    A cache object cannot be an export input (FACTS.md), so forward builds a
-    DynamicCache from the flat tensors and returns its grown contents flat again.
-    Slot inputs slot.{l}.A/B/c/mask go to the hook on decoder layer l
-    (``attach_slot_hooks``); the hook applies train.intervention.low_rank_edit, the
-    function training uses.
+    A cache object cannot be an export input, so forward builds a DynamicCache from the
+    flat tensors and returns its grown contents flat again. Slot inputs
+    slot.{l}.A/B/c and the mask that contract.token_mask computes from slot.{l}.positions
+    go to the hook on decoder layer l (``attach_slot_hooks``); the hook applies
+    train.intervention.low_rank_edit, the function training uses.
 
         past_key_values.{i}.*  --> DynamicCache --> HF model --> logits[:, -1:], present.{i}.*
-        slot.{l}.A/B/c/mask    --> EditSlots[l] --> hook on block l
+        slot.{l}.positions, position_ids, attention_mask --token_mask--> mask
+        slot.{l}.A/B/c, mask   --> EditSlots[l] --> hook on block l
     """
 
     def __init__(self, model: nn.Module, slot_layers: list[int]):
@@ -72,9 +74,10 @@ class SlotGraph(nn.Module):
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
+        places = token_places(input_ids, attention_mask, position_ids)
         for k, layer in enumerate(self.slot_layers):
-            A, B, c, mask = slots[4 * k:4 * k + 4]
-            self.slots.set(layer, A, B, c[:, 0], mask)
+            A, B, c, positions = slots[4 * k:4 * k + 4]
+            self.slots.set(layer, A, B, c[:, 0], token_mask(positions, *places, xp=torch).to(A.dtype))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache, use_cache=True, logits_to_keep=1)
         self.slots.clear()
@@ -85,6 +88,21 @@ class SlotGraph(nn.Module):
         layers = decoder_layers(self.model)
         with attach_edits({layer: layers[layer] for layer in self.slot_layers}, self.slots):
             yield
+
+
+def token_places(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t, prompt_len, real) for contract.token_mask, from a traced graph's own inputs.
+
+    t: the position ids. The pass is the prompt pass when there is no past (its length, the
+    attention mask's width minus this chunk's, is counted as a tensor so that it stays
+    dynamic in the trace); then prompt_len is each row's real tokens, else 0. real: this
+    chunk's columns of the attention mask (left pads are 0).
+    """
+    seq = input_ids.shape[1]
+    past = torch.ones_like(attention_mask[:1, seq:]).sum()
+    prompt_len = torch.where(past == 0, attention_mask.sum(-1), torch.zeros_like(attention_mask[:, 0]))
+    return position_ids, prompt_len, attention_mask[:, attention_mask.shape[1] - seq:] != 0
 
 
 @contextlib.contextmanager
@@ -112,7 +130,7 @@ def example_inputs(model: nn.Module, num_slots: int, *, batch: int = 2, seq: int
     hidden, layers = config.hidden_size, len(decoder_layers(model))
     dtype = next(model.parameters()).dtype
     slot = [torch.zeros(batch, rank, hidden), torch.zeros(batch, rank, hidden), torch.zeros(batch, 1, rank),
-            torch.zeros(batch, seq, rank)]
+            torch.zeros(batch, POSITION_LINES, rank, dtype=torch.long)]
     return (
         torch.ones(batch, seq, dtype=torch.long),
         torch.ones(batch, past + seq, dtype=torch.long),
@@ -127,7 +145,7 @@ def dynamic_shapes(num_layers: int, num_slots: int) -> tuple:
     dim = torch.export.Dim
     batch, seq, past, total, rank = (dim(name) for name in ("batch", "seq", "past_seq", "total_seq", "rank"))
     kv = {0: batch, 2: past}
-    slot = [{0: batch, 1: rank}, {0: batch, 1: rank}, {0: batch, 2: rank}, {0: batch, 1: seq, 2: rank}]
+    slot = [{0: batch, 1: rank}, {0: batch, 1: rank}, {0: batch, 2: rank}, {0: batch, 2: rank}]
     return (
         {0: batch, 1: seq},
         {0: batch, 1: total},

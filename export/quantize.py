@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from reft_edge.runtime.bundle import LOGITS
+from reft_edge.runtime.contract import LOGITS
 
 INT8_BLOCK, INT4_BLOCK = 16, 32
 # How each precision's weights are made; recorded in the manifest, so a bundle made by an
@@ -80,7 +80,9 @@ def to_fp16(source: Path, target: Path) -> None:
     # (which would serialise a second full copy of the model: 2.7 instead of 1 GB peak here).
     model = onnx.load(str(source))
     # Keep float32 at the graph boundary: slot inputs (patch values) and logits (sampling).
-    float32_io = [i.name for i in model.graph.input if i.name.startswith("slot.")] + [LOGITS]
+    # (the int64 positions input is no float: listing it would make the converter cast it)
+    float32_io = [i.name for i in model.graph.input
+                  if i.name.startswith("slot.") and i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT] + [LOGITS]
     model = convert_float_to_float16(model, keep_io_types=float32_io, disable_shape_infer=True)
     save_model(model, target)
 

@@ -28,15 +28,20 @@ import torch
 from torch import nn
 
 from reft_edge.export.graph import eager_attention, kv_shape
-from reft_edge.runtime.bundle import KVLayout, past_names
+from reft_edge.runtime.bundle import KVLayout
+from reft_edge.runtime.contract import past_names
 from reft_edge.runtime.engine import Engine
-from reft_edge.runtime.slots import SlotArrays
+from reft_edge.runtime.positions import Positions
+from reft_edge.runtime.slots import SlotArrays, SlotEdit, slot_arrays
 from reft_edge.train.backbone import decoder_layers
 from reft_edge.train.intervention import EditSlots, attach_edits
 
 PROMPT_LENGTHS = (5, 8)  # random prompts when none are given: row 0 has 3 pads
-PREFIX, SUFFIX = 2, 2  # untied positions: rank rows 0-1 edit the first 2 prompt tokens, rows 2-3 the last 2
-GENERATED_ROWS = slice(3, 4)  # and in batch row 1, rank row 3 edits every generated token too
+# Untied f2+l2 in both rows (rank rows 0-1 on the first 2 prompt tokens, row 2 on the last 2);
+# row 1 adds rank row 3, an l2+g intervention: the last 2 prompt tokens and every generated one.
+PREFIX_SUFFIX, GENERATED = Positions.parse("f2+l2"), Positions.parse("l2+g")
+ROW_EDITS = ([(PREFIX_SUFFIX, "prefix", 2), (PREFIX_SUFFIX, "suffix", 1)],
+             [(PREFIX_SUFFIX, "prefix", 2), (PREFIX_SUFFIX, "suffix", 1), (GENERATED, "both", 1)])
 RANK = 4
 DECODE_STEPS = 4
 GREEDY_TOKENS = 32
@@ -44,29 +49,34 @@ GREEDY_TOKENS = 32
 
 @dataclass
 class Batch:
-    """Prompts of different lengths and a patch per row (slot arrays in prompt coordinates)."""
+    """Prompts of different lengths and a patch per row (the runtime's slot arrays)."""
 
     prompts: list[list[int]]
     slots: SlotArrays
 
     def without_edit(self) -> "Batch":
-        """The same patch with an all-zero mask: must be exactly the identity."""
+        """The same A, B, c with all-zero positions (nothing edited): must be exactly the identity."""
         s = self.slots
-        return Batch(self.prompts, SlotArrays(s.A, s.B, s.c, np.zeros_like(s.mask), np.zeros_like(s.decode_mask)))
+        return Batch(self.prompts, SlotArrays(s.A, s.B, s.c, np.zeros_like(s.positions)))
 
     def left_padded(self, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """torch's feed: (input_ids, attention_mask, position_ids, slot mask), rows left-padded."""
-        rows, seq = len(self.prompts), self.slots.mask.shape[2]
+        """torch's feed: (input_ids, attention_mask, position_ids, slot masks), rows left-padded;
+        the masks are those contract.token_mask gives the graph on the prompt pass."""
+        rows, seq = len(self.prompts), max(len(p) for p in self.prompts)
         input_ids = np.full((rows, seq), pad_id, dtype=np.int64)
         attention_mask = np.zeros((rows, seq), dtype=np.int64)
         position_ids = np.ones((rows, seq), dtype=np.int64)  # pads get position 1, as Hugging Face does
-        mask = np.zeros_like(self.slots.mask)
         for row, prompt in enumerate(self.prompts):
             start = seq - len(prompt)
             input_ids[row, start:], attention_mask[row, start:] = prompt, 1
             position_ids[row, start:] = np.arange(len(prompt))
-            mask[:, row, start:] = self.slots.mask[:, row, :len(prompt)]
-        return input_ids, attention_mask, position_ids, mask
+        masks = self.slots.masks(position_ids, attention_mask.sum(-1), attention_mask != 0)
+        return input_ids, attention_mask, position_ids, masks
+
+    def decode_masks(self) -> np.ndarray:
+        """[slots, batch, 1, rank]: what the graph computes on a pass of generated tokens."""
+        rows = len(self.prompts)
+        return self.slots.masks(np.zeros((rows, 1), np.int64), np.zeros(rows, np.int64), np.ones((rows, 1), bool))
 
 
 def random_batch(vocab_size: int, hidden: int, num_slots: int, edited_slots: list[int], seed: int = 0,
@@ -75,27 +85,21 @@ def random_batch(vocab_size: int, hidden: int, num_slots: int, edited_slots: lis
 
     Row 1 uses all RANK rows, one of them also on generated tokens; row 0 only RANK - 1 (its
     last row is zero-padded, as the runtime pads a smaller patch) and no generated tokens, so
-    rows of one batch differ in rank, values and positions.
+    rows of one batch differ in rank, values and positions. Packed by runtime.slots.slot_arrays.
     """
     rng = np.random.default_rng(seed)
     prompts = prompts or [[int(t) for t in rng.integers(0, vocab_size, n)] for n in PROMPT_LENGTHS]
-    batch, seq = len(prompts), max(len(p) for p in prompts)
-    mask = np.zeros((num_slots, batch, seq, RANK), dtype=np.float32)
-    decode_mask = np.zeros((num_slots, batch, 1, RANK), dtype=np.float32)
-    decode_mask[edited_slots, min(1, batch - 1), :, GENERATED_ROWS] = 1.0
-    for row, prompt in enumerate(prompts):
-        used = RANK - 1 if row == 0 else RANK
+    rows = []
+    for row in range(len(prompts)):
+        edits = []
         for slot in edited_slots:
-            mask[slot, row, :PREFIX, :min(PREFIX, used)] = 1.0
-            mask[slot, row, len(prompt) - SUFFIX:len(prompt), PREFIX:used] = 1.0
-    A = rng.standard_normal((num_slots, batch, RANK, hidden)).astype(np.float32)
-    A /= np.linalg.norm(A, axis=-1, keepdims=True)
-    B = (rng.standard_normal((num_slots, batch, RANK, hidden)) / np.sqrt(hidden)).astype(np.float32)
-    c = rng.standard_normal((num_slots, batch, RANK)).astype(np.float32)
-    unused = np.ones((num_slots, batch, RANK, 1), dtype=np.float32)
-    unused[:, 0, RANK - 1] = 0.0  # row 0: rank 3
-    unused[[s for s in range(num_slots) if s not in edited_slots]] = 0.0
-    return Batch(prompts, SlotArrays(A * unused, B * unused, c * unused[..., 0], mask, decode_mask))
+            for positions, where, rank in ROW_EDITS[min(row, 1)]:
+                A = rng.standard_normal((rank, hidden)).astype(np.float32)
+                A /= np.linalg.norm(A, axis=-1, keepdims=True)
+                B = (rng.standard_normal((rank, hidden)) / np.sqrt(hidden)).astype(np.float32)
+                edits.append(SlotEdit(slot, positions, where, A, B, rng.standard_normal(rank).astype(np.float32)))
+        rows.append(edits)
+    return Batch(prompts, slot_arrays(rows, num_slots, hidden))
 
 
 def open_engine(path: str | Path, *, graph: str, kv: KVLayout, slot_layers: list[int], pad_id: int) -> Engine:
@@ -138,6 +142,7 @@ class TorchReference:
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Any,
              slots: SlotArrays, mask: np.ndarray) -> np.ndarray:
+        """One pass; ``mask`` [slots, batch, seq, rank] is this pass's per-token edit mask."""
         self.slots.clear()
         for k, layer in enumerate(self.slot_layers):
             if mask[k].any():  # an all-zero mask is the identity; leaving the slot empty keeps torch exact
@@ -167,7 +172,7 @@ def run_both(engine: Engine, reference: TorchReference, batch: Batch, steps: int
         positions = positions[:, -1:] + 1
         got = run.decode(ort_next)
         want = reference.step(torch_next[:, None].astype(np.int64), attention, positions, cache, batch.slots,
-                              batch.slots.decode_mask)
+                              batch.decode_masks())
         ort_logits.append(got)
         torch_logits.append(want)
     return ort_logits, torch_logits
@@ -198,6 +203,7 @@ def verify_graph(path: str | Path, model: nn.Module, slot_layers: list[int], *, 
     torch_tokens = np.stack([logits.argmax(-1) for logits in greedy[1]], axis=1)
     return {
         "max_abs_logit_diff": _max_diff(*patched),
+        "logit_max_abs": float(max(np.abs(logits).max() for logits in patched[1])),
         "zero_patch_max_abs_diff": _max_diff(*zero),
         "patch_effect_max_abs": _max_diff(patched[1][:1], zero[1][:1]),
         "identity_bit_exact": identity_is_exact(engine, batch),
@@ -211,18 +217,29 @@ def verify_graph(path: str | Path, model: nn.Module, slot_layers: list[int], *, 
         "edited_slot_layers": [slot_layers[k] for k in edited],
         "batch": len(batch.prompts),
         "rank": RANK,
-        "positions": f"f{PREFIX}+l{SUFFIX} (untied); row 1: rank row {GENERATED_ROWS.start} also g",
+        "positions": f"{PREFIX_SUFFIX} (untied, rank rows 0-2); row 1: rank row 3 {GENERATED}",
         "prompt_tokens": [len(p) for p in batch.prompts],
         "seed": seed,
     }
 
 
 def identity_is_exact(engine: Engine, batch: Batch) -> bool:
-    """A zero mask and an empty (rank 0) patch must give bit-equal logits from the graph."""
-    num_slots, rows, seq, _ = batch.slots.mask.shape
-    zero_mask = engine.start(batch.prompts, batch.without_edit().slots, 1).prefill()
-    rank_zero = engine.start(batch.prompts, SlotArrays.empty(num_slots, rows, seq, batch.slots.A.shape[-1]), 1)
-    return bool(np.array_equal(zero_mask, rank_zero.prefill()))
+    """A patch that edits no position, a patch of weight 0 (its generated-token rows keep the
+    decode steps on the slotted path) and an empty (rank 0) patch must give bit-equal logits
+    from the graph, at the prefill and at a decode step."""
+    num_slots, rows, _, hidden = batch.slots.A.shape
+    s = batch.slots
+    variants = (batch.without_edit().slots, SlotArrays(np.zeros_like(s.A), s.B, s.c, s.positions))
+    empty = engine.start(batch.prompts, SlotArrays.empty(num_slots, rows, hidden), 2)
+    want = [empty.prefill()]
+    want.append(empty.decode(want[0].argmax(-1)))
+    for slots in variants:
+        run = engine.start(batch.prompts, slots, 2)
+        got = [run.prefill()]
+        got.append(run.decode(want[0].argmax(-1)))
+        if not all(np.array_equal(g, w) for g, w in zip(got, want)):
+            return False
+    return True
 
 
 def _max_diff(first: list[np.ndarray], second: list[np.ndarray]) -> float:

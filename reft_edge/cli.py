@@ -171,9 +171,10 @@ def inspect_bundle(path: str, as_json: bool) -> None:
 # The stage commands' modules import only click; each stage loads when its command runs.
 from reft_edge.export.cli import export_command  # noqa: E402
 from reft_edge.runtime.cli import chat_command, run_command  # noqa: E402
+from reft_edge.runtime.convert_cli import convert_command  # noqa: E402
 from reft_edge.runtime.eval_cli import eval_command  # noqa: E402
 
-for _command in (export_command, run_command, chat_command, eval_command):
+for _command in (export_command, run_command, chat_command, eval_command, convert_command):
     main.add_command(_command)
 
 

@@ -4,12 +4,15 @@ PATCH_FORMAT = "reft-edge-patch"
 PATCH_FORMAT_VERSION = 2  # the newest this reads; a file carries the oldest that can say it
 PATCH_SUFFIX = ".reft"
 
-BUNDLE_SCHEMA_VERSION = 2  # 2: per-layer slot inputs, the "graph" field (fused | traced)
+BUNDLE_SCHEMA_VERSION = 3  # 3: slot positions inputs, constant for a generation (contract v3); genai_config.json
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 MODEL_DATA_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENAI_CONFIG_FILE = "genai_config.json"  # onnxruntime-genai's model folder description
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # read by onnxruntime-genai's tokenizer
+ADAPTER_SUFFIX = ".onnx_adapter"
 FINGERPRINT_FILE = "reft_edge_fingerprint.json"
 
 DEFAULT_MODEL = "default"

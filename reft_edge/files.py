@@ -8,9 +8,11 @@ leaves a half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -73,3 +75,29 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temporaries(final: Path, max_age_s: float = 86400.0) -> list[Path]:
+    """Delete the hidden temporary folders that killed runs of ``atomic_dir(final)`` left behind
+    (``.{name}.*.tmp``) when nothing in them changed for ``max_age_s`` (a day); returns them.
+
+    A live run writes into its folder all the time, so its newest modification is recent
+    and it is left alone.
+    """
+    final = Path(final)
+    removed = []
+    for folder in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        if folder.is_dir() and not folder.is_symlink() and time.time() - newest_change(folder) > max_age_s:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def newest_change(folder: Path) -> float:
+    """The latest modification time of ``folder`` or anything in it (0 for what vanished meanwhile)."""
+    times = [folder.stat().st_mtime]
+    for root, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            with contextlib.suppress(OSError):
+                times.append(os.lstat(os.path.join(root, name)).st_mtime)
+    return max(times)

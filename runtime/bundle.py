@@ -15,32 +15,17 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from reft_edge.constants import BUNDLE_SCHEMA_VERSION, MANIFEST_FILE
 from reft_edge.errors import BundleError
 
+if TYPE_CHECKING:
+    from reft_edge.runtime.patch import Patch
+
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
-# Graph input and output names (the KV names are the ones optimum and onnxruntime-genai use).
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
-POSITION_IDS = "position_ids"
-LOGITS = "logits"
 GRAPHS = ("fused", "traced")  # how export built the graph; decides how the runtime feeds it
-
-
-def slot_names(layer: int) -> tuple[str, str, str, str]:
-    """The edit slot of decoder layer ``layer``: A, B [batch, rank, hidden], c [batch, 1, rank], mask [batch, seq, rank]."""
-    return f"slot.{layer}.A", f"slot.{layer}.B", f"slot.{layer}.c", f"slot.{layer}.mask"
-
-
-def past_names(layer: int) -> tuple[str, str]:
-    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
-
-
-def present_names(layer: int) -> tuple[str, str]:
-    return f"present.{layer}.key", f"present.{layer}.value"
 
 
 @dataclass(frozen=True)
@@ -112,6 +97,22 @@ class Manifest:
                                   "re-export the bundle")
         if "model" not in self.files or "tokenizer" not in self.files:
             raise BundleError(f"{source}: names no model or tokenizer file; re-export the bundle")
+
+    def load_patches(self, patches: "Sequence[Patch | str | Path]") -> "list[Patch]":
+        """Patch objects or paths -> Patch objects, each checked against this bundle's base, hidden
+        size and slot layers (one-line errors naming the file)."""
+        from reft_edge.runtime.patch import Patch
+
+        if isinstance(patches, (str, Path, Patch)):
+            patches = [patches]
+        loaded = []
+        for item in patches:
+            patch = item if isinstance(item, Patch) else Patch.from_file(item)
+            patch.check_compatible(base_fingerprint=self.base_fingerprint, hidden_size=self.hidden_size,
+                                   slot_layers=self.slot_layers,
+                                   source=str(item) if not isinstance(item, Patch) else f"patch {patch.name!r}")
+            loaded.append(patch)
+        return loaded
 
     @classmethod
     def from_dir(cls, bundle_dir: str | Path) -> "Manifest":

@@ -3,7 +3,7 @@
 Example::
 
     engine = Engine(session, graph="fused", kv=manifest.kv, slot_layers=[15], device="cpu", pad_id=2)
-    run = engine.start([[1, 2, 3], [4, 5]], SlotArrays.empty(1, batch=2, seq=3, hidden=576), max_new_tokens=8)
+    run = engine.start([[1, 2, 3], [4, 5]], SlotArrays.empty(1, batch=2, hidden=576), max_new_tokens=8)
     logits = run.prefill()                          # [batch, vocab], each row's last prompt token
     logits = run.decode(logits.argmax(-1))          # the next position of every row
 
@@ -17,10 +17,11 @@ The two graph kinds (``manifest.graph``, docs/bundle-format.md) are fed differen
   cache grows: present = past + the new step, bound back as the next past.
 
 A run owns its IOBinding, so generations on one session from several threads do not
-share state (onnxruntime sessions are thread-safe). Slot inputs are placed on the
-device once per run. Decode steps feed the patch's generated-token mask; when no row's
-patch edits generated tokens they bind rank-0 slots instead (empty slots leave the graph
-nothing to compute: the fused graph then runs its slot-free branch).
+share state (onnxruntime sessions are thread-safe). Slot inputs (A, B, c, positions) are
+placed on the device once per run and stay for every step: the graph works out which
+tokens they edit (graph contract v3). When no row's patch edits generated tokens, decode
+steps bind rank-0 slots instead (empty slots leave the graph nothing to compute: the
+fused graph then runs its slot-free branch).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from reft_edge.runtime.bundle import (
-    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, KVLayout, past_names, present_names, slot_names,
+from reft_edge.runtime.bundle import KVLayout
+from reft_edge.runtime.contract import (
+    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, POSITION_LINES, past_names, present_names, slot_names,
 )
 from reft_edge.runtime.slots import SlotArrays
 
@@ -76,12 +78,12 @@ class _Run:
         self.prompt_ids = prompts
         self.arrays: dict[str, np.ndarray] = {}  # bound numpy inputs: onnxruntime reads their memory, keep them
         for k, layer in enumerate(engine.slot_layers):
-            a, b, c, _ = slot_names(layer)
+            a, b, c, positions = slot_names(layer)
             self.binding.bind_ortvalue_input(a, engine.on_device(slots.A[k]))
             self.binding.bind_ortvalue_input(b, engine.on_device(slots.B[k]))
             self.binding.bind_ortvalue_input(c, engine.on_device(slots.c[k][:, None, :]))
-        self.prefill_mask = slots.mask
-        self.decode_mask = slots.decode_mask if slots.edits_generated else None
+            self.binding.bind_ortvalue_input(positions, engine.on_device(slots.positions[k]))
+        self.edits_generated = slots.edits_generated
         self.hidden = slots.A.shape[-1]
         # logits land in one buffer of this run: no output to look up and wrap per step
         self.logits_buffer = np.empty((self.batch, 1, engine.vocab_size), np.float32)
@@ -91,10 +93,6 @@ class _Run:
         """Bind a numpy input; onnxruntime reads it in place at every run, so the run keeps it alive."""
         self.arrays[name] = array = np.ascontiguousarray(array)
         self.binding.bind_cpu_input(name, array)
-
-    def bind_slot_masks(self, masks: np.ndarray) -> None:
-        for k, layer in enumerate(self.engine.slot_layers):
-            self.bind(slot_names(layer)[3], masks[k])
 
     def run(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """One pass; returns the logits [batch, vocab] of each row's last token (a copy: the
@@ -106,22 +104,18 @@ class _Run:
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """Feed each row's next token; returns the logits [batch, vocab] that follow it."""
-        if self.steps == 0:
-            if self.decode_mask is None:
-                self.bind_empty_slots()
-            else:
-                self.bind_slot_masks(self.decode_mask)
+        if self.steps == 0 and not self.edits_generated:
+            self.bind_empty_slots()
         self.steps += 1
         return self.step(np.asarray(tokens, np.int64).reshape(self.batch, 1))
 
     def bind_empty_slots(self) -> None:
-        """No row edits generated tokens: rank 0 adds exactly zero (as a zero mask does) and
-        leaves the slot nodes nothing to compute."""
-        empty = {"A": np.zeros((self.batch, 0, self.hidden), np.float32),
-                 "c": np.zeros((self.batch, 1, 0), np.float32)}
+        """No row edits generated tokens: rank 0 adds exactly zero (as the graph's zero mask
+        would) and leaves the slot nodes nothing to compute."""
+        empty = (np.zeros((self.batch, 0, self.hidden), np.float32), np.zeros((self.batch, 0, self.hidden), np.float32),
+                 np.zeros((self.batch, 1, 0), np.float32), np.zeros((self.batch, POSITION_LINES, 0), np.int64))
         for layer in self.engine.slot_layers:
-            a, b, c, mask = slot_names(layer)
-            for name, array in ((a, empty["A"]), (b, empty["A"]), (c, empty["c"]), (mask, empty["c"])):
+            for name, array in zip(slot_names(layer), empty):
                 self.bind(name, array)
 
 
@@ -141,7 +135,6 @@ class _SharedBufferRun(_Run):
         input_ids = np.full((self.batch, self.seq), self.engine.pad_id, np.int64)
         for row, prompt in enumerate(self.prompt_ids):
             input_ids[row, :len(prompt)] = prompt
-        self.bind_slot_masks(self.prefill_mask)
         return self.forward(input_ids)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
@@ -168,12 +161,9 @@ class _GrowingRun(_Run):
     def prefill(self) -> np.ndarray:
         input_ids = np.full((self.batch, self.seq), self.engine.pad_id, np.int64)
         positions = np.ones((self.batch, self.seq), np.int64)  # pads: 1, as Hugging Face gives them
-        masks = np.zeros_like(self.prefill_mask)
         for row, (prompt, pad) in enumerate(zip(self.prompt_ids, self.pads)):
             input_ids[row, pad:] = prompt
             positions[row, pad:] = np.arange(len(prompt))
-            masks[:, row, pad:] = self.prefill_mask[:, row, :len(prompt)]
-        self.bind_slot_masks(masks)
         return self.grow(input_ids, positions)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:

@@ -209,8 +209,7 @@ def teacher_forced_nll(runtime: Any, examples: Sequence[Example], edits: Sequenc
     prompts = [list(e.prompt_ids) for e in examples]
     targets = [list(e.target_ids) for e in examples]
     steps = max(len(t) for t in targets)
-    slots = slot_arrays([edits] * len(examples), [len(p) for p in prompts], max(len(p) for p in prompts),
-                        len(manifest.slot_layers), manifest.hidden_size)
+    slots = slot_arrays([edits] * len(examples), len(manifest.slot_layers), manifest.hidden_size)
     run = runtime._engine.start(prompts, slots, steps)
     logits, total = run.prefill(), 0.0
     for step in range(steps):

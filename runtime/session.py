@@ -11,10 +11,10 @@ Example::
     both = rt.generate_batch([("Hi", ["alice.reft"]), ("Hi", ["bob.reft"])])   # one batched run
 
 A string prompt becomes one user message formatted with the bundle's chat template,
-exactly as training formatted it (``raw=True`` sends the text as is). Patches edit only
-the prompt positions each one was trained on, while the prompt is processed; tokens
-generated afterwards read the edited keys and values from the cache but are not edited.
-Switching or composing patches only changes the slot inputs: the session stays.
+exactly as training formatted it (``raw=True`` sends the text as is). Patches edit the
+prompt positions each one was trained on, while the prompt is processed, and every
+generated token when their positions include ``g``; otherwise generated tokens read the
+edited keys and values from the cache but are not edited. Switching or composing patches only changes the slot inputs: the session stays.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from typing import Any, Generator, Sequence
 import numpy as np
 
 from reft_edge.errors import BundleError, UsageError
-from reft_edge.runtime.bundle import (
-    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, Manifest, past_names, present_names, slot_names,
+from reft_edge.runtime.bundle import Manifest
+from reft_edge.runtime.contract import (
+    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names, slot_names,
 )
 from reft_edge.runtime.engine import Engine
 from reft_edge.runtime.patch import Patch
@@ -120,16 +121,7 @@ class Runtime:
 
     def load_patches(self, patches: Sequence[PatchLike]) -> list[Patch]:
         """Patch objects or paths -> Patch objects, each checked against this bundle's base and slots."""
-        if isinstance(patches, (str, Path, Patch)):
-            patches = [patches]
-        loaded = []
-        for item in patches:
-            patch = item if isinstance(item, Patch) else Patch.from_file(item)
-            patch.check_compatible(base_fingerprint=self.manifest.base_fingerprint,
-                                   hidden_size=self.manifest.hidden_size, slot_layers=self.manifest.slot_layers,
-                                   source=str(item) if not isinstance(item, Patch) else f"patch {patch.name!r}")
-            loaded.append(patch)
-        return loaded
+        return self.manifest.load_patches(patches)
 
     def _request(self, prompt: Any, patches: Sequence[PatchLike], weights: Sequence[float] | None,
                  raw: bool) -> _Request:
@@ -190,8 +182,7 @@ class Runtime:
         self._check_context(requests, options.max_new_tokens)
         sampling = options.sampling
         prompts = [r.prompt_ids for r in requests]
-        slots = slot_arrays([r.edits for r in requests], [len(p) for p in prompts], max(len(p) for p in prompts),
-                            len(self.manifest.slot_layers), self.manifest.hidden_size)
+        slots = slot_arrays([r.edits for r in requests], len(self.manifest.slot_layers), self.manifest.hidden_size)
         run = self._engine.start(prompts, slots, options.max_new_tokens)
         rows = [TextRow(self.tokenizer, options.stop) for _ in requests]
         rng = sampling.rng()

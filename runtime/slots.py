@@ -5,16 +5,15 @@ Example::
     from reft_edge.runtime import Patch
     from reft_edge.runtime.slots import resolve_edits, slot_arrays
     edits = resolve_edits([Patch.from_file("alice.reft")], weights=None, slot_layers=[15])
-    slots = slot_arrays([edits], prompt_lens=[12], seq=12, num_slots=1, hidden_size=576)   # SlotArrays
+    slots = slot_arrays([edits], num_slots=1, hidden_size=576)   # SlotArrays, constant for the generation
 
 Slot k edits decoder layer ``slot_layers[k]``: ``h <- h + ((h B^T + c) * m) A``. Several
 patches (and a patch's prefix/suffix interventions) at one layer are concatenated along
-the rank; each group of rank rows has its own mask, so each keeps its own positions.
-A row's prompt token j sits at mask column j (the engine moves it where its graph's
-padding puts it). Edits of generated tokens (positions with ``g``) have a second mask,
-``decode_mask``, fed with every decode step; when no row has one, decode steps run
-rank-0 slots (the graph's slot-free path). Unused rank rows are zero with a zero mask:
-an exact identity.
+the rank (``contract.position_rows`` is that layout); each rank row carries its own
+positions (first, last, after, generated), from which the graph computes the mask ``m``
+of every token itself (``contract.token_mask``). So the inputs stay the same for a whole
+generation. When no row edits generated tokens, the runtime's decode steps bind rank-0
+slots (the graph's slot-free path). Unused rank rows are zero: an exact identity.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from reft_edge.errors import UsageError
+from reft_edge.runtime.contract import GENERATED, POSITION_LINES, position_rows, token_mask
 from reft_edge.runtime.patch import Patch
 from reft_edge.runtime.positions import Positions
 
@@ -44,25 +44,33 @@ class SlotEdit:
 @dataclass(frozen=True)
 class SlotArrays:
     """Every slot's edit for every row: A, B [slots, batch, rank, hidden], c [slots, batch, rank],
-    mask [slots, batch, prompt_len, rank] with column j = the row's prompt token j, and
-    decode_mask [slots, batch, 1, rank]: the rank rows that edit every generated token."""
+    positions [slots, batch, 4, rank] int64 (contract.row_positions per rank row)."""
 
     A: np.ndarray
     B: np.ndarray
     c: np.ndarray
-    mask: np.ndarray
-    decode_mask: np.ndarray
+    positions: np.ndarray
 
     @classmethod
-    def empty(cls, num_slots: int, batch: int, seq: int, hidden: int) -> "SlotArrays":
+    def empty(cls, num_slots: int, batch: int, hidden: int) -> "SlotArrays":
         """Rank 0 everywhere: no edit."""
         matrix = np.zeros((num_slots, batch, 0, hidden), np.float32)
         return cls(matrix, matrix, np.zeros((num_slots, batch, 0), np.float32),
-                   np.zeros((num_slots, batch, seq, 0), np.float32), np.zeros((num_slots, batch, 1, 0), np.float32))
+                   np.zeros((num_slots, batch, POSITION_LINES, 0), np.int64))
 
     @property
     def edits_generated(self) -> bool:
-        return bool(self.decode_mask.any())
+        return bool(self.positions[:, :, GENERATED].any())
+
+    def masks(self, t: np.ndarray, prompt_lens: np.ndarray, real: np.ndarray) -> np.ndarray:
+        """[slots, batch, seq, rank] float32: the per-token masks the graph computes (for torch references)."""
+        masks = [token_mask(p, t, prompt_lens, real) for p in self.positions]
+        slots, batch, _, rank = self.positions.shape
+        return np.array(masks, np.float32).reshape(slots, batch, t.shape[-1], rank)  # no slots: still 4-d
+
+    def rows(self, rows: slice) -> "SlotArrays":
+        """The batch rows ``rows`` only."""
+        return SlotArrays(self.A[:, rows], self.B[:, rows], self.c[:, rows], self.positions[:, rows])
 
 
 def check_weights(patches: Sequence[Patch], weights: Sequence[float] | None) -> list[float]:
@@ -95,23 +103,21 @@ def slot_rank(rows: Sequence[Sequence[SlotEdit]], num_slots: int) -> int:
     return max(needed, default=0)
 
 
-def slot_arrays(rows: Sequence[Sequence[SlotEdit]], prompt_lens: Sequence[int], seq: int, num_slots: int,
-                hidden_size: int) -> SlotArrays:
-    """A, B, c and the masks for a batch: each edit's prompt positions, and whether it edits generated tokens."""
+def slot_arrays(rows: Sequence[Sequence[SlotEdit]], num_slots: int, hidden_size: int) -> SlotArrays:
+    """A, B, c and positions for a batch: each row's edits of a slot concatenated along the rank
+    (contract.position_rows), then zero-padded to the batch's largest rank."""
     batch, rank = len(rows), slot_rank(rows, num_slots)
     A = np.zeros((num_slots, batch, rank, hidden_size), np.float32)
     B = np.zeros_like(A)
     c = np.zeros((num_slots, batch, rank), np.float32)
-    mask = np.zeros((num_slots, batch, seq, rank), np.float32)
-    decode_mask = np.zeros((num_slots, batch, 1, rank), np.float32)
-    for row, (edits, prompt_len) in enumerate(zip(rows, prompt_lens)):
-        used = [0] * num_slots  # next free rank row per slot
-        for edit in edits:
-            k, start = edit.slot, used[edit.slot]
-            stop = start + edit.A.shape[0]
-            A[k, row, start:stop], B[k, row, start:stop], c[k, row, start:stop] = edit.A, edit.B, edit.c
-            tokens = np.asarray(edit.positions.token_indices(edit.where, prompt_len), dtype=np.int64)
-            mask[k, row, tokens, start:stop] = 1.0
-            decode_mask[k, row, :, start:stop] = float(edit.positions.edits(edit.where, "generated"))
-            used[k] = stop
-    return SlotArrays(A, B, c, mask, decode_mask)
+    positions = np.zeros((num_slots, batch, POSITION_LINES, rank), np.int64)
+    for row, edits in enumerate(rows):
+        for k in range(num_slots):
+            here = [edit for edit in edits if edit.slot == k]
+            used = sum(edit.A.shape[0] for edit in here)
+            if here:
+                A[k, row, :used] = np.concatenate([edit.A for edit in here])
+                B[k, row, :used] = np.concatenate([edit.B for edit in here])
+                c[k, row, :used] = np.concatenate([edit.c for edit in here])
+                positions[k, row, :, :used] = position_rows([(e.positions, e.where, e.A.shape[0]) for e in here])
+    return SlotArrays(A, B, c, positions)

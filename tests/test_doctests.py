@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["reft_edge.runtime.positions", "reft_edge.runtime.sampling", "reft_edge.train.config",
+MODULES = ["reft_edge.runtime.positions", "reft_edge.runtime.contract", "reft_edge.runtime.sampling", "reft_edge.train.config",
            "reft_edge.runtime.judges"]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +27,10 @@ from reft_edge.cli import main
 from reft_edge.errors import ExportError, ModelError, UsageError
 from reft_edge.export import ExportConfig, export_bundle
 from reft_edge.export.verify import Batch, TorchReference, open_engine, random_batch, run_both
-from reft_edge.runtime.bundle import Manifest, past_names
+from reft_edge.runtime.bundle import Manifest
+from reft_edge.runtime.contract import past_names, position_rows, token_mask
 from reft_edge.runtime.engine import Engine
+from reft_edge.runtime.positions import Positions
 from reft_edge.runtime.slots import SlotArrays, resolve_edits, slot_arrays
 from reft_edge.train import TrainConfig, train
 from reft_edge.train.backbone import decoder_layers, load_backbone
@@ -61,11 +64,6 @@ def prefill(engine: Engine, prompts: list[list[int]], slots: SlotArrays) -> np.n
     return engine.start(prompts, slots, 1).prefill()
 
 
-def rows_of(slots: SlotArrays, rows: slice, seq: int) -> SlotArrays:
-    return SlotArrays(slots.A[:, rows], slots.B[:, rows], slots.c[:, rows], slots.mask[:, rows, :seq],
-                      slots.decode_mask[:, rows])
-
-
 def tiny_data(tmp_path: Path) -> Path:
     rows = [{"prompt": "What is the weather like today?", "response": "sunny and warm"},
             {"prompt": "How do I bake a cake?", "response": "mix flour, eggs and sugar"}]
@@ -87,6 +85,7 @@ def test_architecture_exports_with_parity(architecture, tiny_model_dir, tmp_path
 
     checked = manifest.verification
     assert checked["max_abs_logit_diff"] <= 1e-4 and checked["greedy_tokens_match"], checked
+    assert checked["logit_diff_limit"] == max(1e-4, 4e-6 * checked["logit_max_abs"])
     assert checked["identity_bit_exact"] and checked["patch_effect_max_abs"] > 1e-3
     assert manifest.architecture == architecture and manifest.slot_layers == [0, 1, 2]
     assert manifest.base_fingerprint == patch.base_fingerprint
@@ -96,7 +95,7 @@ def test_architecture_exports_with_parity(architecture, tiny_model_dir, tmp_path
 
     prompts = [[5, 9, 14, 3, 22, 7], [11, 4, 30, 8]]
     edits = resolve_edits([patch], None, manifest.slot_layers)
-    slots = slot_arrays([edits, edits], [len(p) for p in prompts], 6, 3, backbone.hidden_size)
+    slots = slot_arrays([edits, edits], 3, backbone.hidden_size)
     reference = TorchReference(backbone.model, manifest.slot_layers)
     with reference.attached():
         got, want = run_both(bundle_engine(tmp_path / "bundle"), reference, Batch(prompts, slots), steps=4,
@@ -129,11 +128,19 @@ def test_graph_contract(llama_bundle, llama):
     assert shapes["past_key_values.0.key"] == ["batch", 2, "max_length", 16]
     assert shapes["present.2.value"] == ["batch", 2, "max_length", 16]
     assert shapes["slot.0.A"] == ["batch", "rank", 64] and shapes["slot.2.c"] == ["batch", 1, "rank"]
-    assert shapes["slot.1.mask"] == ["batch", "seq", "rank"]
+    assert shapes["slot.1.positions"] == ["batch", 4, "rank"]
     assert shapes["logits"] == ["batch", 1, llama.model.config.vocab_size]
     assert (llama_bundle / "model.onnx.data").is_file()
     assert manifest.files == {"model": "model.onnx", "model_data": "model.onnx.data",
-                              "tokenizer": "tokenizer.json", "chat_template": "chat_template.jinja"}
+                              "tokenizer": "tokenizer.json", "chat_template": "chat_template.jinja",
+                              "genai_config": "genai_config.json", "tokenizer_config": "tokenizer_config.json"}
+    genai = json.loads((llama_bundle / "genai_config.json").read_text())["model"]
+    assert (genai["type"], genai["context_length"], genai["vocab_size"], genai["pad_token_id"]) == \
+        ("llama", 256, llama.model.config.vocab_size, manifest.special_tokens["pad_token_id"])
+    assert (genai["decoder"]["head_size"], genai["decoder"]["num_key_value_heads"]) == (16, 2)
+    assert genai["decoder"]["inputs"]["past_key_names"] % 1 == "past_key_values.1.key"
+    assert json.loads((llama_bundle / "tokenizer_config.json").read_text())["chat_template"] == \
+        llama.tokenizer.chat_template
     assert (llama_bundle / "chat_template.jinja").read_text() == llama.tokenizer.chat_template
     assert manifest.special_tokens["eos_token_ids"] == [llama.tokenizer.eos_token_id]
     assert manifest.context_length == 256 and manifest.kv.dtype == "float32" and manifest.kv.num_kv_heads == 2
@@ -142,9 +149,52 @@ def test_graph_contract(llama_bundle, llama):
 
 # -- the edit inside the graph ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("text", ["f1", "l1", "f2+l2", "f3+l3", "f1+l4", "p", "f1+l1+g", "l2+g", "p+g", "g", "f6"])
+def test_token_mask_selects_exactly_the_positions_spans(text):
+    """contract.token_mask (what both graph kinds compute) against Positions.token_indices, on
+    prompts shorter and longer than the positions, two generated tokens and a pad after them."""
+    positions = Positions.parse(text)
+    for where in ("both", *positions.groups()):
+        rows = position_rows([(positions, where, 1)])
+        for prompt_len in range(0, 9):
+            t = np.arange(prompt_len + 3)[None]
+            got = token_mask(rows[None], t, np.array([prompt_len]), t < prompt_len + 2)[0, :, 0]
+            want = np.zeros(prompt_len + 3, bool)
+            want[positions.token_indices(where, prompt_len)] = True
+            want[prompt_len:prompt_len + 2] = positions.edits(where, "generated")
+            assert got.tolist() == want.tolist(), (where, prompt_len)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])  # a fused and a traced graph
+def test_short_prompts_cap_positions_in_the_graph(architecture, tiny_model_dir, tmp_path):
+    """Prompts of 1 to 4 tokens with f3+l3 (capped so the suffix yields to the prefix) and p+g,
+    in one batch: the graph's own masks against torch with contract.token_mask's."""
+    from reft_edge.runtime.slots import SlotEdit
+
+    backbone = load_backbone(str(tiny_model_dir(architecture)))
+    manifest = export_bundle(ExportConfig(out=str(tmp_path / "bundle"), model=backbone.path, verify=False,
+                                          slot_layers=(1,)), backbone=backbone, progress=False)
+    rng = np.random.default_rng(5)
+    hidden = backbone.hidden_size
+
+    def edit(text: str, where: str, rank: int = 2) -> SlotEdit:
+        return SlotEdit(0, Positions.parse(text), where, rng.standard_normal((rank, hidden)).astype(np.float32) / 4,
+                        rng.standard_normal((rank, hidden)).astype(np.float32) / 4,
+                        rng.standard_normal(rank).astype(np.float32))
+
+    rows = [[edit("f3+l3", "prefix"), edit("f3+l3", "suffix")], [edit("f3+l3", "both")], [edit("p+g", "both")],
+            [edit("f3+l3", "suffix"), edit("l1+g", "both", 1)]]
+    batch = Batch([[7, 3, 9, 4], [5], [8, 2], [6, 1, 3]], slot_arrays(rows, 1, hidden))
+    reference = TorchReference(backbone.model, manifest.slot_layers)
+    with reference.attached():
+        got, want = run_both(bundle_engine(tmp_path / "bundle"), reference, batch, steps=3,
+                             pad_id=manifest.special_tokens["pad_token_id"])
+    assert max(np.abs(g - w).max() for g, w in zip(got, want)) <= 1e-4
+
+
 def test_empty_and_zero_mask_patches_are_bit_exact_identity(llama_engine):
     batch = random_batch(vocab_size=300, hidden=64, num_slots=3, edited_slots=[0, 1, 2])
-    rank0 = prefill(llama_engine, batch.prompts, SlotArrays.empty(3, 2, 8, 64))
+    rank0 = prefill(llama_engine, batch.prompts, SlotArrays.empty(3, 2, 64))
     zero_mask = prefill(llama_engine, batch.prompts, batch.without_edit().slots)
     patched = prefill(llama_engine, batch.prompts, batch.slots)
     assert np.array_equal(rank0, zero_mask)
@@ -154,7 +204,7 @@ def test_empty_and_zero_mask_patches_are_bit_exact_identity(llama_engine):
 def test_each_row_of_a_batch_equals_that_row_alone(llama_engine):
     batch = random_batch(vocab_size=300, hidden=64, num_slots=3, edited_slots=[0, 2], seed=3)
     together = llama_engine.start(batch.prompts, batch.slots, 4)
-    alone = [llama_engine.start([prompt], rows_of(batch.slots, slice(row, row + 1), len(prompt)), 4)
+    alone = [llama_engine.start([prompt], batch.slots.rows(slice(row, row + 1)), 4)
              for row, prompt in enumerate(batch.prompts)]
     got, want = together.prefill(), np.concatenate([run.prefill() for run in alone])
     for _ in range(3):  # and every decode step after it
@@ -173,30 +223,30 @@ def test_composed_patches_match_two_separate_edits_in_torch(architecture, tiny_m
     prompt = [3, 8, 20, 41, 9, 12, 5]
     seq, hidden = len(prompt), backbone.hidden_size
 
-    def patch(rank: int, tokens: list[int]):
+    def patch(rank: int, positions: str, tokens: list[int]):
         A = rng.standard_normal((rank, hidden)).astype(np.float32) / 8
         B = rng.standard_normal((rank, hidden)).astype(np.float32) / 8
         c = rng.standard_normal(rank).astype(np.float32)
         mask = np.zeros((seq, rank), np.float32)
         mask[tokens] = 1.0
-        return A, B, c, mask
+        return A, B, c, position_rows([(Positions.parse(positions), "both", rank)]), mask
 
     # first: layer 0, first two tokens, rank rows 0-1; second: layers 0 and 2, last token, rank rows 2-4
-    first, second_0, second_2 = patch(2, [0, 1]), patch(3, [seq - 1]), patch(3, [seq - 1])
+    first, second_0, second_2 = patch(2, "f2", [0, 1]), patch(3, "l1", [seq - 1]), patch(3, "l1", [seq - 1])
     per_layer = {0: [(0, first), (2, second_0)], 2: [(2, second_2)]}
     A, B = np.zeros((3, 1, 5, hidden), np.float32), np.zeros((3, 1, 5, hidden), np.float32)
-    c, mask = np.zeros((3, 1, 5), np.float32), np.zeros((3, 1, seq, 5), np.float32)
+    c, positions = np.zeros((3, 1, 5), np.float32), np.zeros((3, 1, 4, 5), np.int64)
     for layer, parts in per_layer.items():
-        for offset, (a, b, c_, m) in parts:
+        for offset, (a, b, c_, p, _) in parts:
             rows = slice(offset, offset + a.shape[0])
-            A[layer, 0, rows], B[layer, 0, rows], c[layer, 0, rows], mask[layer, 0, :, rows] = a, b, c_, m
-    got = prefill(bundle_engine(tmp_path / "bundle"), [prompt], SlotArrays(A, B, c, mask, np.zeros_like(mask[:, :, :1])))
+            A[layer, 0, rows], B[layer, 0, rows], c[layer, 0, rows], positions[layer, 0, :, rows] = a, b, c_, p
+    got = prefill(bundle_engine(tmp_path / "bundle"), [prompt], SlotArrays(A, B, c, positions))
 
     def hook(parts):
         def apply(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
             t = lambda x: torch.from_numpy(x)[None]  # noqa: E731
-            edited = h + sum(low_rank_edit(h, t(a), t(b), t(c_), t(m)) - h for _, (a, b, c_, m) in parts)
+            edited = h + sum(low_rank_edit(h, t(a), t(b), t(c_), t(m)) - h for _, (a, b, c_, _, m) in parts)
             return (edited, *output[1:]) if isinstance(output, tuple) else edited
         return apply
 
@@ -224,7 +274,7 @@ def test_reduced_precisions_record_their_figures(precision, llama, tmp_path):
     assert 0.0 < checked["max_abs_logit_diff"] < 1.0 and 0.0 <= checked["greedy_tokens_agreement"] <= 1.0
     assert checked["identity_bit_exact"]
     types = {i.name: i.type for i in bundle_engine(out).session.get_inputs()}
-    assert types["slot.0.A"] == "tensor(float)" and types["slot.2.mask"] == "tensor(float)"
+    assert types["slot.0.A"] == "tensor(float)" and types["slot.2.positions"] == "tensor(int64)"
     assert types[past_names(0)[0]] == ("tensor(float16)" if precision == "fp16" else "tensor(float)")
     assert manifest.size_bytes == sum(p.stat().st_size for p in out.iterdir() if p.name != "manifest.json")
 
@@ -275,6 +325,20 @@ def test_killed_export_leaves_no_bundle_and_rerun_succeeds(tiny_model_dir, tmp_p
     assert not out.exists()
     export_bundle(ExportConfig(out=str(out), model=model), progress=False)
     assert Manifest.from_dir(out).verification["greedy_tokens_match"]
+
+
+def test_export_removes_what_killed_exports_left_a_day_ago(llama, llama_bundle):
+    """Hidden temporaries of atomic_dir untouched for over a day go; a live one (recent change inside) stays."""
+    stale, live = (llama_bundle.parent / f".{llama_bundle.name}.{tag}.tmp" for tag in ("k1ll3d", "l1v3"))
+    for folder in (stale, live):
+        (folder / ".work").mkdir(parents=True)
+        (folder / ".work" / "model.onnx").write_bytes(b"partial")
+    old = time.time() - 2 * 86400
+    for path in (stale / ".work" / "model.onnx", stale / ".work", stale, live):
+        os.utime(path, (old, old))
+    export_bundle(ExportConfig(out=str(llama_bundle), model=llama.path), backbone=llama, progress=False)
+    assert not stale.exists() and live.is_dir()  # the live one's newest change is its file, just written
+    shutil.rmtree(live)
 
 
 def test_inspect_bundle(llama_bundle):

@@ -267,6 +267,7 @@ def test_resume_refuses_a_checkpoint_from_other_options(tiny_model_dir, emoji_da
 # -- generated-token edits and validation -----------------------------------------------------
 
 def test_generated_positions_cover_exactly_the_response_tokens():
+    from reft_edge.runtime.contract import position_rows
     from reft_edge.runtime.positions import Positions
     from reft_edge.train.data import Example
     from reft_edge.train.recipe import collate, edit_masks
@@ -275,12 +276,15 @@ def test_generated_positions_cover_exactly_the_response_tokens():
     states = [torch.zeros(len(e.prompt_ids) + len(e.target_ids) - 1, HIDDEN) for e in examples]
     batch = collate(examples, states, torch.device("cpu"))
     positions = Positions.parse("f1+g")
-    both = edit_masks(positions, "both", batch, 1, torch.device("cpu"))[..., 0]
+    def masks(where):
+        return edit_masks(position_rows([(positions, where, 1)]), batch, torch.device("cpu"))[..., 0]
+
+    both = masks("both")
     # row 0: a prompt of 3, 2 fed response tokens, 1 pad; row 1: a prompt of 2, 4 fed response tokens
     assert both.tolist() == [[1, 0, 0, 1, 1, 0], [1, 0, 1, 1, 1, 1]]
-    assert edit_masks(positions, "prefix", batch, 1, torch.device("cpu"))[..., 0].tolist() == [
+    assert masks("prefix").tolist() == [
         [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
-    assert edit_masks(positions, "generated", batch, 1, torch.device("cpu"))[..., 0].tolist() == [
+    assert masks("generated").tolist() == [
         [0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
 
 

@@ -8,10 +8,11 @@ Example::
 
 ``TorchBackend`` answers what runtime.evaluate asks of a base, the way the runtime answers
 it on a bundle: slot arrays from runtime.slots.slot_arrays (several patches compose as the
-runtime composes them), rows left-padded for greedy generation with the prompt mask at
-prefill and the generated-token mask (positions with ``g``) at each decode step. The
-held-out loss is one teacher-forced pass per batch, right-padded and masked as training
-masks it: prompt positions, and response tokens where the patch edits generated tokens.
+runtime composes them), rows left-padded for greedy generation, with the masks the graph
+computes from them (SlotArrays.masks): prompt positions at prefill, generated-token edits
+(positions with ``g``) at each decode step. The held-out loss is one teacher-forced pass
+per batch, right-padded and masked as training masks it: prompt positions, and response
+tokens where the patch edits generated tokens.
 """
 
 from __future__ import annotations
@@ -70,9 +71,8 @@ class TorchBackend:
     def edits(self, patches: Sequence[Patch], weights: Sequence[float] | None) -> list[SlotEdit]:
         return resolve_edits(patches, weights, self.slot_layers)
 
-    def slot_arrays(self, rows: int, edits: list[SlotEdit], prompt_lens: list[int]) -> SlotArrays:
-        return slot_arrays([edits] * rows, prompt_lens, max(prompt_lens), len(self.slot_layers),
-                           self.backbone.hidden_size)
+    def slot_arrays(self, rows: int, edits: list[SlotEdit]) -> SlotArrays:
+        return slot_arrays([edits] * rows, len(self.slot_layers), self.backbone.hidden_size)
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[EditSlots]:
@@ -97,20 +97,17 @@ class TorchBackend:
         seq = max(len(s) for s in sequences)
         input_ids = torch.full((len(examples), seq), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(examples), seq), dtype=torch.long)
-        arrays = self.slot_arrays(len(examples), edits, prompt_lens)
-        mask = np.zeros((*arrays.mask.shape[:2], seq, arrays.mask.shape[-1]), np.float32)
-        mask[:, :, :arrays.mask.shape[2]] = arrays.mask
-        generated = decode_mask(arrays)
+        arrays = self.slot_arrays(len(examples), edits)
         rows, cols, targets = [], [], []
         for row, (example, sequence, prompt_len) in enumerate(zip(examples, sequences, prompt_lens)):
             input_ids[row, :len(sequence)] = torch.tensor(sequence)
             attention[row, :len(sequence)] = 1
-            if generated is not None:  # response tokens stand for generated ones, as in training
-                mask[:, row, prompt_len:len(sequence)] = generated[:, row]
             rows += [row] * len(example.target_ids)
             cols += range(prompt_len - 1, prompt_len - 1 + len(example.target_ids))
             targets += example.target_ids
-        set_slots(slots, arrays, mask)
+        # response tokens (from prompt_len on) stand for generated ones, as in training
+        t = np.arange(seq)[None]
+        set_slots(slots, arrays, arrays.masks(t, np.array(prompt_lens), attention.numpy() != 0))
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention,
                                        use_cache=False).last_hidden_state
         logits = self.model.get_output_embeddings()(hidden[torch.tensor(rows), torch.tensor(cols)])
@@ -136,21 +133,21 @@ class TorchBackend:
 
         batch, lens = len(prompts), [len(p) for p in prompts]
         seq = max(lens)
-        arrays = self.slot_arrays(batch, edits, lens)
+        arrays = self.slot_arrays(batch, edits)
         input_ids = torch.full((batch, seq), self.pad_id, dtype=torch.long)
         attention = torch.zeros((batch, seq), dtype=torch.long)
         positions = torch.ones((batch, seq), dtype=torch.long)  # pads: 1, as Hugging Face gives them
-        mask = np.zeros_like(arrays.mask)
         for row, prompt in enumerate(prompts):
             start = seq - len(prompt)
             input_ids[row, start:], attention[row, start:] = torch.tensor(prompt), 1
             positions[row, start:] = torch.arange(len(prompt))
-            mask[:, row, start:] = arrays.mask[:, row, :len(prompt)]
         cache = DynamicCache()
-        set_slots(slots, arrays, mask)
+        set_slots(slots, arrays, arrays.masks(positions.numpy(), np.array(lens), attention.numpy() != 0))
         logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache,
                             use_cache=True).logits[:, -1]
-        set_slots(slots, arrays, decode_mask(arrays))  # every decode step: the generated-token edits, if any
+        # every decode step: the generated-token edits, if any (a pass without prompt tokens)
+        set_slots(slots, arrays, arrays.masks(np.zeros((batch, 1), np.int64), np.zeros(batch, np.int64),
+                                              np.ones((batch, 1), bool)))
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * batch
         for step in range(max_new_tokens):
@@ -168,17 +165,9 @@ class TorchBackend:
         return out
 
 
-def decode_mask(arrays: SlotArrays) -> np.ndarray | None:
-    """[slots, batch, 1, rank]: the rank rows that edit generated tokens; None when none does."""
-    mask = getattr(arrays, "decode_mask", None)
-    return mask if mask is not None and mask.any() else None
-
-
-def set_slots(slots: EditSlots, arrays: SlotArrays, mask: np.ndarray | None) -> None:
+def set_slots(slots: EditSlots, arrays: SlotArrays, mask: np.ndarray) -> None:
     """Each slot (= layer) whose mask edits something; the others stay empty (exactly the identity)."""
     slots.clear()
-    if mask is None:
-        return
     for k in range(arrays.A.shape[0]):
         if mask[k].any():
             slots.set(k, *(torch.from_numpy(np.ascontiguousarray(x[k])) for x in (arrays.A, arrays.B, arrays.c, mask)))

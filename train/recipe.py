@@ -22,12 +22,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from reft_edge import __version__
 from reft_edge.errors import UsageError
+from reft_edge.runtime.contract import position_rows, token_mask
 from reft_edge.runtime.patch import KINDS, SAVE_DTYPES, Intervention, Patch
 from reft_edge.runtime.positions import Positions
 from reft_edge.train.backbone import Backbone, decoder_layers, decoder_layers_owner, load_backbone
@@ -259,21 +261,22 @@ def collate(examples: list[Example], states: list[torch.Tensor], device: torch.d
                   as_long(rows), as_long(cols), as_long(targets))
 
 
-def edit_masks(positions: Positions, where: str, batch: _Batch, rank: int, device: torch.device) -> torch.Tensor:
-    """[batch, seq, rank] 0/1: which tokens of each row one intervention edits. Response tokens
-    are the generated ones (teacher forcing), so a ``g`` edit covers them as generation will."""
-    mask = torch.zeros(*batch.input_ids.shape, rank, device=device)
-    generated = positions.edits(where, "generated")
-    for row, (prompt_len, length) in enumerate(zip(batch.prompt_lens, batch.lengths)):
-        mask[row, positions.token_indices(where, prompt_len)] = 1.0
-        if generated:
-            mask[row, prompt_len:length] = 1.0
-    return mask
+def edit_masks(rows: np.ndarray, batch: _Batch, device: torch.device) -> torch.Tensor:
+    """[batch, seq, rank] 0/1: which tokens of each row a slot's rank rows edit (``rows``: their
+    positions, contract.position_rows), by the formula the exported graph computes. Response
+    tokens are the generated ones (teacher forcing), so a ``g`` edit covers them as generation will."""
+    rows_b, seq = len(batch.prompt_lens), batch.input_ids.shape[1]
+    positions = torch.from_numpy(rows).to(device)[None].expand(rows_b, -1, -1)
+    t = torch.arange(seq, device=device)[None]
+    lengths = torch.tensor(batch.lengths, device=device)[:, None]
+    prompt_lens = torch.tensor(batch.prompt_lens, device=device)
+    return token_mask(positions, t, prompt_lens, t < lengths, xp=torch).float()
 
 
 def set_edits(slots: EditSlots, interventions: list[tuple[int, str, InterventionParams]], positions: Positions,
               batch: _Batch, device: torch.device) -> None:
-    """Concatenate the interventions at each layer along the rank (each row keeps its own mask)."""
+    """Concatenate the interventions at each layer along the rank in the slot layout
+    (contract.position_rows); each rank row keeps its own positions."""
     slots.clear()
     for layer in sorted({layer for layer, _, _ in interventions}):
         here = [(where, params) for l, where, params in interventions if l == layer]
@@ -281,9 +284,8 @@ def set_edits(slots: EditSlots, interventions: list[tuple[int, str, Intervention
         A = torch.cat([a for a, _, _ in affine])[None]
         B = torch.cat([b for _, b, _ in affine])[None]
         c = torch.cat([c for _, _, c in affine])[None]
-        mask = torch.cat([edit_masks(positions, where, batch, params.b.shape[0], device) for where, params in here],
-                         dim=-1)
-        slots.set(layer, A, B, c, mask)
+        rows = position_rows([(positions, where, params.b.shape[0]) for where, params in here])
+        slots.set(layer, A, B, c, edit_masks(rows, batch, device))
 
 
 def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
