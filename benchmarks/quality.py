@@ -40,6 +40,7 @@ SPREAD = (3, 9, 15, 21, 27)  # five of the default model's 30 layers, evenly apa
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "old-default": {"layers": (15,), "rank": 4, "positions": "f1+l1", "steps": 100, "lr": 4e-3},
+    "default-val": {"val": True, "steps": 120},  # the default recipe, stopped early on val.jsonl
     "prompt-only": {"layers": SPREAD, "rank": 2, "positions": "f3+l3", "steps": 60, "lr": 2e-3},
     "every-token": {"layers": SPREAD, "rank": 2, "positions": "p+g", "steps": 60, "lr": 2e-3},
     "last+gen": {"layers": SPREAD, "rank": 2, "positions": "l1+g", "steps": 60, "lr": 2e-3},

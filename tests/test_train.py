@@ -95,7 +95,7 @@ def test_every_kind_trains_on_gpt2(kind, tiny_model_dir, emoji_data, tmp_path):
     config = TrainConfig(data=str(emoji_data), out=str(tmp_path / f"{kind}.reft"), model=str(tiny_model_dir("gpt2")),
                          kind=kind, steps=4, lr=2e-2, seed=0)
     patch = train(config, progress=False)
-    assert patch.kind == kind and patch.layers == [1]
+    assert patch.kind == kind and patch.layers == [1, 2]  # the default plan: the upper half
     assert np.isfinite(patch.training["final_loss"])
 
 
@@ -322,3 +322,27 @@ def test_bad_validation_and_position_options(options, message, tiny_model_dir, e
     with pytest.raises(UsageError, match=message):
         train(TrainConfig(data=str(emoji_data), out=str(tmp_path / "x.reft"), model=str(tiny_model_dir("llama")),
                           **options), progress=False)
+
+
+def test_auto_search_keeps_the_best_trial_within_its_budget(tiny_model_dir, emoji_data, tmp_path):
+    from reft_edge.train.auto import SEARCH_SPACE, train_auto
+
+    config = TrainConfig(data=str(emoji_data), out=str(tmp_path / "auto.reft"), model=str(tiny_model_dir("llama")),
+                         steps=6, eval_every=2, seed=0)
+    patch = train_auto(config, budget_minutes=0.25, progress=False)
+    search = patch.training["auto"]
+    trials = search["trials"]
+    assert len(trials) >= 1 and trials[0]["layer_plan"] == SEARCH_SPACE["layer_plan"][0]  # the default first
+    best = min(trials, key=lambda t: t["val_loss"])
+    assert search["chosen"] == {k: v for k, v in best.items() if k not in ("val_loss", "seconds")}
+    assert patch.training["val_loss"] == pytest.approx(best["val_loss"], abs=1e-6)
+    assert patch.training["val_examples"] == 3 and patch.name == "auto"  # a quarter of 12 held out
+    assert not list(tmp_path.glob(".auto-*"))  # trial patches are cleaned up
+
+
+def test_auto_refuses_fixed_layers(tiny_model_dir, emoji_data, tmp_path):
+    from reft_edge.errors import UsageError
+    from reft_edge.train.auto import train_auto
+
+    with pytest.raises(UsageError, match="--auto chooses the layers"):
+        train_auto(TrainConfig(data=str(emoji_data), out=str(tmp_path / "a.reft"), layers=(1,)), progress=False)

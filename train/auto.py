@@ -27,17 +27,18 @@ from typing import Any
 
 from reft_edge.errors import UsageError
 from reft_edge.runtime.patch import Patch
-from reft_edge.train.config import DEFAULT_LAYER_COUNT, TrainConfig, spread_layers
+from reft_edge.train.config import DEFAULT_LAYER_COUNT, TrainConfig, spread_layers, upper_layers
 
 AUTO_VAL_FRACTION = 0.25
-# Recipe choices searched; layers are plans relative to the model's depth (spread_layers).
+# Recipe choices searched. Layer plans are relative to the model's depth: "upper-N" is
+# upper_layers(depth, N) (the default plan), "spread-N" is spread_layers(depth, N).
 SEARCH_SPACE: dict[str, tuple] = {
-    "layer_plan": ("spread-5", "spread-3", "spread-8"),
+    "layer_plan": (f"upper-{DEFAULT_LAYER_COUNT}", "upper-3", "upper-8", "spread-5"),
     "rank": (1, 2, 4),
-    "positions": ("l1+g", "f1+l1+g", "p+g"),
+    "positions": ("l1+g", "f1+l1+g", "p+g", "g"),
 }
-LR_RANGE = (1e-3, 8e-3)
-MAX_STEPS = 150  # early stopping ends most trials sooner
+LR_RANGE = (1e-3, 6e-3)
+MAX_STEPS = 120  # early stopping ends most trials sooner
 
 
 def train_auto(config: TrainConfig, *, budget_minutes: float = 10.0, backbone: Any = None,
@@ -76,13 +77,14 @@ def train_auto(config: TrainConfig, *, budget_minutes: float = 10.0, backbone: A
 def default_trial() -> dict[str, Any]:
     """The default recipe as a trial of the search."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return {"layer_plan": f"spread-{DEFAULT_LAYER_COUNT}", "rank": defaults["rank"],
+    return {"layer_plan": f"upper-{DEFAULT_LAYER_COUNT}", "rank": defaults["rank"],
             "positions": defaults["positions"], "lr": defaults["lr"]}
 
 
 def trial_config(config: TrainConfig, params: dict[str, Any], num_layers: int, out: Path) -> TrainConfig:
-    count = int(params["layer_plan"].split("-")[1])
-    return dataclasses.replace(config, out=str(out), layers=spread_layers(num_layers, count), rank=params["rank"],
+    plan, count = params["layer_plan"].split("-")
+    layers = (upper_layers if plan == "upper" else spread_layers)(num_layers, int(count))
+    return dataclasses.replace(config, out=str(out), layers=layers, rank=params["rank"],
                                positions=params["positions"], lr=params["lr"], steps=config.steps or MAX_STEPS,
                                epochs=None, name=None, checkpoint_every=None, resume=False)
 

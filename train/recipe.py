@@ -33,7 +33,7 @@ from reft_edge.runtime.contract import position_rows, token_mask
 from reft_edge.runtime.patch import KINDS, SAVE_DTYPES, Intervention, Patch
 from reft_edge.runtime.positions import Positions
 from reft_edge.train.backbone import Backbone, decoder_layers, decoder_layers_owner, load_backbone
-from reft_edge.train.config import DEFAULT_LAYER_COUNT, DEFAULT_STEPS, TrainConfig, spread_layers
+from reft_edge.train.config import DEFAULT_LAYER_COUNT, DEFAULT_STEPS, TrainConfig, upper_layers
 from reft_edge.train.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from reft_edge.train.data import Example, Record, file_digest, read_jsonl, tokenize
 from reft_edge.train.intervention import EditSlots, InterventionParams, attach_edits
@@ -124,7 +124,7 @@ def check_config(config: TrainConfig) -> Positions:
 
 def resolve_layers(config: TrainConfig, backbone: Backbone) -> list[int]:
     n_layers, hidden = backbone.num_layers, backbone.hidden_size
-    layers = sorted(set(config.layers)) if config.layers else list(spread_layers(n_layers, DEFAULT_LAYER_COUNT))
+    layers = sorted(set(config.layers)) if config.layers else list(upper_layers(n_layers, DEFAULT_LAYER_COUNT))
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
         raise UsageError(f"--layers {bad[0]} is outside this model's layers 0..{n_layers - 1}; pick layers in that range")
