@@ -151,7 +151,8 @@ def merge(results: list[dict], entry: dict) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--personas", default=None, help="comma list (default: all of examples/personas)")
-    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {', '.join(RECIPES)}")
+    parser.add_argument("--recipes", default=",".join(RECIPES),
+                        help=f"comma list of {', '.join(RECIPES)}; 'none' (only the LoRA anchor)")
     parser.add_argument("--precisions", default="fp32", help="bundles to measure on: fp32,int8,int4")
     parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True, help="train the LoRA anchor")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "reft-edge-quality"))
@@ -172,7 +173,7 @@ def run_study(args: argparse.Namespace) -> None:
     from reft_edge.train.backbone import load_backbone
 
     personas = load_personas(args.personas.split(",") if args.personas else None)
-    recipes = args.recipes.split(",")
+    recipes = [] if args.recipes == "none" else args.recipes.split(",")
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
         raise SystemExit(f"unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}")
