@@ -25,6 +25,7 @@ from reft_edge.train.interop import import_control_vector, import_pyreft
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pyreft"
 KINDS = ("loreft", "direft", "noreft", "nodireft", "consreft", "lobireft")
+HIDDEN = 32  # the fixture model's hidden size
 LOREFT_KEY = "layer_{layer}_comp_block_output_unit_pos_nunit_1#{i}"
 
 
@@ -180,12 +181,12 @@ def loreft_state(hidden: int, rank: int, seed: int) -> dict:
 def test_untied_old_style_keys_map_to_position_groups(backbone, tmp_path):
     """Two LoReFT interventions at one layer (pyreft's share_weights=False), older dotted keys:
     #0 edits the prefix, #1 the suffix; each edit is h + R^T(W h + b - R h)."""
-    states = [loreft_state(16, 2, seed) for seed in (1, 2)]
+    states = [loreft_state(HIDDEN, 2, seed) for seed in (1, 2)]
     folder = write_folder(tmp_path / "untied", [1, 1], states, ["LoreftIntervention"] * 2, old_keys=True)
     patch = import_pyreft(folder, positions="f1+l1", backbone=backbone)
     assert not patch.share_weights and [(iv.layer, iv.where) for iv in patch.interventions] == [
         (1, "prefix"), (1, "suffix")]
-    h = torch.randn(5, 16, dtype=torch.float64)
+    h = torch.randn(5, HIDDEN, dtype=torch.float64)
     for edit, state in zip(patch.affine_edits(), states):
         R, W, b = (state[k].double() for k in ("rotate_layer", "weight", "bias"))
         expected = h + ((h @ W.T + b) - h @ R) @ R.T
@@ -198,13 +199,13 @@ def test_untied_old_style_keys_map_to_position_groups(backbone, tmp_path):
 def test_orthogonal_parametrisation_is_torchs(backbone, tmp_path):
     """DiReFT from a state dict torch's own parametrisation wrote: our R is torch's weight, transposed."""
     module = torch.nn.Module()
-    module.weight = torch.nn.Parameter(torch.empty(16, 2))
+    module.weight = torch.nn.Parameter(torch.empty(HIDDEN, 2))
     torch.nn.init.orthogonal_(module.weight)
     rotate = torch.nn.utils.parametrizations.orthogonal(module)
     with torch.no_grad():
-        rotate.parametrizations.weight.original.add_(torch.randn(16, 2).tril(-1) * 0.2)
+        rotate.parametrizations.weight.original.add_(torch.randn(HIDDEN, 2).tril(-1) * 0.2)
     state = {f"rotate_layer.{k}": v for k, v in rotate.state_dict().items()}
-    state |= {"learned_source.weight": torch.randn(2, 16), "learned_source.bias": torch.randn(2)}
+    state |= {"learned_source.weight": torch.randn(2, HIDDEN), "learned_source.bias": torch.randn(2)}
     folder = write_folder(tmp_path / "direft", [0], [state], ["DireftIntervention"])
     patch = import_pyreft(folder, positions="l1", backbone=backbone)
     assert np.allclose(patch.interventions[0].params["R"], rotate.weight.detach().numpy().T, atol=1e-6)
@@ -247,13 +248,13 @@ def set_config(folder: Path, **changes) -> None:
 ])
 def test_bad_pyreft_folders(case, match, backbone, tmp_path):
     marker = tmp_path / "code-ran"
-    state = loreft_state(16, 2, 0)
+    state = loreft_state(HIDDEN, 2, 0)
     changes = {
         "no-config": lambda f, b: (f / "config.json").unlink(),
         "no-bin": lambda f, b: b.unlink(),
         "code": lambda f, b: torch.save({"weight": RunsCode(marker)}, b),
         "list": lambda f, b: torch.save([state["weight"]], b),
-        "shape": lambda f, b: torch.save(state | {"rotate_layer": torch.zeros(16, 3)}, b),
+        "shape": lambda f, b: torch.save(state | {"rotate_layer": torch.zeros(HIDDEN, 3)}, b),
         "missing-key": lambda f, b: torch.save({k: v for k, v in state.items() if k != "bias"}, b),
         "not-orthonormal": lambda f, b: torch.save(state | {"rotate_layer": state["rotate_layer"] * 2}, b),
         "unknown-kind": lambda f, b: set_config(f, intervention_types=["<class 'mine.Custom'>"] * 2),
@@ -270,7 +271,7 @@ def test_bad_pyreft_folders(case, match, backbone, tmp_path):
 
 def test_collapsed_householder_diagonal_is_refused(backbone, tmp_path):
     """Weight decay shrinks the parametrisation's +-1 diagonal; torch truncates it to 0: no rotation left."""
-    original = torch.randn(16, 2).tril(-1) * 0.1
+    original = torch.randn(HIDDEN, 2).tril(-1) * 0.1
     original.diagonal().fill_(0.98)
     state = {"rotate_layer.parametrizations.weight.original": original, "learned_source": torch.randn(2)}
     folder = write_folder(tmp_path / "collapsed", [0], [state], ["LobireftIntervention"])
@@ -318,7 +319,7 @@ def write_control_vector(path: Path, directions: dict[int, np.ndarray], hint: st
 @pytest.fixture(scope="module")
 def directions() -> dict[int, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {0: rng.normal(size=16) * 3, 1: rng.normal(size=16) * 3}
+    return {0: rng.normal(size=HIDDEN) * 3, 1: rng.normal(size=HIDDEN) * 3}
 
 
 def test_control_vector_is_the_added_vector(backbone, directions, tmp_path):
@@ -326,7 +327,7 @@ def test_control_vector_is_the_added_vector(backbone, directions, tmp_path):
     patch = import_control_vector(path, scale=0.5, backbone=backbone, out=tmp_path / "happy.reft")
     assert (patch.kind, str(patch.positions), patch.rank, patch.layers) == ("lobireft", "p+g", 1, [1])
     assert patch.training["imported_from"]["model_hint"] == "llama"
-    h = np.random.default_rng(1).normal(size=(4, 16))
+    h = np.random.default_rng(1).normal(size=(4, HIDDEN))
     (edit,) = patch.affine_edits()
     assert np.allclose(h + (h @ edit.B.T + edit.c) @ edit.A, h + 0.5 * directions[1].astype(np.float32), atol=1e-5)
     ids = list(range(3, 12))
@@ -380,7 +381,7 @@ def test_bad_control_vectors(case, match, backbone, tmp_path):
     elif case == "size":
         write_control_vector(path, {1: np.ones(8)})
     elif case == "zero":
-        write_control_vector(path, {1: np.zeros(16)})
+        write_control_vector(path, {1: np.zeros(HIDDEN)})
     with pytest.raises(ForeignPatchError, match=match) as error:
         import_control_vector(path, backbone=backbone)
     assert "\n" not in str(error.value)
