@@ -72,11 +72,17 @@ def patched_logits(backbone, patch: Patch | None, ids: list[int], n_prompt: int)
         return backbone.model(input_ids=torch.tensor([ids])).logits[0].numpy()
 
 
-def greedy(logits_of, prompt_ids: list[int], steps: int) -> list[int]:
-    """Greedy tokens, recomputing the whole sequence each step (no cache)."""
+def greedy(logits_of, prompt_ids: list[int], steps: int, penalty: float | None = None) -> list[int]:
+    """Greedy tokens, recomputing the whole sequence each step (no cache), with transformers'
+    repetition penalty over prompt and answer when given (as pyreft's generate applied it)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
     ids = list(prompt_ids)
     for _ in range(steps):
-        ids.append(int(logits_of(ids)[-1].argmax()))
+        logits = torch.from_numpy(logits_of(ids)[-1:].copy())
+        if penalty:
+            logits = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids]), logits)
+        ids.append(int(logits[0].argmax()))
     return ids[len(prompt_ids):]
 
 
@@ -123,8 +129,18 @@ def test_torch_greedy_equals_pyreft(kind, backbone):
     ref, _ = reference(kind)
     patch = import_pyreft(FIXTURES / kind, positions="l1", backbone=backbone)
     n = len(ref["input_ids"])
-    tokens = greedy(lambda ids: patched_logits(backbone, patch, ids, n), ref["input_ids"], len(ref["greedy_tokens"]))
+    steps, penalty = len(ref["greedy_tokens"]), ref["repetition_penalty"]
+    tokens = greedy(lambda ids: patched_logits(backbone, patch, ids, n), ref["input_ids"], steps, penalty)
     assert tokens == ref["greedy_tokens"]
+
+
+def test_pyreft_edits_change_most_greedy_answers(backbone):
+    """The greedy comparisons have teeth: most kinds' edit of one token changes the answer."""
+    ref, _ = reference("loreft")
+    base = greedy(lambda ids: patched_logits(backbone, None, ids, len(ids)), ref["input_ids"],
+                  len(ref["greedy_tokens"]), ref["repetition_penalty"])
+    changed = [kind for kind in KINDS if reference(kind)[0]["greedy_tokens"] != base]
+    assert len(changed) >= 4, changed
 
 
 @pytest.mark.slow
@@ -134,7 +150,8 @@ def test_bundle_greedy_equals_pyreft(kind, backbone, runtime):
     patch = import_pyreft(FIXTURES / kind, positions="l1", backbone=backbone)
     assert runtime.encode(ref["prompt"], raw=True) == ref["input_ids"]
     got = runtime.generate(ref["prompt"], patches=[patch], raw=True, max_new_tokens=len(ref["greedy_tokens"]),
-                           temperature=0.0, no_repeat_ngram=0, ignore_eos=True)
+                           temperature=0.0, no_repeat_ngram=0, ignore_eos=True,
+                           repetition_penalty=ref["repetition_penalty"])
     assert got.token_ids == ref["greedy_tokens"]
 
 
