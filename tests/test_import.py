@@ -286,6 +286,20 @@ def test_bad_pyreft_folders(case, match, backbone, tmp_path):
     assert not marker.exists()
 
 
+def test_bfloat16_is_widened_and_the_model_must_fit(backbone, tmp_path):
+    state = {k: v.to(torch.bfloat16) if k != "rotate_layer" else v for k, v in loreft_state(HIDDEN, 2, 3).items()}
+    folder = write_folder(tmp_path / "bf16", [1], [state], ["LoreftIntervention"])
+    patch = import_pyreft(folder, positions="l1", backbone=backbone)
+    assert patch.dtype == "float32" and patch.training["imported_from"]["source_dtype"] == ["bfloat16,float32"]
+    assert np.array_equal(patch.interventions[0].params["W"], state["weight"].float().numpy())
+    small = write_folder(tmp_path / "small", [1], [loreft_state(8, 2, 3)], ["LoreftIntervention"])
+    with pytest.raises(ForeignPatchError, match="hidden size 8, but --model"):
+        import_pyreft(small, positions="l1", backbone=backbone)
+    far = write_folder(tmp_path / "far", [5], [loreft_state(HIDDEN, 2, 3)], ["LoreftIntervention"])
+    with pytest.raises(ForeignPatchError, match="has 2 layers"):
+        import_pyreft(far, positions="l1", backbone=backbone)
+
+
 def test_collapsed_householder_diagonal_is_refused(backbone, tmp_path):
     """Weight decay shrinks the parametrisation's +-1 diagonal; torch truncates it to 0: no rotation left."""
     original = torch.randn(HIDDEN, 2).tril(-1) * 0.1

@@ -18,7 +18,7 @@ layer l is the residual stream leaving decoder block l, the slot the patch edits
 
 A llama.cpp control vector is a GGUF file with one F32 vector ``direction.N`` per layer N,
 added to the output of block N at every token. It becomes a rank-1 ``lobireft`` edit per
-layer with positions ``all``: R = v/|v|, b = |v| * scale, so h + b R = h + scale * v.
+layer with positions ``all``: for w = scale * v, R = w/|w| and b = |w|, so h + b R = h + scale * v.
 
 docs/interop.md says what is kept, what must be given, and the limits.
 """
@@ -109,7 +109,7 @@ def read_pyvene_config(folder: Path) -> list[dict[str, Any]]:
     parsed, counters = [], {}
     for index, (rep, type_string) in enumerate(zip(reps, types)):
         entry = parse_representation(rep, config_path, index)
-        entry["class"] = class_name(type_string)
+        entry["class"] = class_name(type_string, config_path)
         proposal = (entry["layer"], entry["component"], entry["unit"], entry["max_units"])
         entry["collision"] = counters[proposal] = counters.get(proposal, -1) + 1
         parsed.append(entry)
@@ -158,13 +158,13 @@ def parse_representation(rep: Any, source: Path, index: int) -> dict[str, Any]:
     return {"layer": layer, "component": component, "unit": unit, "max_units": max_units, "rank": rank}
 
 
-def class_name(type_string: Any) -> str:
+def class_name(type_string: Any, source: Path) -> str:
     """"<class 'pyreft.interventions.LoreftIntervention'>" (or a bare class name) -> LoreftIntervention."""
     match = re.fullmatch(r"(?:<class ')?(?:[\w.]*\.)?(\w+)(?:'>)?", str(type_string).strip())
     name = match.group(1) if match else str(type_string)
     if name not in PYREFT_CLASSES:
         raise ForeignPatchError(
-            f"intervention type {str(type_string)!r} is not importable; expected one of "
+            f"{source}: intervention type {str(type_string)!r} is not importable; expected one of "
             f"{', '.join(PYREFT_CLASSES)} (pyreft's six kinds); custom interventions cannot be translated"
         )
     return name
