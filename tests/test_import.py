@@ -25,6 +25,7 @@ from reft_edge.train.interop import import_control_vector, import_pyreft
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pyreft"
 KINDS = ("loreft", "direft", "noreft", "nodireft", "consreft", "lobireft")
+FOLDERS = (*KINDS, "loreft-untied")  # untied: pyreft's share_weights=False, #0 on the first token, #1 on the last
 HIDDEN = 32  # the fixture model's hidden size
 LOREFT_KEY = "layer_{layer}_comp_block_output_unit_pos_nunit_1#{i}"
 
@@ -60,15 +61,17 @@ def patched_logits(backbone, patch: Patch | None, ids: list[int], n_prompt: int)
     from reft_edge.train.intervention import EditSlots, attach_edits
 
     slots, layers = EditSlots(), decoder_layers(backbone.model)
-    edits = patch.affine_edits() if patch else []
-    with attach_edits({e.layer: layers[e.layer] for e in edits}, slots), torch.no_grad():
-        for edit in edits:
-            mask = np.zeros((1, len(ids), edit.A.shape[0]), np.float32)
-            mask[0, patch.positions.token_indices(edit.where, n_prompt)] = 1.0
-            if patch.positions.edits(edit.where, "generated"):
-                mask[0, n_prompt:] = 1.0
-            slots.set(edit.layer, *(torch.from_numpy(x)[None] for x in (edit.A, edit.B, edit.c)),
-                      torch.from_numpy(mask))
+    per_layer: dict[int, list] = {}  # one slot per layer: untied edits of a layer stack along the rank
+    for edit in patch.affine_edits() if patch else []:
+        mask = np.zeros((len(ids), edit.A.shape[0]), np.float32)
+        mask[patch.positions.token_indices(edit.where, n_prompt)] = 1.0
+        if patch.positions.edits(edit.where, "generated"):
+            mask[n_prompt:] = 1.0
+        per_layer.setdefault(edit.layer, []).append((edit.A, edit.B, edit.c, mask))
+    with attach_edits({layer: layers[layer] for layer in per_layer}, slots), torch.no_grad():
+        for layer, edits in per_layer.items():
+            A, B, c, mask = (np.concatenate([e[i] for e in edits], axis=-1 if i == 3 else 0) for i in range(4))
+            slots.set(layer, *(torch.from_numpy(x)[None] for x in (A, B, c, mask)))
         return backbone.model(input_ids=torch.tensor([ids])).logits[0].numpy()
 
 
@@ -110,12 +113,14 @@ def added_vector_logits(backbone, vectors: dict[int, np.ndarray], ids: list[int]
 
 # -- pyreft: the real thing -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_import_reproduces_pyreft_logits(kind, backbone, tmp_path):
-    ref, want = reference(kind)
-    patch = import_pyreft(FIXTURES / kind, positions="l1", backbone=backbone, out=tmp_path / f"{kind}.reft")
-    assert Patch.from_file(tmp_path / f"{kind}.reft") == patch
-    assert (patch.kind, patch.layers, patch.rank, patch.share_weights) == (kind, ref["layers"], ref["rank"], True)
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_import_reproduces_pyreft_logits(folder, backbone, tmp_path):
+    ref, want = reference(folder)
+    patch = import_pyreft(FIXTURES / folder, positions=ref["positions"], backbone=backbone, out=tmp_path / "p.reft")
+    assert Patch.from_file(tmp_path / "p.reft") == patch
+    shared = len(set(ref["layers"])) == len(ref["layers"])
+    assert (patch.kind, patch.layers, patch.rank, patch.share_weights) == (
+        ref["kind"], sorted(set(ref["layers"])), ref["rank"], shared)
     assert patch.training["imported_from"]["format"] == "pyreft"
     assert patch.base_fingerprint == backbone.fingerprint
     ids = ref["input_ids"]
@@ -124,10 +129,10 @@ def test_import_reproduces_pyreft_logits(kind, backbone, tmp_path):
     assert np.abs(patched_logits(backbone, None, ids, len(ids)) - want).max() > 0.1  # the edit matters
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_torch_greedy_equals_pyreft(kind, backbone):
-    ref, _ = reference(kind)
-    patch = import_pyreft(FIXTURES / kind, positions="l1", backbone=backbone)
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_torch_greedy_equals_pyreft(folder, backbone):
+    ref, _ = reference(folder)
+    patch = import_pyreft(FIXTURES / folder, positions=ref["positions"], backbone=backbone)
     n = len(ref["input_ids"])
     steps, penalty = len(ref["greedy_tokens"]), ref["repetition_penalty"]
     tokens = greedy(lambda ids: patched_logits(backbone, patch, ids, n), ref["input_ids"], steps, penalty)
@@ -144,10 +149,10 @@ def test_pyreft_edits_change_most_greedy_answers(backbone):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
-def test_bundle_greedy_equals_pyreft(kind, backbone, runtime):
-    ref, _ = reference(kind)
-    patch = import_pyreft(FIXTURES / kind, positions="l1", backbone=backbone)
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_bundle_greedy_equals_pyreft(folder, backbone, runtime):
+    ref, _ = reference(folder)
+    patch = import_pyreft(FIXTURES / folder, positions=ref["positions"], backbone=backbone)
     assert runtime.encode(ref["prompt"], raw=True) == ref["input_ids"]
     got = runtime.generate(ref["prompt"], patches=[patch], raw=True, max_new_tokens=len(ref["greedy_tokens"]),
                            temperature=0.0, no_repeat_ngram=0, ignore_eos=True,
