@@ -143,6 +143,10 @@ def inspect(path: str, as_json: bool) -> None:
     click.echo(f"  kind {summary['kind']}, rank {summary['rank']}, layers {summary['layers']}, "
                f"positions {summary['positions']}, {'shared' if summary['share_weights'] else 'untied'} weights")
     click.echo(f"  base {summary['base_fingerprint'][:16]}, hidden size {summary['hidden_size']}")
+    imported = training.get("imported_from")
+    if isinstance(imported, dict):
+        click.echo(f"  imported from {imported.get('format')}: {imported.get('folder') or imported.get('file')}")
+        return
     click.echo(f"  trained {training.get('steps')} steps on {training.get('examples')} examples, "
                f"final loss {training.get('final_loss')}")
 
@@ -173,8 +177,9 @@ from reft_edge.export.cli import export_command  # noqa: E402
 from reft_edge.runtime.cli import chat_command, run_command  # noqa: E402
 from reft_edge.runtime.convert_cli import convert_command  # noqa: E402
 from reft_edge.runtime.eval_cli import eval_command  # noqa: E402
+from reft_edge.train.interop_cli import import_command  # noqa: E402
 
-for _command in (export_command, run_command, chat_command, eval_command, convert_command):
+for _command in (export_command, run_command, chat_command, eval_command, convert_command, import_command):
     main.add_command(_command)
 
 

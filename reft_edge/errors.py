@@ -37,6 +37,10 @@ class PatchCompatibilityError(PatchError):
     """The patch targets layers or a hidden size the bundle does not offer."""
 
 
+class ForeignPatchError(PatchError):
+    """A pyreft folder or llama.cpp control vector cannot be imported (missing, damaged, untranslatable)."""
+
+
 class BundleError(ReftEdgeError):
     """An exported bundle folder is missing a file or holds a damaged one."""
 
