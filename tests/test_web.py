@@ -1,7 +1,7 @@
 """The web runtime (runtime/web) in a real Chromium against the Python runtime, on the same bundle.
 
 A tiny random llama is exported (fused graph, fp32 and int4) with random patches written by the
-Python API; runtime/web/serve.js serves the demo page, the bundle and the patches with the
+Python API; `reft-edge serve-web` (runtime/web/serve.js) serves the demo page, the bundle and the patches with the
 cross-origin-isolation headers; runtime/web/test/drive.mjs drives Debian's chromium with
 playwright-core through ``window.reftEdge``. Greedy token ids (and prompt ids and text) must equal
 ``Runtime.generate``'s for every prompt with no patch, one patch, two composed with weights, a
@@ -19,6 +19,7 @@ import json
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +135,8 @@ def _python_error(manifest: Manifest, path: Path) -> dict[str, str]:
 # -- serving and driving ----------------------------------------------------------------------
 
 def _serve(bundle: Path, patches: list[Path]) -> tuple[subprocess.Popen, str]:
-    args = ["node", str(WEB / "serve.js"), str(bundle), "--port", "0"]
+    """`reft-edge serve-web` on a free port (it becomes the node server: terminate stops it)."""
+    args = [sys.executable, "-m", "reft_edge.cli", "serve-web", str(bundle), "--port", "0"]
     for path in patches:
         args += ["--patch", str(path)]
     server = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
