@@ -206,9 +206,28 @@ def test_greedy_tokens_equal_python(web_bundle, tmp_path, monkeypatch):
                                   repetition_penalty=penalty)
                 sure = next((i for i, m in enumerate(margins) if m < INT4_TIE), len(margins))
                 expected[case_id] = {"tokenIds": out.token_ids, "text": out.text, "promptIds": rt.encode(prompt),
+                                     "finishReason": out.finish_reason,
                                      "sure": len(margins) if manifest.precision == "fp32" else sure}
                 cases.append({"id": case_id, "op": "generate", "prompt": prompt, "patches": [f"/patches/{n}" for n in names],
                               "weights": weights, "options": {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": penalty}})
+    # stop strings: cut where Python cuts (a piece of an answer's middle as the stop string)
+    for p, prompt in enumerate(PROMPTS):
+        text = expected[f"{p}/fox/{PENALTY}"]["text"]
+        if len(text) < 6:
+            continue
+        stop = text[len(text) // 2: len(text) // 2 + 2]
+        margins.clear()
+        out = rt.generate(prompt, patches=[files["fox"]], max_new_tokens=MAX_NEW_TOKENS, repetition_penalty=PENALTY,
+                          stop=[stop])
+        sure = next((i for i, m in enumerate(margins) if m < INT4_TIE), len(margins))
+        expected[f"{p}/stop"] = {"tokenIds": out.token_ids, "text": out.text, "promptIds": rt.encode(prompt),
+                                 "finishReason": out.finish_reason,
+                                 "sure": len(margins) if manifest.precision == "fp32" else sure}
+        cases.append({"id": f"{p}/stop", "op": "generate", "prompt": prompt, "patches": ["/patches/fox.reft"],
+                      "options": {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY, "stop": [stop]}})
+    sampled = {"maxNewTokens": MAX_NEW_TOKENS, "temperature": 1.0, "topP": 0.9, "seed": 7}
+    cases += [{"id": f"sampled-{i}", "op": "generate", "prompt": PROMPTS[0], "patches": [], "options": sampled}
+              for i in range(2)]
     shot = tmp_path / "web-demo.png"
     results = _drive(web_bundle, list(files.values()), cases, tmp_path, screenshot=str(shot),
                      screenshotPatch="/patches/fox.reft")
@@ -220,13 +239,16 @@ def test_greedy_tokens_equal_python(web_bundle, tmp_path, monkeypatch):
         assert got["promptIds"] == want["promptIds"], case_id
         sure = want["sure"]
         assert got["tokenIds"][:sure] == want["tokenIds"][:sure], (case_id, got["tokenIds"], want["tokenIds"], sure)
+        assert "".join(got["pieces"]) == got["text"], case_id  # streamed pieces join to the answer
         if got["tokenIds"] == want["tokenIds"]:
-            assert got["text"] == want["text"], case_id
+            assert (got["text"], got["finishReason"]) == (want["text"], want["finishReason"]), case_id
             whole += 1
     if manifest.precision == "fp32":
         assert whole == len(expected)
     else:  # near-ties aside, int4 answers agree too
         assert whole >= 0.5 * len(expected), f"{whole} of {len(expected)} int4 answers identical"
+    assert results["cases"]["sampled-0"]["tokenIds"] == results["cases"]["sampled-1"]["tokenIds"], "seeded"
+    assert any(expected[f"{p}/stop"]["finishReason"] == "stop" for p in range(len(PROMPTS)) if f"{p}/stop" in expected)
     # the patches have teeth: most patched answers differ from the base answer to the same prompt
     changed = [expected[f"{p}/{c}/{PENALTY}"]["tokenIds"] != expected[f"{p}/base/{PENALTY}"]["tokenIds"]
                for p in range(len(PROMPTS)) for c, _, _ in COMBOS[1:]]

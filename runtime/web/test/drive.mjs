@@ -42,8 +42,10 @@ try {
         }
         const patches = [];
         for (const url of c.patches) patches.push(await api.loadPatch(url));
-        const out = await api.generate(c.prompt, { patches, weights: c.weights, ...c.options });
-        return { text: out.text, tokenIds: out.tokenIds, promptIds: await api.encode(c.prompt),
+        const pieces = [];
+        const out = await api.generate(c.prompt, { patches, weights: c.weights, ...c.options,
+          onText: (piece) => pieces.push(piece) });
+        return { text: out.text, tokenIds: out.tokenIds, promptIds: await api.encode(c.prompt), pieces,
                  finishReason: out.finishReason, timings: out.timings };
       } catch (e) {
         return { error: { name: e.name, message: e.message }, shown: document.getElementById("error").textContent };
