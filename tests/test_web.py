@@ -1,6 +1,6 @@
 """The web runtime (runtime/web) in a real Chromium against the Python runtime, on the same bundle.
 
-A tiny random llama is exported (fused graph, fp32 and int4) with random patches written by the
+A tiny random llama is exported (fused graph, fp32 and int4), and a tiny GPT-2 (traced graph), with random patches written by the
 Python API; `reft-edge serve-web` (runtime/web/serve.js) serves the demo page, the bundle and the patches with the
 cross-origin-isolation headers; runtime/web/test/drive.mjs drives Debian's chromium with
 playwright-core through ``window.reftEdge``. Greedy token ids (and prompt ids and text) must equal
@@ -159,14 +159,18 @@ def _drive(bundle: Path, patches: list[Path], cases: list[dict], tmp_path: Path,
         server.wait(timeout=10)
 
 
-@pytest.fixture(scope="module", params=["fp32", "int4"])
-def web_bundle(request, tiny_bundle, tiny_backbone, tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["fp32", "int4", "traced"])
+def web_bundle(request, tiny_bundle, tiny_backbone, tiny_model_dir, tmp_path_factory) -> Path:
+    """The fused llama bundle at fp32 and int4, and a traced graph (GPT-2: left padding, a growing cache)."""
     if request.param == "fp32":
         return tiny_bundle
     from reft_edge.export import ExportConfig, export_bundle
+    from reft_edge.train.backbone import load_backbone
 
-    out = tmp_path_factory.mktemp("web-int4") / "bundle"
-    export_bundle(ExportConfig(model=tiny_backbone.path, out=str(out), precision="int4"), backbone=tiny_backbone,
+    backbone = tiny_backbone if request.param == "int4" else load_backbone(str(tiny_model_dir("gpt2")))
+    out = tmp_path_factory.mktemp(f"web-{request.param}") / "bundle"
+    precision = "int4" if request.param == "int4" else "fp32"
+    export_bundle(ExportConfig(model=backbone.path, out=str(out), precision=precision), backbone=backbone,
                   progress=False)
     return out
 
