@@ -10,7 +10,7 @@
  *   checkCompatible(patch, manifest, "alice.reft");        // BackboneMismatchError, PatchCompatibilityError
  *   for (const edit of affineEdits(patch)) console.log(edit.layer, edit.where, edit.rank);
  */
-import { BackboneMismatchError, PatchCompatibilityError, PatchFormatError } from "./errors.js";
+import { BackboneMismatchError, PatchCompatibilityError, PatchFormatError, UsageError } from "./errors.js";
 import { groups, parsePositions, positionsString, WHERE } from "./positions.js";
 
 export const PATCH_FORMAT = "reft-edge-patch";
@@ -75,6 +75,10 @@ export function pyRepr(v) {
 
 /** @param {Uint8Array[]} parts @returns {Promise<string>} sha256 hex */
 async function sha256Hex(parts) {
+  if (!globalThis.crypto?.subtle) {
+    throw new UsageError("WebCrypto is unavailable: this page is not a secure context; serve it over https or "
+      + "from localhost to check patch digests");
+  }
   const total = parts.reduce((n, p) => n + p.length, 0);
   const joined = new Uint8Array(total);
   let offset = 0;
