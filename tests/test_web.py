@@ -29,7 +29,7 @@ from reft_edge.runtime import Patch, Runtime
 from reft_edge.runtime.bundle import Manifest
 from reft_edge.runtime.patch import Intervention, payload_digest, serialize_safetensors
 from reft_edge.runtime.positions import Positions
-from reft_edge.runtime.sampling import Sampling, penalise_repeats
+from reft_edge.runtime.sampling import Sampling, ban_repeated_ngrams, penalise_repeats
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB = ROOT / "runtime" / "web"
@@ -178,12 +178,14 @@ def web_bundle(request, tiny_bundle, tiny_backbone, tiny_model_dir, tmp_path_fac
 # -- tests ------------------------------------------------------------------------------------
 
 def _record_margins(monkeypatch) -> list[float]:
-    """Each pick's gap between the two best scores (after the repetition penalty), batch of one."""
+    """Each pick's gap between the two best scores (after the repetition penalty and loop guard), batch of one."""
     margins: list[float] = []
     pick = Sampling.pick
 
     def recording(self, logits, seen, rng, answers=()):
         scores = penalise_repeats(logits, seen, self.repetition_penalty) if self.tracks_seen else logits
+        if self.no_repeat_ngram and answers:
+            scores = ban_repeated_ngrams(scores, answers, self.no_repeat_ngram)
         best = np.sort(scores[0])[-2:]
         margins.append(float(best[1] - best[0]))
         return pick(self, logits, seen, rng, answers)
@@ -229,6 +231,16 @@ def test_greedy_tokens_equal_python(web_bundle, tmp_path, monkeypatch):
                                  "sure": len(margins) if manifest.precision == "fp32" else sure}
         cases.append({"id": f"{p}/stop", "op": "generate", "prompt": prompt, "patches": ["/patches/fox.reft"],
                       "options": {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY, "stop": [stop]}})
+    # the loop guard: the plain greedy tiny model repeats one token, the guard breaks the loop as Python's does
+    for p, prompt in enumerate(PROMPTS):
+        margins.clear()
+        out = rt.generate(prompt, patches=[files["steer"]], max_new_tokens=MAX_NEW_TOKENS, no_repeat_ngram=2)
+        sure = next((i for i, m in enumerate(margins) if m < INT4_TIE), len(margins))
+        expected[f"{p}/ngram"] = {"tokenIds": out.token_ids, "text": out.text, "promptIds": rt.encode(prompt),
+                                  "finishReason": out.finish_reason,
+                                  "sure": len(margins) if manifest.precision == "fp32" else sure}
+        cases.append({"id": f"{p}/ngram", "op": "generate", "prompt": prompt, "patches": ["/patches/steer.reft"],
+                      "options": {"maxNewTokens": MAX_NEW_TOKENS, "noRepeatNgram": 2}})
     sampled = {"maxNewTokens": MAX_NEW_TOKENS, "temperature": 1.0, "topP": 0.9, "seed": 7}
     cases += [{"id": f"sampled-{i}", "op": "generate", "prompt": PROMPTS[0], "patches": [], "options": sampled}
               for i in range(2)]

@@ -114,7 +114,7 @@ export class Model {
    * Answer one prompt.
    * @param {string} prompt
    * @param {{patches?: any[], weights?: number[], maxNewTokens?: number, temperature?: number, topK?: number|null,
-   *   topP?: number|null, repetitionPenalty?: number|null, seed?: number|null, stop?: string[], ignoreEos?: boolean,
+   *   topP?: number|null, repetitionPenalty?: number|null, noRepeatNgram?: number|null, seed?: number|null, stop?: string[], ignoreEos?: boolean,
    *   onText?: (piece: string) => void}} [options]
    * @returns {Promise<Generation>}
    */
@@ -153,7 +153,7 @@ export class Model {
     const decodeStart = performance.now();
     while (!row.finished) {
       steps += 1;
-      token = pick(await run.decode(token), sampling, seen, random);
+      token = pick(await run.decode(token), sampling, seen, random, row.tokenIds);
       advance(token, steps + 1 === maxNewTokens);
     }
     const decodeS = (performance.now() - decodeStart) / 1000;

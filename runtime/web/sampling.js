@@ -1,6 +1,6 @@
 /**
  * Choosing the next token from last-position logits (reft_edge/runtime/sampling.py's order:
- * repetition penalty, temperature, top-k, top-p). Temperature 0 is greedy (argmax, ties to the
+ * repetition penalty, the n-gram loop guard, temperature, top-k, top-p). Temperature 0 is greedy (argmax, ties to the
  * lowest id). Seeded draws come from a small deterministic generator (mulberry32): the same seed
  * gives the same answer in every browser, but not numpy's stream, so sampled text differs from Python's.
  *
@@ -10,17 +10,22 @@
  */
 import { UsageError } from "./errors.js";
 
-/** @typedef {{temperature: number, topK: number|null, topP: number|null, repetitionPenalty: number|null, seed: number|null}} Sampling */
+/** @typedef {{temperature: number, topK: number|null, topP: number|null, repetitionPenalty: number|null,
+ *   noRepeatNgram: number|null, seed: number|null}} Sampling */
 
 /** @param {Partial<Sampling>} options @returns {Sampling} */
-export function checkSampling({ temperature = 0, topK = null, topP = null, repetitionPenalty = null, seed = null } = {}) {
+export function checkSampling({ temperature = 0, topK = null, topP = null, repetitionPenalty = null, noRepeatNgram = null,
+  seed = null } = {}) {
   if (!(temperature >= 0)) throw new UsageError(`temperature ${temperature} must be >= 0 (0 is greedy)`);
   if (topK !== null && !(topK >= 1)) throw new UsageError(`top_k ${topK} must be at least 1`);
   if (topP !== null && !(topP > 0 && topP <= 1)) throw new UsageError(`top_p ${topP} must be in (0, 1]`);
   if (repetitionPenalty !== null && !(repetitionPenalty > 0)) {
     throw new UsageError(`repetition_penalty ${repetitionPenalty} must be > 0 (1.0 is none)`);
   }
-  return { temperature, topK, topP, repetitionPenalty, seed };
+  if (noRepeatNgram !== null && !(Number.isInteger(noRepeatNgram) && noRepeatNgram >= 0)) {
+    throw new UsageError(`no_repeat_ngram ${noRepeatNgram} must be a whole number >= 0 (0 is off)`);
+  }
+  return { temperature, topK, topP, repetitionPenalty, noRepeatNgram, seed };
 }
 
 /** mulberry32: uniform floats in [0, 1). @param {number|null} seed @returns {() => number} */
@@ -43,15 +48,39 @@ export function argmax(logits) {
 }
 
 /**
- * @param {Float32Array} logits [vocab] @param {Sampling} sampling @param {Set<number>} seen tokens so far
- * @param {() => number} random @returns {number}
+ * The tokens that would complete an n-gram the answer already holds (transformers'
+ * no_repeat_ngram_size, over the generated tokens only).
+ * @param {number[]} answer @param {number} n @returns {number[]}
+ * @example bannedTokens([1, 2, 3, 1, 2], 3)  // [3]: "1 2" was followed by 3
  */
-export function pick(logits, sampling, seen, random) {
+export function bannedTokens(answer, n) {
+  if (answer.length < n) return [];
+  const tail = n > 1 ? answer.slice(answer.length - n + 1) : [];
+  const banned = [];
+  for (let start = 0; start + n <= answer.length; start++) {
+    if (tail.every((token, i) => answer[start + i] === token)) banned.push(answer[start + n - 1]);
+  }
+  return banned;
+}
+
+/**
+ * @param {Float32Array} logits [vocab] @param {Sampling} sampling @param {Set<number>} seen tokens so far
+ * @param {() => number} random @param {number[]|null} [answer] generated tokens so far (decode steps)
+ * @returns {number}
+ */
+export function pick(logits, sampling, seen, random, answer = null) {
   let values = logits;
   const penalty = sampling.repetitionPenalty;
   if (penalty !== null && penalty !== 1) {
     values = Float32Array.from(logits);
     for (const id of seen) values[id] = values[id] > 0 ? values[id] / penalty : values[id] * penalty;
+  }
+  if (sampling.noRepeatNgram && answer) {
+    const banned = bannedTokens(answer, sampling.noRepeatNgram);
+    if (banned.length) {
+      values = Float32Array.from(values);
+      for (const id of banned) values[id] = -Infinity;
+    }
   }
   if (sampling.temperature === 0) return argmax(values);
   let scaled = Array.from(values, (x) => x / sampling.temperature);
