@@ -290,3 +290,21 @@ def test_damaged_patches_give_pythons_errors(tiny_bundle, tmp_path):
         else:
             assert got["error"]["message"] == want["message"], name
         assert got["shown"] == f"{want['name']}: {got['error']['message']}", "the page shows the typed error"
+
+
+def test_serve_web_refuses_what_cannot_be_served(tiny_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from reft_edge.cli import main
+
+    missing = CliRunner().invoke(main, ["serve-web", str(tiny_bundle), "--patch", str(tmp_path / "nope.reft")])
+    assert missing.exit_code == 2 and "is not a file; pass the path of a .reft patch" in missing.output
+    no_bundle = CliRunner().invoke(main, ["serve-web", str(tmp_path / "none")])
+    assert no_bundle.exit_code == 2 and "not a folder" in no_bundle.output
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    twins = [tmp_path / "a" / "p.reft", tmp_path / "b" / "p.reft"]
+    for twin in twins:
+        twin.write_bytes(b"x")
+    clash = CliRunner().invoke(main, ["serve-web", str(tiny_bundle), "--patch", str(twins[0]), "--patch", str(twins[1])])
+    assert clash.exit_code == 2 and "share a file name" in clash.output
