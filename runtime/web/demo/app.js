@@ -1,0 +1,100 @@
+/**
+ * The demo page: loads the bundle served at /bundle/, takes a .reft (dropped, picked or offered by
+ * the server at /patches/), and streams the base and the personalised answer side by side.
+ * Exposes `window.reftEdge` so tests and other pages can drive it:
+ *
+ * @example
+ *   await window.reftEdge.ready;
+ *   const alice = await window.reftEdge.loadPatch("/patches/alice.reft");
+ *   const {text, tokenIds} = await window.reftEdge.generate("Hi", {patches: [alice], maxNewTokens: 16});
+ */
+import * as ort from "onnxruntime-web";
+import { open } from "../index.js";
+import { positionsString } from "../positions.js";
+
+ort.env.wasm.wasmPaths = "/web/node_modules/onnxruntime-web/dist/";
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+let current = null;
+
+function showError(error) {
+  $("error").textContent = error ? `${error.name}: ${error.message}` : "";
+}
+
+const ready = open(ort, params.get("bundle") ?? "/bundle/", {
+  threads: params.has("threads") ? Number(params.get("threads")) : undefined,
+  onProgress: ({ file, loaded, total, cached }) => {
+    $("status").textContent = `${cached ? "cache" : "downloading"} ${file}: ${(loaded / 1e6).toFixed(1)} / ${(total / 1e6).toFixed(1)} MB`;
+  },
+}).then((model) => {
+  const m = model.manifest;
+  $("status").textContent = `ready: ${m.source_model} (${m.precision}, ${m.graph} graph), ${(model.downloadedBytes / 1e6).toFixed(1)} MB downloaded, `
+    + `${ort.env.wasm.numThreads} thread(s)${crossOriginIsolated ? "" : ", not cross-origin isolated"}`;
+  $("go").disabled = false;
+  return model;
+});
+ready.catch(showError);
+
+async function usePatch(promise) {
+  showError(null);
+  try {
+    current = await promise;
+    $("patch").textContent = `${current.name}: ${current.kind}, layers ${current.layers.join(",")}, rank ${current.rank}, `
+      + `${positionsString(current.positions)}, ${(current.sizeBytes / 1024).toFixed(1)} KiB`;
+    return current;
+  } catch (e) {
+    current = null;
+    $("patch").textContent = "no patch loaded";
+    showError(e);
+    throw e;
+  }
+}
+
+async function loadPatch(url) {
+  const model = await ready;
+  return usePatch(model.loadPatch(url));
+}
+
+async function generate(prompt, options = {}) {
+  const model = await ready;
+  try {
+    return await model.generate(prompt, options);
+  } catch (e) {
+    showError(e);
+    throw e;
+  }
+}
+
+async function answer(target, patches) {
+  $(target).textContent = "";
+  // greedy with the loop guard `reft-edge run` uses (no 6-gram of the answer repeats)
+  const out = await generate($("prompt").value, { patches, maxNewTokens: Number($("max").value), noRepeatNgram: 6,
+    onText: (piece) => { $(target).textContent += piece; } });
+  $(`${target}-speed`).textContent = `${out.timings.tokensPerS.toFixed(1)} tokens/s, first token after ${(out.timings.prefillS * 1000).toFixed(0)} ms`;
+}
+
+$("go").onclick = async () => {
+  showError(null);
+  await answer("base", []);
+  if (current) await answer("personal", [current]);
+};
+$("file").onchange = async (event) => {
+  const file = event.target.files[0];
+  if (!file) return;
+  const model = await ready;
+  usePatch(model.patchFromBytes(new Uint8Array(await file.arrayBuffer()), file.name)).catch(() => {});
+};
+document.body.ondragover = (event) => event.preventDefault();
+document.body.ondrop = async (event) => {
+  event.preventDefault();
+  const file = event.dataTransfer.files[0];
+  if (!file) return;
+  const model = await ready;
+  usePatch(model.patchFromBytes(new Uint8Array(await file.arrayBuffer()), file.name)).catch(() => {});
+};
+$("offered").onchange = (event) => { if (event.target.value) loadPatch(`/patches/${event.target.value}`).catch(() => {}); };
+fetch("/patches/index.json").then((r) => (r.ok ? r.json() : [])).then((names) => {
+  for (const name of names) $("offered").add(new Option(name, name));
+}).catch(() => {});
+
+window.reftEdge = { ready, loadPatch, generate, encode: async (prompt) => (await ready).encode(prompt) };

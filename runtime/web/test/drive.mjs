@@ -1,0 +1,66 @@
+#!/usr/bin/env node
+/**
+ * Drive the demo page in a real Chromium (playwright-core, Debian's /usr/bin/chromium) through
+ * `window.reftEdge`, for tests/test_web.py: reads a plan, writes what the page answered.
+ *
+ * @example
+ *   node runtime/web/test/drive.mjs plan.json results.json
+ *   // plan: {url, screenshot?, cases: [{id, op: "generate", prompt, patches: [url], weights?, options},
+ *   //                                   {id, op: "patch", url}]}
+ *   // results: {cases: {id: {tokenIds, text, promptIds} | {error: {name, message}, shown}}, console: [...]}
+ */
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+
+const [planFile, outFile] = process.argv.slice(2);
+const plan = JSON.parse(readFileSync(planFile, "utf8"));
+const profile = mkdtempSync(join(tmpdir(), "reft-edge-chromium-"));
+// a fresh profile each run (launchPersistentContext passes it as --user-data-dir)
+const browser = await chromium.launchPersistentContext(profile, {
+  executablePath: plan.chromium ?? "/usr/bin/chromium", headless: true,
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--no-first-run"],
+});
+const results = { cases: {}, console: [] };
+try {
+  const page = await browser.newPage();
+  page.setDefaultTimeout(plan.timeoutMs ?? 120000);
+  page.on("console", (m) => results.console.push(`${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => results.console.push(`pageerror: ${e.message}`));
+  await page.goto(plan.url);
+  await page.evaluate(() => window.reftEdge.ready.then(() => null));
+  results.isolated = await page.evaluate(() => crossOriginIsolated);
+  for (const c of plan.cases) {
+    results.cases[c.id] = await page.evaluate(async (c) => {
+      const api = window.reftEdge;
+      try {
+        if (c.op === "patch") {
+          const patch = await api.loadPatch(c.url);
+          return { name: patch.name, digest: patch.payloadSha256 };
+        }
+        const patches = [];
+        for (const url of c.patches) patches.push(await api.loadPatch(url));
+        const pieces = [];
+        const out = await api.generate(c.prompt, { patches, weights: c.weights, ...c.options,
+          onText: (piece) => pieces.push(piece) });
+        return { text: out.text, tokenIds: out.tokenIds, promptIds: await api.encode(c.prompt), pieces,
+                 finishReason: out.finishReason, timings: out.timings };
+      } catch (e) {
+        return { error: { name: e.name, message: e.message }, shown: document.getElementById("error").textContent };
+      }
+    }, c);
+  }
+  if (plan.screenshot) {
+    await page.fill("#prompt", plan.screenshotPrompt ?? "What is the weather like today?");
+    if (plan.screenshotPatch) await page.evaluate((url) => window.reftEdge.loadPatch(url), plan.screenshotPatch);
+    await page.click("#go");
+    await page.waitForFunction(() => document.getElementById("personal-speed").textContent !== "", null, { timeout: 60000 });
+    await page.screenshot({ path: plan.screenshot, fullPage: true });
+  }
+} finally {
+  await browser.close();
+  rmSync(profile, { recursive: true, force: true });
+}
+writeFileSync(outFile, JSON.stringify(results, null, 1));

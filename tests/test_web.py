@@ -1,0 +1,310 @@
+"""The web runtime (runtime/web) in a real Chromium against the Python runtime, on the same bundle.
+
+A tiny random llama is exported (fused graph, fp32 and int4), and a tiny GPT-2 (traced graph), with random patches written by the
+Python API; `reft-edge serve-web` (runtime/web/serve.js) serves the demo page, the bundle and the patches with the
+cross-origin-isolation headers; runtime/web/test/drive.mjs drives Debian's chromium with
+playwright-core through ``window.reftEdge``. Greedy token ids (and prompt ids and text) must equal
+``Runtime.generate``'s for every prompt with no patch, one patch, two composed with weights, a
+patch that edits generated tokens (``l1+g``) and a float16 patch; damaged patches must raise the
+same error kinds, with the same messages, as ``Patch.from_file`` and ``Manifest.load_patches``.
+
+``make test`` installs what this needs (``npm ci`` in runtime/web, chromium with apt-get when
+/usr/bin/chromium is missing); without node or chromium the tests skip and say which is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reft_edge.runtime import Patch, Runtime
+from reft_edge.runtime.bundle import Manifest
+from reft_edge.runtime.patch import Intervention, payload_digest, serialize_safetensors
+from reft_edge.runtime.positions import Positions
+from reft_edge.runtime.sampling import Sampling, ban_repeated_ngrams, penalise_repeats
+
+ROOT = Path(__file__).resolve().parent.parent
+WEB = ROOT / "runtime" / "web"
+CHROMIUM = Path("/usr/bin/chromium")
+PROMPTS = ["What is the weather like today?", "How do I bake a cake?", "Tell me about your weekend.",
+           "hello world", "The quick brown fox"]
+# (case, patch files, weights): no patch, one, two composed with weights, generated-token edits, a float16 patch
+COMBOS = [("base", [], None), ("fox", ["fox.reft"], None), ("fox+beach", ["fox.reft", "beach.reft"], [0.7, 1.5]),
+          ("steer", ["steer.reft"], None), ("half", ["half.reft"], None)]
+MAX_NEW_TOKENS = 12
+# The tiny random model keeps repeating one token; the penalty (the same formula on both sides)
+# makes its answers varied, so comparing token sequences has teeth. Plain greedy runs too.
+PENALTY = 10.0
+# int4: native MatMulNBits (accuracy_level 4) quantizes activations to int8 per block, the wasm
+# kernel does not, so int4 logits differ by up to ~4e-3 on this tiny model (logits up to ~1);
+# a random tiny model has near-ties. int4 tokens must agree up to the first step where Python's
+# best two scores are closer than this.
+INT4_TIE = 2e-2
+
+
+def _missing() -> str | None:
+    if shutil.which("node") is None:
+        return "node is not installed (Node 20+ runs the web runtime's test driver)"
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is missing (make test installs it: apt-get install -y chromium)"
+    if not (WEB / "node_modules" / "playwright-core").is_dir():
+        return "runtime/web/node_modules is missing (make test runs npm ci there)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+
+
+# -- patches ----------------------------------------------------------------------------------
+
+def _random_patch(name: str, kind: str, positions: str, layers: tuple[int, ...], rank: int, share: bool,
+                  fingerprint: str, hidden: int, seed: int, dtype: str = "float32", scale: float = 0.6) -> Patch:
+    rng = np.random.default_rng(seed)
+    parsed = Positions.parse(positions)
+    wheres = ("both",) if share else parsed.groups()
+    names = {"loreft": ("R", "W", "b"), "direft": ("R", "W", "b"), "noreft": ("W1", "W2", "b")}[kind]
+    interventions = tuple(
+        Intervention(layer, where, {n: (rng.standard_normal(rank) if n == "b" else rng.standard_normal((rank, hidden))
+                                        ).astype(np.float32) * scale for n in names})
+        for layer in layers for where in wheres)
+    return Patch(name=name, kind=kind, positions=parsed, share_weights=share, rank=rank, hidden_size=hidden,
+                 base_fingerprint=fingerprint, interventions=interventions, dtype=dtype)
+
+
+def _write_patches(folder: Path, manifest: Manifest) -> dict[str, Path]:
+    fp, hidden = manifest.base_fingerprint, manifest.hidden_size
+    patches = {
+        "fox": _random_patch("fox", "loreft", "f1+l1", (1,), 4, True, fp, hidden, 1),
+        "beach": _random_patch("beach", "direft", "f2+l1", (0, 2), 2, False, fp, hidden, 2),
+        "steer": _random_patch("steer", "loreft", "l1+g", (1, 2), 2, False, fp, hidden, 3),
+        "half": _random_patch("half", "noreft", "p", (2,), 3, True, fp, hidden, 4, dtype="float16"),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    return {name: (patch.to_file(folder / f"{name}.reft"), folder / f"{name}.reft")[1] for name, patch in patches.items()}
+
+
+def _damaged(folder: Path, good: Path, manifest: Manifest) -> dict[str, Path]:
+    """Each file breaks one rule of docs/patch-format.md or of the bundle check."""
+    data = good.read_bytes()
+    patch = Patch.from_file(good)
+    (header_len,) = struct.unpack("<Q", data[:8])
+    nan = dataclasses.replace(patch, interventions=(dataclasses.replace(
+        patch.interventions[0], params={**patch.interventions[0].params,
+                                        "b": np.full(patch.rank, np.nan, np.float32)}),))
+    metadata = nan.metadata()
+    bad_kind = dict(patch.metadata(), kind='"spline"')
+    bad_kind["payload_sha256"] = json.dumps(payload_digest(patch.tensors(), bad_kind))
+    moved = dataclasses.replace(patch, interventions=(dataclasses.replace(patch.interventions[0], layer=7),))
+    files = {
+        "flipped": data[:-3] + bytes([data[-3] ^ 1]) + data[-2:],
+        "truncated": data[:-10],
+        "header-length": struct.pack("<Q", 1 << 40) + data[8:],
+        "not-json": data[:8] + b"x" + data[9:],
+        "empty": b"",
+        "no-metadata": struct.pack("<Q", 8) + b"{}      ",
+        "nan": serialize_safetensors(nan.tensors(), metadata),
+        "bad-kind": serialize_safetensors(patch.tensors(), bad_kind),
+        "other-base": dataclasses.replace(patch, base_fingerprint="0" * 64).to_bytes(),
+        "layer-7": moved.to_bytes(),
+    }
+    assert header_len < len(data)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, content in files.items():
+        paths[name] = folder / f"{name}.reft"
+        paths[name].write_bytes(content)
+    return paths
+
+
+def _python_error(manifest: Manifest, path: Path) -> dict[str, str]:
+    try:
+        manifest.load_patches([path])
+    except Exception as exc:  # the typed errors of reft_edge.errors
+        return {"name": type(exc).__name__, "message": str(exc).replace(str(path), path.name)}
+    raise AssertionError(f"{path.name} loaded in Python; the damage does not break it")
+
+
+# -- serving and driving ----------------------------------------------------------------------
+
+def _serve(bundle: Path, patches: list[Path]) -> tuple[subprocess.Popen, str]:
+    """`reft-edge serve-web` on a free port (it becomes the node server: terminate stops it)."""
+    args = [sys.executable, "-m", "reft_edge.cli", "serve-web", str(bundle), "--port", "0"]
+    for path in patches:
+        args += ["--patch", str(path)]
+    server = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = server.stdout.readline()
+    assert " at http://" in line, line
+    return server, line.rsplit(" at ", 1)[1].strip()
+
+
+def _drive(bundle: Path, patches: list[Path], cases: list[dict], tmp_path: Path, **plan) -> dict:
+    server, url = _serve(bundle, patches)
+    try:
+        plan_file, out_file = tmp_path / "plan.json", tmp_path / "results.json"
+        plan_file.write_text(json.dumps({"url": url, "cases": cases, **plan}))
+        done = subprocess.run(["node", str(WEB / "test" / "drive.mjs"), str(plan_file), str(out_file)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(out_file.read_text())
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module", params=["fp32", "int4", "traced"])
+def web_bundle(request, tiny_bundle, tiny_backbone, tiny_model_dir, tmp_path_factory) -> Path:
+    """The fused llama bundle at fp32 and int4, and a traced graph (GPT-2: left padding, a growing cache)."""
+    if request.param == "fp32":
+        return tiny_bundle
+    from reft_edge.export import ExportConfig, export_bundle
+    from reft_edge.train.backbone import load_backbone
+
+    backbone = tiny_backbone if request.param == "int4" else load_backbone(str(tiny_model_dir("gpt2")))
+    out = tmp_path_factory.mktemp(f"web-{request.param}") / "bundle"
+    precision = "int4" if request.param == "int4" else "fp32"
+    export_bundle(ExportConfig(model=backbone.path, out=str(out), precision=precision), backbone=backbone,
+                  progress=False)
+    return out
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+def _record_margins(monkeypatch) -> list[float]:
+    """Each pick's gap between the two best scores (after the repetition penalty and loop guard), batch of one."""
+    margins: list[float] = []
+    pick = Sampling.pick
+
+    def recording(self, logits, seen, rng, answers=()):
+        scores = penalise_repeats(logits, seen, self.repetition_penalty) if self.tracks_seen else logits
+        if self.no_repeat_ngram and answers:
+            scores = ban_repeated_ngrams(scores, answers, self.no_repeat_ngram)
+        best = np.sort(scores[0])[-2:]
+        margins.append(float(best[1] - best[0]))
+        return pick(self, logits, seen, rng, answers)
+
+    monkeypatch.setattr(Sampling, "pick", recording)
+    return margins
+
+
+def test_greedy_tokens_equal_python(web_bundle, tmp_path, monkeypatch):
+    manifest = Manifest.from_dir(web_bundle)
+    margins = _record_margins(monkeypatch)
+    files = _write_patches(tmp_path / "patches", manifest)
+    rt = Runtime.load(web_bundle, threads=1)
+    cases, expected = [], {}
+    for p, prompt in enumerate(PROMPTS):
+        for combo, names, weights in COMBOS:
+            for penalty in (PENALTY, None):
+                if penalty is None and combo not in ("base", "fox"):
+                    continue
+                case_id = f"{p}/{combo}/{penalty}"
+                paths = [files[n.removesuffix(".reft")] for n in names]
+                margins.clear()
+                out = rt.generate(prompt, patches=paths, weights=weights, max_new_tokens=MAX_NEW_TOKENS,
+                                  repetition_penalty=penalty)
+                sure = next((i for i, m in enumerate(margins) if m < INT4_TIE), len(margins))
+                expected[case_id] = {"tokenIds": out.token_ids, "text": out.text, "promptIds": rt.encode(prompt),
+                                     "finishReason": out.finish_reason,
+                                     "sure": len(margins) if manifest.precision == "fp32" else sure}
+                cases.append({"id": case_id, "op": "generate", "prompt": prompt, "patches": [f"/patches/{n}" for n in names],
+                              "weights": weights, "options": {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": penalty}})
+    # stop strings: cut where Python cuts (a piece of an answer's middle as the stop string)
+    for p, prompt in enumerate(PROMPTS):
+        text = expected[f"{p}/fox/{PENALTY}"]["text"]
+        if len(text) < 6:
+            continue
+        stop = text[len(text) // 2: len(text) // 2 + 2]
+        margins.clear()
+        out = rt.generate(prompt, patches=[files["fox"]], max_new_tokens=MAX_NEW_TOKENS, repetition_penalty=PENALTY,
+                          stop=[stop])
+        sure = next((i for i, m in enumerate(margins) if m < INT4_TIE), len(margins))
+        expected[f"{p}/stop"] = {"tokenIds": out.token_ids, "text": out.text, "promptIds": rt.encode(prompt),
+                                 "finishReason": out.finish_reason,
+                                 "sure": len(margins) if manifest.precision == "fp32" else sure}
+        cases.append({"id": f"{p}/stop", "op": "generate", "prompt": prompt, "patches": ["/patches/fox.reft"],
+                      "options": {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY, "stop": [stop]}})
+    # the loop guard: the plain greedy tiny model repeats one token, the guard breaks the loop as Python's does
+    for p, prompt in enumerate(PROMPTS):
+        margins.clear()
+        out = rt.generate(prompt, patches=[files["steer"]], max_new_tokens=MAX_NEW_TOKENS, no_repeat_ngram=2)
+        sure = next((i for i, m in enumerate(margins) if m < INT4_TIE), len(margins))
+        expected[f"{p}/ngram"] = {"tokenIds": out.token_ids, "text": out.text, "promptIds": rt.encode(prompt),
+                                  "finishReason": out.finish_reason,
+                                  "sure": len(margins) if manifest.precision == "fp32" else sure}
+        cases.append({"id": f"{p}/ngram", "op": "generate", "prompt": prompt, "patches": ["/patches/steer.reft"],
+                      "options": {"maxNewTokens": MAX_NEW_TOKENS, "noRepeatNgram": 2}})
+    sampled = {"maxNewTokens": MAX_NEW_TOKENS, "temperature": 1.0, "topP": 0.9, "seed": 7}
+    cases += [{"id": f"sampled-{i}", "op": "generate", "prompt": PROMPTS[0], "patches": [], "options": sampled}
+              for i in range(2)]
+    shot = tmp_path / "web-demo.png"
+    results = _drive(web_bundle, list(files.values()), cases, tmp_path, screenshot=str(shot),
+                     screenshotPatch="/patches/fox.reft")
+    assert results["isolated"] is True, "the page must be cross-origin isolated (threads)"
+    whole = 0
+    for case_id, want in expected.items():
+        got = results["cases"][case_id]
+        assert "error" not in got, (case_id, got)
+        assert got["promptIds"] == want["promptIds"], case_id
+        sure = want["sure"]
+        assert got["tokenIds"][:sure] == want["tokenIds"][:sure], (case_id, got["tokenIds"], want["tokenIds"], sure)
+        assert "".join(got["pieces"]) == got["text"], case_id  # streamed pieces join to the answer
+        if got["tokenIds"] == want["tokenIds"]:
+            assert (got["text"], got["finishReason"]) == (want["text"], want["finishReason"]), case_id
+            whole += 1
+    if manifest.precision == "fp32":
+        assert whole == len(expected)
+    else:  # near-ties aside, int4 answers agree too
+        assert whole >= 0.5 * len(expected), f"{whole} of {len(expected)} int4 answers identical"
+    assert results["cases"]["sampled-0"]["tokenIds"] == results["cases"]["sampled-1"]["tokenIds"], "seeded"
+    assert any(expected[f"{p}/stop"]["finishReason"] == "stop" for p in range(len(PROMPTS)) if f"{p}/stop" in expected)
+    # the patches have teeth: most patched answers differ from the base answer to the same prompt
+    changed = [expected[f"{p}/{c}/{PENALTY}"]["tokenIds"] != expected[f"{p}/base/{PENALTY}"]["tokenIds"]
+               for p in range(len(PROMPTS)) for c, _, _ in COMBOS[1:]]
+    assert sum(changed) >= len(changed) // 2, changed
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot of the page with a personalised answer: {shot}")
+
+
+def test_damaged_patches_give_pythons_errors(tiny_bundle, tmp_path):
+    manifest = Manifest.from_dir(tiny_bundle)
+    good = _write_patches(tmp_path / "patches", manifest)["fox"]
+    damaged = _damaged(tmp_path / "damaged", good, manifest)
+    cases = [{"id": name, "op": "patch", "url": f"/patches/{path.name}"} for name, path in damaged.items()]
+    cases.append({"id": "good", "op": "patch", "url": f"/patches/{good.name}"})
+    results = _drive(tiny_bundle, [*damaged.values(), good], cases, tmp_path)
+    assert results["cases"]["good"] == {"name": "fox", "digest": Patch.from_file(good).payload_sha256}
+    for name, path in damaged.items():
+        want, got = _python_error(manifest, path), results["cases"][name]
+        assert "error" in got, (name, got)
+        assert got["error"]["name"] == want["name"], (name, got, want)
+        if "tensor data is damaged" in want["message"]:  # the reason in parentheses is the parser's own
+            assert got["error"]["message"].split(" (")[0] == want["message"].split(" (")[0], (name, got, want)
+        else:
+            assert got["error"]["message"] == want["message"], name
+        assert got["shown"] == f"{want['name']}: {got['error']['message']}", "the page shows the typed error"
+
+
+def test_serve_web_refuses_what_cannot_be_served(tiny_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from reft_edge.cli import main
+
+    missing = CliRunner().invoke(main, ["serve-web", str(tiny_bundle), "--patch", str(tmp_path / "nope.reft")])
+    assert missing.exit_code == 2 and "is not a file; pass the path of a .reft patch" in missing.output
+    no_bundle = CliRunner().invoke(main, ["serve-web", str(tmp_path / "none")])
+    assert no_bundle.exit_code == 2 and "not a folder" in no_bundle.output
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    twins = [tmp_path / "a" / "p.reft", tmp_path / "b" / "p.reft"]
+    for twin in twins:
+        twin.write_bytes(b"x")
+    clash = CliRunner().invoke(main, ["serve-web", str(tiny_bundle), "--patch", str(twins[0]), "--patch", str(twins[1])])
+    assert clash.exit_code == 2 and "share a file name" in clash.output
