@@ -26,7 +26,7 @@ from reft_edge.runtime.contract import (
     ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, POSITION_LINES, past_names, present_names, slot_names,
     token_mask,
 )
-from reft_edge.train.backbone import decoder_layers
+from reft_edge.train.backbone import decoder_layers, eager_attention
 from reft_edge.train.intervention import EditSlots, attach_edits
 
 OPSET = 18
@@ -105,23 +105,6 @@ def token_places(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return position_ids, prompt_len, attention_mask[:, attention_mask.shape[1] - seq:] != 0
 
 
-@contextlib.contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` with eager attention, then restore its implementation.
-
-    Eager attention adds finfo.min where the mask is 0, so a left-pad query that may
-    attend to nothing gets a uniform softmax instead of NaN (a NaN value in a pad
-    row's KV would reach real rows through 0 * NaN in the attention product). It is
-    also what the torch reference in verification uses.
-    """
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
 def example_inputs(model: nn.Module, num_slots: int, *, batch: int = 2, seq: int = 3, past: int = 4,
                    rank: int = 2) -> tuple:
     """Example tensors for tracing: every dynamic dimension >= 2, so none is specialised."""
@@ -141,7 +124,8 @@ def example_inputs(model: nn.Module, num_slots: int, *, batch: int = 2, seq: int
 
 
 def dynamic_shapes(num_layers: int, num_slots: int) -> tuple:
-    """Batch, seq, past, total (the attention mask's own length, FACTS.md) and rank are dynamic."""
+    """Batch, seq, past, total and rank are dynamic. The attention mask gets its own dimension
+    (total): declaring it as past + seq fails in the exporter ("Attempted to add Dim")."""
     dim = torch.export.Dim
     batch, seq, past, total, rank = (dim(name) for name in ("batch", "seq", "past_seq", "total_seq", "rank"))
     kv = {0: batch, 2: past}

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from reft_edge.export.graph import eager_attention, kv_shape
+from reft_edge.export.graph import kv_shape
 from reft_edge.runtime.bundle import KVLayout
 from reft_edge.runtime.contract import past_names
 from reft_edge.runtime.engine import Engine
 from reft_edge.runtime.positions import Positions
 from reft_edge.runtime.slots import SlotArrays, SlotEdit, slot_arrays
-from reft_edge.train.backbone import decoder_layers
+from reft_edge.train.backbone import decoder_layers, eager_attention
 from reft_edge.train.intervention import EditSlots, attach_edits
 
 PROMPT_LENGTHS = (5, 8)  # random prompts when none are given: row 0 has 3 pads

@@ -13,13 +13,14 @@ file lock so two processes never convert at once); later loads read that folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from reft_edge.constants import (
     DEFAULT_MODEL,
@@ -195,3 +196,20 @@ def fingerprint_cached(model: Any, path: str) -> str:
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(cache_file, json.dumps({"fingerprint": value, "path": str(folder)}).encode())
     return value
+
+
+@contextlib.contextmanager
+def eager_attention(model: Any) -> Iterator[None]:
+    """Run ``model`` with eager attention, then restore its implementation.
+
+    Eager attention adds finfo.min where the mask is 0, so a left-pad query that may
+    attend to nothing gets a uniform softmax instead of NaN (a NaN value in a pad
+    row's KV would reach real rows through 0 * NaN in the attention product). It is
+    also what the torch reference in verification uses.
+    """
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)

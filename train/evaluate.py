@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from reft_edge.runtime.evaluate import BATCH_SIZE, Messages, chunks
 from reft_edge.runtime.patch import Patch
 from reft_edge.runtime.slots import SlotArrays, SlotEdit, resolve_edits, slot_arrays
-from reft_edge.train.backbone import Backbone, decoder_layers, load_backbone
+from reft_edge.train.backbone import Backbone, decoder_layers, eager_attention, load_backbone
 from reft_edge.train.data import Example, Record, prompt_text, tokenize
 from reft_edge.train.intervention import EditSlots, attach_edits
 
@@ -178,15 +178,3 @@ def eos_token_ids(tokenizer: Any, model: Any) -> set[int]:
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])]
     return {int(i) for i in ids if i is not None}
-
-
-@contextlib.contextmanager
-def eager_attention(model: Any) -> Iterator[None]:
-    """Eager attention while evaluating: a left-pad query row that attends to nothing gets a
-    uniform softmax instead of NaN, which would reach real rows through 0 * NaN."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
