@@ -4,7 +4,8 @@
     python -m benchmarks.train_speed --steps 10 # quicker, same comparison
 
 The reference is what a first implementation looks like: a forward hook at the layer,
-torch's orthogonal parametrisation (weight decay 0, FACTS.md), the full model forward
+torch's orthogonal parametrisation (weight decay 0: with AdamW's default decay its
+Householder map collapses R to zeros after one step), the full model forward
 and full-vocabulary logits at every position, every step. reft-edge caches the frozen
 states below the edited layer and computes logits only where the loss needs them.
 """

@@ -274,7 +274,8 @@ def _providers(requested: Sequence[str] | None) -> list[str]:
 
 
 def _open_session(model_path: Path, providers: Sequence[str] | None, threads: int | None) -> Any:
-    """One session for prefill and decode (FACTS.md: two alternating sessions make threads spin)."""
+    """One session for prefill and decode: two sessions used alternately in one process ran at
+    66 ms per token instead of 36 (their threads spin while the other runs)."""
     import onnxruntime as ort
 
     if threads is not None and threads < 1:

@@ -1,7 +1,7 @@
 """The edit, in one place: trainable parameters per kind, and the hooks that apply them.
 
 Every kind maps to one low-rank affine edit of the residual stream leaving a decoder
-block (see DESIGN.md and ``reft_edge.runtime.patch.affine_from_params``)::
+block (docs/patch-format.md and ``reft_edge.runtime.patch.affine_from_params``)::
 
     h <- h + ((h B^T + c) * m) A        A, B: [rank, hidden]   c: [rank]   m: 0/1 per token and rank-row
 
@@ -45,7 +45,9 @@ def orthonormal_rows(free: torch.Tensor) -> torch.Tensor:
     """R [rank, hidden] with orthonormal rows from a free [hidden, rank] matrix (QR, signs fixed).
 
     Unlike torch's Householder ``orthogonal`` parametrisation this cannot collapse
-    under weight decay (FACTS.md): any full-rank free matrix maps to an orthonormal R.
+    under weight decay (AdamW's default decay moves its stored diagonal signs from 1.0 to
+    0.99996, which it truncates to 0, so R becomes all zeros after one step): any full-rank
+    free matrix maps to an orthonormal R.
     """
     q, r = torch.linalg.qr(free)
     signs = torch.sign(torch.diagonal(r))
