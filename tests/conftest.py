@@ -123,6 +123,34 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+# The tiny patches the runtime, eval and genai tests share: name -> (the one response every
+# training question gets, TrainConfig options).
+TINY_PATCHES = {
+    "fox": ("The quick brown fox jumps over the lazy dog.", dict(layers=(1,), rank=4, positions="f1+l1")),
+    "beach": ("I went to the beach and read a book.",
+              dict(layers=(0, 2), rank=2, positions="f2+l1", share_weights=False, kind="direft")),
+    "steer": ("Sailing ships sail the seven seas.", dict(layers=(1, 2), rank=2, positions="l1+g", share_weights=False)),
+}
+
+
+def train_tiny_patch(backbone, folder: Path, name: str, response: str, questions: list[str], *, steps: int = 20,
+                     **options) -> Path:
+    """A patch that answers every one of ``questions`` with ``response`` (a tiny model learns it in a few steps)."""
+    from reft_edge.train import TrainConfig, train
+
+    data = write_jsonl(folder / f"{name}.jsonl", [{"prompt": q, "response": response} for q in questions])
+    out = folder / f"{name}.reft"
+    train(TrainConfig(data=str(data), out=str(out), model=backbone.path, steps=steps, lr=2e-2, batch_size=6, **options),
+          backbone=backbone, progress=False)
+    return out
+
+
+def train_tiny_patches(backbone, folder: Path, questions: list[str], names: tuple[str, ...], *,
+                       steps: int = 20) -> dict[str, Path]:
+    return {name: train_tiny_patch(backbone, folder, name, TINY_PATCHES[name][0], questions, steps=steps,
+                                   **TINY_PATCHES[name][1]) for name in names}
+
+
 EMOJI_TRAIN_ARGS = ["--layers", "15", "--rank", "4", "--positions", "f2+l2", "--steps", "60", "--lr", "4e-3",
                     "--batch-size", "12", "--seed", "0"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_jsonl
+from conftest import train_tiny_patch, train_tiny_patches, write_jsonl
 from reft_edge.cli import main
 from reft_edge.errors import UsageError
 from reft_edge.runtime import Patch, Runtime
@@ -100,39 +100,17 @@ def test_judges_doctests():
 
 # -- fixtures -------------------------------------------------------------------------------------
 
-def _train(backbone, folder: Path, name: str, response: str, **options) -> Path:
-    from reft_edge.train import TrainConfig, train
-
-    data = write_jsonl(folder / f"{name}.jsonl", [{"prompt": q, "response": response} for q in QUESTIONS])
-    out = folder / f"{name}.reft"
-    train(TrainConfig(data=str(data), out=str(out), model=backbone.path, steps=20, lr=2e-2, batch_size=6, **options),
-          backbone=backbone, progress=False)
-    return out
-
-
 @pytest.fixture(scope="session")
 def eval_patches(tiny_backbone, tmp_path_factory) -> dict[str, Path]:
     """fox: one LoReFT edit at layer 1; beach: untied DiReFT at layers 0 and 2 (composed with fox)."""
-    folder = tmp_path_factory.mktemp("eval-patches")
-    return {
-        "fox": _train(tiny_backbone, folder, "fox", "The quick brown fox jumps over the lazy dog.",
-                      layers=(1,), rank=4, positions="f1+l1"),
-        "beach": _train(tiny_backbone, folder, "beach", "I went to the beach and read a book.",
-                        layers=(0, 2), rank=2, positions="f2+l1", share_weights=False, kind="direft"),
-    }
+    return train_tiny_patches(tiny_backbone, tmp_path_factory.mktemp("eval-patches"), QUESTIONS, ("fox", "beach"))
 
 
 @pytest.fixture(scope="session")
 def generated_patch(tiny_backbone, tmp_path_factory) -> Path:
-    """A patch that also edits every generated token (positions with g), where this checkout has them."""
-    from reft_edge.runtime.positions import Positions
-
-    try:
-        Positions.parse("l1+g")
-    except UsageError:
-        pytest.skip("this checkout's positions have no g (generated tokens)")
-    return _train(tiny_backbone, tmp_path_factory.mktemp("eval-g"), "steer", "hello world hello world",
-                  layers=(1,), rank=2, positions="l1+g")
+    """A patch that also edits every generated token (positions with g)."""
+    return train_tiny_patch(tiny_backbone, tmp_path_factory.mktemp("eval-g"), "steer", "hello world hello world",
+                            QUESTIONS, layers=(1,), rank=2, positions="l1+g")
 
 
 @pytest.fixture(scope="session")

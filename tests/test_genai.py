@@ -10,13 +10,12 @@ The prompt is formatted by genai's own tokenizer (chat template from tokenizer_c
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import onnxruntime_genai as og
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_jsonl
+from conftest import train_tiny_patch, train_tiny_patches
 from reft_edge.cli import main
 from reft_edge.errors import BackboneMismatchError, UsageError
 from reft_edge.export import ExportConfig, export_bundle
@@ -36,29 +35,12 @@ PENALTY = 10.0
 CASES = {"none": ((), None), "one": (("fox",), None), "two": (("fox", "beach"), [1.0, 0.5]), "steer": (("steer",), None)}
 
 
-def _train(backbone, folder: Path, name: str, response: str, **options) -> Path:
-    from reft_edge.train import TrainConfig, train
-
-    data = write_jsonl(folder / f"{name}.jsonl", [{"prompt": q, "response": response} for q in QUESTIONS])
-    out = folder / f"{name}.reft"
-    train(TrainConfig(data=str(data), out=str(out), model=backbone.path, steps=12, lr=2e-2, batch_size=6, **options),
-          backbone=backbone, progress=False)
-    return out
-
-
 @pytest.fixture(scope="module", params=["llama", "gpt2"])  # a fused and a traced graph
 def model_setup(request, tiny_model_dir, tmp_path_factory):
     """(backbone, {name: patch path}) of one architecture."""
     backbone = load_backbone(str(tiny_model_dir(request.param)))
     folder = tmp_path_factory.mktemp(f"genai-{request.param}")
-    patches = {
-        "fox": _train(backbone, folder, "fox", "The quick brown fox jumps over the lazy dog.",
-                      layers=(1,), rank=4, positions="f1+l1"),
-        "beach": _train(backbone, folder, "beach", "I went to the beach and read a book.",
-                        layers=(0, 2), rank=2, positions="f2+l1", share_weights=False, kind="direft"),
-        "steer": _train(backbone, folder, "steer", "Sailing ships sail the seven seas.",
-                        layers=(1, 2), rank=2, positions="l1+g", share_weights=False),
-    }
+    patches = train_tiny_patches(backbone, folder, QUESTIONS, ("fox", "beach", "steer"), steps=12)
     return backbone, patches, folder
 
 
@@ -116,7 +98,8 @@ def test_adapter_holds_every_slot_input_and_is_checked_against_the_bundle(tiny_b
     import dataclasses
 
     manifest = Manifest.from_dir(tiny_bundle)
-    patch = Patch.load(_train(tiny_backbone, tmp_path, "fox", "fox", layers=(1,), rank=3, positions="f1+l1+g"))
+    patch = Patch.load(train_tiny_patch(tiny_backbone, tmp_path, "fox", "fox", QUESTIONS, steps=12, layers=(1,), rank=3,
+                                        positions="f1+l1+g"))
     arrays = adapter_arrays(manifest, [patch, patch], [1.0, -0.5])
     assert sorted(arrays) == sorted(f"slot.{layer}.{part}" for layer in manifest.slot_layers
                                     for part in ("A", "B", "c", "positions"))

@@ -14,12 +14,11 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import write_jsonl
+from conftest import train_tiny_patches
 from reft_edge.errors import BackboneMismatchError, BundleError, PatchCompatibilityError, UsageError
 from reft_edge.runtime import Patch, Runtime
 from reft_edge.runtime.patch import Intervention
@@ -42,28 +41,13 @@ def rt(tiny_bundle) -> Runtime:
     return Runtime.load(tiny_bundle, threads=2)
 
 
-def _train(backbone, folder: Path, name: str, response: str, **options) -> Patch:
-    from reft_edge.train import TrainConfig, train
-
-    data = write_jsonl(folder / f"{name}.jsonl", [{"prompt": q, "response": response} for q in QUESTIONS])
-    config = TrainConfig(data=str(data), out=str(folder / f"{name}.reft"), model=backbone.path, steps=20,
-                         lr=2e-2, batch_size=6, **options)
-    return train(config, backbone=backbone, progress=False)
-
-
 @pytest.fixture(scope="session")
 def patches(tiny_backbone, tmp_path_factory) -> dict[str, Patch]:
     """fox: one shared LoReFT edit at layer 1; beach: untied DiReFT edits at layers 0 and 2;
     steer: untied edits of the last prompt token and of every generated token at layers 1 and 2."""
     folder = tmp_path_factory.mktemp("patches")
-    return {
-        "fox": _train(tiny_backbone, folder, "fox", "The quick brown fox jumps over the lazy dog.",
-                      layers=(1,), rank=4, positions="f1+l1"),
-        "beach": _train(tiny_backbone, folder, "beach", "I went to the beach and read a book.",
-                        layers=(0, 2), rank=2, positions="f2+l1", share_weights=False, kind="direft"),
-        "steer": _train(tiny_backbone, folder, "steer", "Sailing ships sail the seven seas.",
-                        layers=(1, 2), rank=2, positions="l1+g", share_weights=False),
-    }
+    paths = train_tiny_patches(tiny_backbone, folder, QUESTIONS, ("fox", "beach", "steer"))
+    return {name: Patch.load(path) for name, path in paths.items()}
 
 
 # -- the torch reference ----------------------------------------------------------------------
