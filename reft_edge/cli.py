@@ -75,8 +75,26 @@ def _default(name: str):
     return _TRAIN_DEFAULTS[name]
 
 
+def parse_skills(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """('caps=caps.jsonl', ...) -> (('caps', 'caps.jsonl'), ...); anything else names the bad value."""
+    pairs = []
+    for value in values:
+        name, sep, data = value.partition("=")
+        if not sep or not name or not data:
+            raise UsageError(f"--skill {value!r} is malformed; give NAME=DATA, e.g. --skill caps=caps.jsonl")
+        pairs.append((name, data))
+    return tuple(pairs)
+
+
 @main.command()
-@click.option("--data", required=True, help="JSONL file: {\"prompt\", \"response\"} or {\"messages\"} per line.")
+@click.option("--data", default=None, help="JSONL file: {\"prompt\", \"response\"} or {\"messages\"} per line.")
+@click.option("--skill", "skills", multiple=True, metavar="NAME=DATA",
+              help="Train one patch with a named skill per data file (repeat); switch skills per request "
+                   "with reft-edge run --skill. Instead of --data.")
+@click.option("--compose-with", "compose_with", multiple=True, type=click.Path(),
+              help="A patch (same base) the new one must also work beside; repeat for several.")
+@click.option("--compose-steps", default=_default("compose_steps"), show_default=True, type=int,
+              help="Steps of the composition phase (with several skills or --compose-with).")
 @click.option("--out", required=True, help="Patch file to write (e.g. alice.reft).")
 @click.option("--model", default=None, help="Hugging Face folder or id; default: the embedded SmolLM2-135M-Instruct.")
 @click.option("--layers", default=None,
@@ -111,9 +129,13 @@ def _default(name: str):
 @click.option("--auto", is_flag=True,
               help="Search layers, rank, positions and lr on a validation split (Optuna); keep the best patch.")
 @click.option("--budget-minutes", default=10.0, show_default=True, type=float, help="Time budget of --auto.")
-def train(layers: str | None, auto: bool, budget_minutes: float, **options) -> None:
+def train(layers: str | None, skills: tuple[str, ...], compose_with: tuple[str, ...], auto: bool,
+          budget_minutes: float, **options) -> None:
     """Learn a LoReFT patch from examples."""
-    config = TrainConfig(layers=parse_layers(layers), chat_template=options.pop("chat_template"), **options)
+    config = TrainConfig(layers=parse_layers(layers), skills=parse_skills(skills), compose_with=compose_with,
+                         chat_template=options.pop("chat_template"), **options)
+    if auto and (config.skills or config.compose_with):
+        raise UsageError("--auto searches single-skill recipes; drop --skill/--compose-with or --auto")
     if auto:
         from reft_edge.train.auto import train_auto
 

@@ -1,7 +1,7 @@
 """File names and format identifiers, in one place."""
 
 PATCH_FORMAT = "reft-edge-patch"
-PATCH_FORMAT_VERSION = 2  # the newest this reads; a file carries the oldest that can say it
+PATCH_FORMAT_VERSION = 3  # the newest this reads; a file carries the oldest that can say it (3: skills)
 PATCH_SUFFIX = ".reft"
 
 BUNDLE_SCHEMA_VERSION = 3  # 3: slot positions inputs, constant for a generation (contract v3); genai_config.json

@@ -4,6 +4,7 @@ Example::
 
     reft-edge run bundle/ --patch alice.reft "What should I cook tonight?"
     reft-edge run bundle/ --patch alice.reft --patch formal.reft --weight 1 --weight 0.5 --json "Hi"
+    reft-edge run bundle/ --patch skills.reft --skill caps --skill meow=0.5 "Hi"
     reft-edge chat bundle/ --patch alice.reft          # Ctrl-D or Ctrl-C to leave
 
 Only click is imported at module level: the runtime (onnxruntime, numpy, tokenizers)
@@ -55,6 +56,18 @@ def _resolve_sampling(rt: Any, options: dict[str, Any]) -> dict[str, Any]:
     return {**resolved, "no_repeat_ngram": options["no_repeat_ngram"], "seed": options["seed"]}
 
 
+_skill_option = click.option("--skill", "skills", multiple=True, metavar="NAME[=WEIGHT]",
+                             help="Switch on only these skills of the patches that have skills (repeat); "
+                                  "a weight scales a skill's edit (0: off).")
+
+
+def _chosen_patches(rt: Any, patches: tuple[str, ...], skills: tuple[str, ...]) -> list[Any]:
+    """The patches, read and checked once, with the --skill choice applied."""
+    from reft_edge.runtime.patch import choose_skills, parse_skill_choice
+
+    return choose_skills(rt.load_patches(patches), parse_skill_choice(skills))
+
+
 def _weights(patches: tuple[str, ...], weights: tuple[float, ...]) -> list[float] | None:
     if weights and len(weights) != len(patches):
         raise UsageError(f"{len(weights)} --weight for {len(patches)} --patch; give one --weight per --patch, "
@@ -67,18 +80,20 @@ def _weights(patches: tuple[str, ...], weights: tuple[float, ...]) -> list[float
 @click.argument("prompt")
 @_patch_option
 @click.option("--weight", "weights", multiple=True, type=float, help="Scale of each --patch's edit (default 1).")
+@_skill_option
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
 @_sampling_options
 @_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token_ids, prompt_tokens, timings.")
-def run_command(bundle: str, prompt: str, patches: tuple[str, ...], weights: tuple[float, ...], max_new_tokens: int,
-                threads: int | None, as_json: bool, **sampling: Any) -> None:
+def run_command(bundle: str, prompt: str, patches: tuple[str, ...], weights: tuple[float, ...],
+                skills: tuple[str, ...], max_new_tokens: int, threads: int | None, as_json: bool,
+                **sampling: Any) -> None:
     """Answer PROMPT with the base model in BUNDLE, edited by the given patches."""
     from reft_edge.runtime import Runtime
 
     weights_list = _weights(patches, weights)
     rt = Runtime.load(bundle, threads=threads)
-    options = dict(patches=patches, weights=weights_list, max_new_tokens=max_new_tokens,
+    options = dict(patches=_chosen_patches(rt, patches, skills), weights=weights_list, max_new_tokens=max_new_tokens,
                    **_resolve_sampling(rt, sampling))
     if as_json:
         click.echo(json.dumps(rt.generate(prompt, **options).to_dict(), ensure_ascii=False))
@@ -105,17 +120,18 @@ def print_stream(stream: Iterator[str]) -> Any:
 @click.argument("bundle", type=click.Path())
 @_patch_option
 @click.option("--weight", "weights", multiple=True, type=float, help="Scale of each --patch's edit (default 1).")
+@_skill_option
 @click.option("--max-new-tokens", default=256, show_default=True, type=int)
 @_sampling_options
 @_threads_option
-def chat_command(bundle: str, patches: tuple[str, ...], weights: tuple[float, ...], max_new_tokens: int,
-                 threads: int | None, **sampling: Any) -> None:
+def chat_command(bundle: str, patches: tuple[str, ...], weights: tuple[float, ...], skills: tuple[str, ...],
+                 max_new_tokens: int, threads: int | None, **sampling: Any) -> None:
     """Talk with the base model in BUNDLE, edited by the given patches (Ctrl-D or Ctrl-C ends)."""
     from reft_edge.runtime import Runtime
 
     weights_list = _weights(patches, weights)
     rt = Runtime.load(bundle, threads=threads)
-    loaded = rt.load_patches(patches)  # read once, checked once, reused every turn
+    loaded = _chosen_patches(rt, patches, skills)  # read once, checked once, reused every turn
     options = _resolve_sampling(rt, sampling)
     click.echo(f"chat with {rt.manifest.source_model} ({len(loaded)} patch(es)); Ctrl-D or Ctrl-C to leave", err=True)
     history: list[dict[str, str]] = []

@@ -11,21 +11,30 @@ Example::
 The file holds, per intervention ``i``, the tensors of its kind's natural
 parametrisation as ``interventions.{i}.{name}`` and a string-to-string metadata
 table whose values are JSON. docs/patch-format.md is the specification.
+
+A patch may group its rank rows into named skills (``reft-edge train --skill``): skill k
+owns the same consecutive rows of every intervention. Any subset is switched on, off or
+weighted per request without touching the file or the session::
+
+    skills = Patch.load("skills.reft")
+    caps_only = skills.with_skills(["caps"])               # the other skills' rows are dropped
+    both = skills.with_skills({"caps": 1.0, "meow": 0.5})  # meow's edit at half strength
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from reft_edge.constants import PATCH_FORMAT, PATCH_FORMAT_VERSION
-from reft_edge.errors import BackboneMismatchError, PatchCompatibilityError, PatchFormatError
+from reft_edge.errors import BackboneMismatchError, PatchCompatibilityError, PatchFormatError, UsageError
 from reft_edge.runtime.positions import WHERE, Positions
 
 # Each kind's tensors, in the order they are listed in the format spec.
@@ -47,6 +56,7 @@ _REQUIRED_METADATA = (
     "rank", "hidden_size", "base_fingerprint", "dtype", "payload_sha256", "interventions",
     "training",
 )
+SKILL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def affine_from_params(kind: str, params: Mapping[str, Any]) -> tuple[Any, Any, Any]:
@@ -102,18 +112,61 @@ class Patch:
     dtype: str = "float32"
     payload_sha256: str = field(default="", compare=False)  # filled in by the loader
     size_bytes: int = field(default=0, compare=False)
+    skills: tuple[tuple[str, int], ...] = ()  # (name, rank rows), in row order; () = one unnamed skill
+    # The request's choice (with_skills): (name, weight) of the skills switched on; None = all at 1.
+    # Not stored in the file.
+    skill_weights: tuple[tuple[str, float], ...] | None = field(default=None, compare=False)
 
     @property
     def layers(self) -> list[int]:
         return sorted({iv.layer for iv in self.interventions})
 
     def affine_edits(self) -> list[AffineEdit]:
+        """Every intervention in the shared form, with the chosen skills only (with_skills): rows of
+        skills switched off (or weighted 0) are dropped, so they cost nothing and change nothing;
+        a weight scales its rows of A, which scales their edit linearly for every kind."""
+        rows, scale = self._chosen_rows()
         edits = []
         for iv in self.interventions:
             params = {k: v.astype(np.float32) for k, v in iv.params.items()}
             A, B, c = affine_from_params(self.kind, params)
+            if rows is not None:
+                A, B, c = A[rows] * scale[:, None], B[rows], c[rows]
             edits.append(AffineEdit(iv.layer, iv.where, A, B, c))
         return edits
+
+    @property
+    def skill_names(self) -> list[str]:
+        return [name for name, _ in self.skills]
+
+    def with_skills(self, chosen: Mapping[str, float] | Sequence[str]) -> "Patch":
+        """This patch with only the ``chosen`` skills on (a list: each at weight 1; a mapping: name ->
+        weight, 0 = off). Weights must be finite; unknown names are a UsageError."""
+        if not self.skills:
+            raise UsageError(f"patch {self.name!r} has no skills; train one with reft-edge train --skill NAME=DATA "
+                             "or use the patch as a whole")
+        weights = dict(chosen) if isinstance(chosen, Mapping) else dict.fromkeys(chosen, 1.0)
+        unknown = sorted(set(weights) - set(self.skill_names))
+        if unknown:
+            raise UsageError(f"patch {self.name!r} has no skill {unknown[0]!r}; its skills are "
+                             f"{', '.join(self.skill_names)}")
+        if not all(np.isfinite(float(w)) for w in weights.values()):
+            raise UsageError(f"skill weights {weights} must be finite numbers (1.0 applies a skill as trained)")
+        return replace(self, skill_weights=tuple((name, float(weights[name])) for name in self.skill_names
+                                                 if name in weights))
+
+    def _chosen_rows(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """(rank rows to keep, their A scale), or (None, _) when every row is on at weight 1."""
+        if self.skill_weights is None:
+            return None, np.ones(0, np.float32)
+        weights = dict(self.skill_weights)
+        rows, scale, start = [], [], 0
+        for name, rank in self.skills:
+            if weights.get(name, 0.0) != 0.0:
+                rows += range(start, start + rank)
+                scale += [weights[name]] * rank
+            start += rank
+        return np.array(rows, np.int64), np.array(scale, np.float32)
 
     def check_compatible(self, *, base_fingerprint: str, hidden_size: int, slot_layers: list[int],
                          source: str = "patch") -> None:
@@ -144,6 +197,9 @@ class Patch:
             "interventions": [{"layer": iv.layer, "where": iv.where} for iv in self.interventions],
             "training": self.training,
         }
+        if self.skills:
+            values["format_version"] = SKILLS_FORMAT_VERSION
+            values["skills"] = [{"name": name, "rank": rank} for name, rank in self.skills]
         metadata = {key: json.dumps(value, sort_keys=True) for key, value in values.items()}
         return {**metadata, "payload_sha256": json.dumps(payload_digest(self.tensors(), metadata))}
 
@@ -204,6 +260,7 @@ class Patch:
             share_weights=fields["share_weights"], rank=fields["rank"], hidden_size=fields["hidden_size"],
             base_fingerprint=fields["base_fingerprint"], interventions=interventions,
             training=fields["training"], dtype=fields["dtype"], payload_sha256=digest, size_bytes=len(data),
+            skills=fields["skills"],
         )
 
     def summary(self) -> dict[str, Any]:
@@ -214,13 +271,51 @@ class Patch:
             "hidden_size": self.hidden_size, "base_fingerprint": self.base_fingerprint,
             "dtype": self.dtype, "payload_sha256": self.payload_sha256, "size_bytes": self.size_bytes,
             "interventions": [{"layer": iv.layer, "where": iv.where} for iv in self.interventions],
+            "skills": [{"name": name, "rank": rank} for name, rank in self.skills],
             "training": self.training,
         }
 
 
+def choose_skills(patches: Sequence[Patch], chosen: Mapping[str, float]) -> list[Patch]:
+    """Each patch that has skills keeps only the ``chosen`` ones it has (name -> weight); patches
+    without skills are unchanged. A name no patch has is a UsageError."""
+    if not chosen:
+        return list(patches)
+    known = {name for patch in patches for name in patch.skill_names}
+    unknown = sorted(set(chosen) - known)
+    if unknown:
+        raise UsageError(f"--skill {unknown[0]!r}: no patch has it; the patches' skills are "
+                         f"{', '.join(sorted(known)) or 'none (train with --skill NAME=DATA)'}")
+    return [patch.with_skills({n: w for n, w in chosen.items() if n in patch.skill_names}) if patch.skills
+            else patch for patch in patches]
+
+
+def parse_skill_choice(values: Sequence[str]) -> dict[str, float]:
+    """('caps', 'meow=0.5') -> {'caps': 1.0, 'meow': 0.5}: the --skill values of run and chat.
+
+    >>> parse_skill_choice(["caps", "meow=0.5"])
+    {'caps': 1.0, 'meow': 0.5}
+    """
+    chosen: dict[str, float] = {}
+    for value in values:
+        name, sep, weight = value.partition("=")
+        try:
+            chosen[name] = float(weight) if sep else 1.0
+        except ValueError:
+            raise UsageError(f"--skill {value!r}: {weight!r} is not a number; give NAME or NAME=WEIGHT, "
+                             "e.g. --skill meow=0.5") from None
+        if not SKILL_NAME.fullmatch(name):
+            raise UsageError(f"--skill {value!r}: give NAME or NAME=WEIGHT, e.g. --skill meow=0.5")
+    return chosen
+
+
+SKILLS_FORMAT_VERSION = 3  # the first version with skill groups
+
+
 def format_version(positions: Positions) -> int:
     """The oldest format that can say these positions, so older readers keep reading what they can:
-    1 knows ``f{p}+l{s}`` only; 2 adds ``p`` (every prompt token) and ``g`` (every generated token)."""
+    1 knows ``f{p}+l{s}`` only; 2 adds ``p`` (every prompt token) and ``g`` (every generated token);
+    3 adds skill groups (Patch.metadata raises a patch with skills to 3)."""
     return 2 if positions.prompt or positions.generated else 1
 
 
@@ -337,7 +432,29 @@ def _parse_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
                                    f"{values['positions']} with share_weights {values['share_weights']})")
     if not isinstance(values["layers"], list) or values["layers"] != sorted({e["layer"] for e in entries}):
         raise bad("layers", "the sorted layers of the interventions")
+    values["skills"] = _parse_skills(metadata, values, bad)
     return values
+
+
+def _parse_skills(metadata: dict[str, str], values: dict[str, Any], bad: Any) -> tuple[tuple[str, int], ...]:
+    """Optional ``skills``: [{"name", "rank"}, ...] splitting the rank rows in order (version 3 only)."""
+    if "skills" not in metadata:
+        return ()
+    try:
+        skills = json.loads(metadata["skills"])
+    except json.JSONDecodeError:
+        raise bad("skills", "a JSON value") from None
+    expected = f"a list of {{name, rank}} objects with distinct names whose ranks add up to rank {values['rank']}"
+    if values["format_version"] < SKILLS_FORMAT_VERSION:
+        raise bad("format_version", f"{SKILLS_FORMAT_VERSION} (the file has skills)")
+    if not isinstance(skills, list) or not skills or not all(
+        isinstance(s, dict) and set(s) == {"name", "rank"} and isinstance(s["name"], str)
+        and SKILL_NAME.fullmatch(s["name"]) and type(s["rank"]) is int and s["rank"] >= 1 for s in skills
+    ):
+        raise bad("skills", expected)
+    if len({s["name"] for s in skills}) != len(skills) or sum(s["rank"] for s in skills) != values["rank"]:
+        raise bad("skills", expected)
+    return tuple((s["name"], s["rank"]) for s in skills)
 
 
 def _read_tensors(data: bytes, source: str) -> dict[str, np.ndarray]:

@@ -90,10 +90,13 @@ def resolve_edits(patches: Sequence[Patch], weights: Sequence[float] | None,
     slot_of = {layer: k for k, layer in enumerate(slot_layers)}
     edits = []
     for patch, weight in zip(patches, check_weights(patches, weights)):
+        if weight == 0.0:  # off: no rows at all, so the request runs exactly as without this patch
+            continue
         for edit in patch.affine_edits():
-            # Scaling A scales the whole edit ((h B^T + c) * m) A linearly, for any kind
-            edits.append(SlotEdit(slot_of[edit.layer], patch.positions, edit.where,
-                                  np.float32(weight) * edit.A, edit.B, edit.c))
+            if edit.A.shape[0]:  # every skill of the patch switched off leaves no rows
+                # Scaling A scales the whole edit ((h B^T + c) * m) A linearly, for any kind
+                edits.append(SlotEdit(slot_of[edit.layer], patch.positions, edit.where,
+                                      np.float32(weight) * edit.A, edit.B, edit.c))
     return edits
 
 

@@ -154,7 +154,7 @@ def test_loss_is_the_training_loss(rt, tiny_backbone, eval_patches, heldout):
     from reft_edge.train.backbone import decoder_layers
     from reft_edge.train.data import read_jsonl, tokenize
     from reft_edge.train.intervention import EditSlots, attach_edits
-    from reft_edge.train.recipe import collate, set_edits
+    from reft_edge.train.recipe import Edits, collate, set_edits
 
     patch = Patch.load(eval_patches["fox"])
     examples = tokenize(read_jsonl(heldout), tiny_backbone.tokenizer, use_chat_template=True)
@@ -167,8 +167,10 @@ def test_loss_is_the_training_loss(rt, tiny_backbone, eval_patches, heldout):
     with torch.no_grad(), attach_edits({1: layers[1]}, slots):
         for example in examples:  # one at a time: no padding at all
             ids = torch.tensor([list(example.prompt_ids) + list(example.target_ids[:-1])])
-            batch = collate([example], [torch.zeros(ids.shape[1], model.config.hidden_size)], torch.device("cpu"))
-            set_edits(slots, interventions, patch.positions, batch, torch.device("cpu"))
+            batch = collate([example], [torch.zeros(ids.shape[1], model.config.hidden_size)], [frozenset({"p"})],
+                            torch.device("cpu"))
+            set_edits(slots, Edits(interventions, [("p", patch.rank)], []), patch.positions, batch,
+                      torch.device("cpu"))
             logits = model(input_ids=ids).logits[0, batch.cols]
             total += float(torch.nn.functional.cross_entropy(logits.double(), batch.targets, reduction="sum"))
             count += len(example.target_ids)

@@ -113,7 +113,7 @@ def damaged_cases(patch: Patch) -> list[tuple[str, bytes | str]]:
                       serialize_safetensors(tensors, {k: v for k, v in patch.metadata().items() if k != key})))
     mutations = {
         "format": ['"safetensors"', '"reft-edge-patch2"', "null", "1"],
-        "format_version": ["3", "0", '"1"', "1.0", "true", "null"],
+        "format_version": ["4", "0", '"1"', "1.0", "true", "null"],
         "name": ["1", "null", "[]"],
         "kind": ['"lora"', '"LOREFT"', "1", "null", '["loreft"]'],
         "layers": ["[0]", "[1, 0]", "[]", '"0,1"', "[-1]", "null", "[0, 1, 2]"],

@@ -275,7 +275,7 @@ def test_generated_positions_cover_exactly_the_response_tokens():
 
     examples = [Example((1, 2, 3), (5, 6, 7)), Example((1, 2), (5, 6, 7, 8, 9))]
     states = [torch.zeros(len(e.prompt_ids) + len(e.target_ids) - 1, HIDDEN) for e in examples]
-    batch = collate(examples, states, torch.device("cpu"))
+    batch = collate(examples, states, [frozenset()] * 2, torch.device("cpu"))
     positions = Positions.parse("f1+g")
     def masks(where):
         return edit_masks(position_rows([(positions, where, 1)]), batch, torch.device("cpu"))[..., 0]

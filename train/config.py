@@ -19,8 +19,14 @@ from reft_edge.configs import config_from_dict
 class TrainConfig:
     """Everything that decides a patch. Same config + data + base on CPU = same bytes."""
 
-    data: str
     out: str
+    data: str | None = None  # JSONL pairs; or give skills instead
+    # (name, JSONL) per skill: one patch whose rank rows are grouped into named skills (``rank``
+    # rows each), trained on their own data and, after that, to work together (see compose_steps)
+    skills: tuple[tuple[str, str], ...] = ()
+    # patches (same base) the new one must also work beside: trained alone, then with them active
+    compose_with: tuple[str, ...] = ()
+    compose_steps: int = 30  # steps of the composition phase (with several skills or compose_with)
     model: str | None = None  # None or "default": the embedded SmolLM2-135M-Instruct
     layers: tuple[int, ...] | None = None  # None: DEFAULT_LAYER_COUNT layers of the upper half (upper_layers)
     rank: int = 2
@@ -49,7 +55,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        return config_from_dict(cls, values, what="training", tuple_fields=("layers",))
+        if isinstance(values.get("skills"), list):  # JSON has lists where the config keeps tuples
+            values = {**values, "skills": tuple(tuple(pair) for pair in values["skills"])}
+        return config_from_dict(cls, values, what="training", tuple_fields=("layers", "compose_with"))
 
 # The default recipe, chosen by the study in docs/quality.md (benchmarks.quality): rank 2 at five
 # layers of the upper half, the last prompt token and every generated token, 30 steps at lr 2e-3.

@@ -118,22 +118,42 @@ class TorchBackend:
     def answers(self, prompts: Sequence[Messages], patches: Sequence[Patch], weights: Sequence[float] | None,
                 max_new_tokens: int) -> list[str]:
         edits = self.edits(patches, weights)
-        ids = [self.tokenizer(prompt_text(self.tokenizer, list(p), self.use_chat_template),
-                              add_special_tokens=False)["input_ids"] for p in prompts]
         tokens = []
         with self.hooks() as slots:
-            for chunk in chunks(ids, BATCH_SIZE):
-                tokens += self._greedy(slots, chunk, edits, max_new_tokens)
+            for chunk in chunks(self.prompt_ids(prompts), BATCH_SIZE):
+                tokens += self._greedy(slots, chunk, [edits] * len(chunk), max_new_tokens)[0]
         return [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 
-    def _greedy(self, slots: EditSlots, prompts: Sequence[list[int]], edits: list[SlotEdit],
-                max_new_tokens: int) -> list[list[int]]:
-        """Left-padded batch, KV cache; tokens up to (not including) each row's EOS."""
+    def composed_answers(self, prompts: Sequence[Messages], experts: Sequence[Sequence[Patch]],
+                         max_new_tokens: int) -> list[str | None]:
+        """Greedy answers of the product of the experts (each a list of patches applied together):
+        at each step the token maximising ``sum_i log p_i - (n - 1) log p_base``, so each expert
+        adds what it changes about the base. None where the answer did not end in time."""
+        group = [[]] + [self.edits(patches, None) for patches in experts]
+        answers: list[str | None] = []
+        with self.hooks() as slots:
+            for chunk in chunks(self.prompt_ids(prompts), BATCH_SIZE):
+                rows = [prompt for prompt in chunk for _ in group]
+                tokens, ended = self._greedy(slots, rows, group * len(chunk), max_new_tokens,
+                                             pick=product_of_experts(len(group)))
+                answers += [self.tokenizer.decode(t, skip_special_tokens=True) if done else None
+                            for t, done in zip(tokens[::len(group)], ended[::len(group)])]
+        return answers
+
+    def prompt_ids(self, prompts: Sequence[Messages]) -> list[list[int]]:
+        return [self.tokenizer(prompt_text(self.tokenizer, list(p), self.use_chat_template),
+                               add_special_tokens=False)["input_ids"] for p in prompts]
+
+    def _greedy(self, slots: EditSlots, prompts: Sequence[list[int]], row_edits: Sequence[list[SlotEdit]],
+                max_new_tokens: int, pick: Any = None) -> tuple[list[list[int]], list[bool]]:
+        """Left-padded batch, KV cache, each row with its own edits; tokens up to (not including)
+        each row's EOS, and whether it ended. ``pick`` maps the last logits [rows, vocab] to the
+        next tokens (default: argmax)."""
         from transformers import DynamicCache
 
         batch, lens = len(prompts), [len(p) for p in prompts]
         seq = max(lens)
-        arrays = self.slot_arrays(batch, edits)
+        arrays = slot_arrays(row_edits, len(self.slot_layers), self.backbone.hidden_size)
         input_ids = torch.full((batch, seq), self.pad_id, dtype=torch.long)
         attention = torch.zeros((batch, seq), dtype=torch.long)
         positions = torch.ones((batch, seq), dtype=torch.long)  # pads: 1, as Hugging Face gives them
@@ -151,7 +171,7 @@ class TorchBackend:
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * batch
         for step in range(max_new_tokens):
-            chosen = logits.argmax(-1)
+            chosen = logits.argmax(-1) if pick is None else pick(logits)
             for row, token in enumerate(chosen.tolist()):
                 if not done[row]:
                     done[row] = token in self.eos_ids
@@ -162,7 +182,18 @@ class TorchBackend:
             positions = positions[:, -1:] + 1
             logits = self.model(input_ids=chosen[:, None], attention_mask=attention, position_ids=positions,
                                 cache=cache, use_cache=True).logits[:, -1]
-        return out
+        return out, done
+
+
+def product_of_experts(group: int) -> Any:
+    """pick() for rows laid out as [base, expert 1, ..., expert n] per prompt: every row of a
+    group gets the group's token argmax(sum_i log p_i - (n - 1) log p_base)."""
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        logp = logits.float().log_softmax(-1).view(-1, group, logits.shape[-1])
+        combined = logp[:, 1:].sum(1) - (group - 2) * logp[:, 0]
+        return combined.argmax(-1).repeat_interleave(group)
+
+    return pick
 
 
 def set_slots(slots: EditSlots, arrays: SlotArrays, mask: np.ndarray) -> None:

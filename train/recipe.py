@@ -15,10 +15,11 @@ edit with AdamW, save the patch atomically.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,8 +31,9 @@ from torch import nn
 from reft_edge import __version__
 from reft_edge.errors import UsageError
 from reft_edge.runtime.contract import position_rows, token_mask
-from reft_edge.runtime.patch import KINDS, SAVE_DTYPES, Intervention, Patch
+from reft_edge.runtime.patch import KINDS, SAVE_DTYPES, SKILL_NAME, Intervention, Patch
 from reft_edge.runtime.positions import Positions
+from reft_edge.runtime.slots import SlotEdit, resolve_edits
 from reft_edge.train.backbone import Backbone, decoder_layers, decoder_layers_owner, load_backbone
 from reft_edge.train.config import DEFAULT_LAYER_COUNT, DEFAULT_STEPS, TrainConfig, upper_layers
 from reft_edge.train.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
@@ -39,49 +41,64 @@ from reft_edge.train.data import Example, Record, file_digest, read_jsonl, token
 from reft_edge.train.intervention import EditSlots, InterventionParams, attach_edits
 
 
+COMPOSE_MAX_TOKENS = 96  # the longest composed answer kept as a target (longer ones are dropped)
 _NOT_NUMERIC = {"checkpoint_every", "resume", "record_time"}  # options that cannot change the patch
-_NOT_RECIPE = _NOT_NUMERIC | {"data", "out", "name", "model", "device", "val_data"}
+_NOT_RECIPE = _NOT_NUMERIC | {"data", "out", "name", "model", "device", "val_data", "skills", "compose_with"}
 
 
 def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bool = True) -> Patch:
     """Train and save a patch; returns it as loaded back from ``config.out``."""
     positions = check_config(config)
-    train_records, val_records = split_records(config, read_jsonl(config.data))
+    sources = read_sources(config)
     backbone = backbone or load_backbone(config.model)
+    partners = load_partners(config, backbone)
     layers = resolve_layers(config, backbone)
     device = pick_device(config.device)
-    examples = tokenize(train_records, backbone.tokenizer, use_chat_template=config.chat_template)
-    val_examples = tokenize(val_records, backbone.tokenizer, use_chat_template=config.chat_template)
+    skills = [(name, config.rank) for name, _ in sources]
+    val_records = split_records(config, sources)
+    train_set = TrainSet.empty()
+    for name, records in sources:
+        train_set += TrainSet.of(tokenize(records, backbone.tokenizer, use_chat_template=config.chat_template), name)
+    val_set = TrainSet.of(tokenize(val_records, backbone.tokenizer, use_chat_template=config.chat_template),
+                          sources[0][0])
     torch.manual_seed(config.seed)
-    interventions = build_interventions(config, positions, layers, backbone.hidden_size)
+    interventions = build_interventions(config, positions, layers, backbone.hidden_size,
+                                        rank=config.rank * len(skills))
+    edits = Edits(interventions, skills, partner_edits(partners))
     started = time.perf_counter()
     backbone.model.to(device)
-    states = cache_frozen_states(backbone.model, examples, min(layers), device)
-    val_states = cache_frozen_states(backbone.model, val_examples, min(layers), device)
-    steps = count_steps(config, len(examples))
-    data_sha256 = file_digest(config.data)
+    lowest = edits.lowest_layer()
+    train_set.states = cache_frozen_states(backbone.model, train_set.examples, lowest, device)
+    val_set.states = cache_frozen_states(backbone.model, val_set.examples, lowest, device)
+    steps = count_steps(config, len(train_set.examples))
+    data_sha256 = sources_digest(config)
     identity = json.loads(json.dumps({  # as JSON sees it, so it compares equal after a round trip
         **{k: v for k, v in config.to_dict().items() if k not in _NOT_NUMERIC}, "steps": steps,
         "data_sha256": data_sha256, "base_fingerprint": backbone.fingerprint}))
-    fitted = fit(backbone.model, (examples, states), (val_examples, val_states), interventions, positions, config,
-                 steps, device, identity, progress)
+    fitted = fit(backbone.model, train_set, val_set, edits, positions, config, steps, device, identity, progress)
+    composed = None
+    if len(skills) > 1 or partners:
+        composed = fit_composition(backbone, train_set, edits, positions, config, device, sources, partners,
+                                   progress)
     seconds = time.perf_counter() - started
     backbone.model.to("cpu")
     training = {
         "steps": steps, "steps_run": fitted.steps_run, "best_step": fitted.best_step,
         "first_loss": round(fitted.first_loss, 6), "final_loss": round(fitted.final_loss, 6),
         "val_loss": None if fitted.val_loss is None else round(fitted.val_loss, 6),
-        "val_examples": len(val_examples),
-        "seconds": round(seconds, 2) if config.record_time else None, "examples": len(examples),
+        "val_examples": len(val_set.examples),
+        "seconds": round(seconds, 2) if config.record_time else None, "examples": len(train_set.examples),
         "data_sha256": data_sha256, "lr": config.lr, "batch_size": config.batch_size,
         "seed": config.seed, "library_version": __version__, "model": backbone.source,
         "recipe": recipe_summary(config),
+        **({"composition": composed} if composed else {}),
     }
-    patch = to_patch(config, positions, interventions, backbone, training).to_file(config.out)
+    patch = to_patch(config, positions, interventions, backbone, training, skills).to_file(config.out)
     checkpoint_path(config.out).unlink(missing_ok=True)
     if progress:
         val = "" if fitted.val_loss is None else f", validation loss {fitted.val_loss:.4f} (best step {fitted.best_step})"
-        print(f"trained {config.out}: final loss {fitted.final_loss:.4f}{val}, {fitted.steps_run} steps, "
+        together = "" if not composed else f", composed loss {composed['final_loss']:.4f}"
+        print(f"trained {config.out}: final loss {fitted.final_loss:.4f}{val}{together}, {fitted.steps_run} steps, "
               f"{seconds:.1f} s, {patch.size_bytes} bytes")
     return patch
 
@@ -116,6 +133,19 @@ def check_config(config: TrainConfig) -> Positions:
     for option, value in (("--eval-every", config.eval_every), ("--patience", config.patience)):
         if value is not None and value < 1:
             raise UsageError(f"{option} {value} must be at least 1")
+    if bool(config.data) == bool(config.skills):
+        raise UsageError("give training data either as --data FILE or as --skill NAME=FILE (one per skill), not both"
+                         if config.data else "no training data; give --data FILE or --skill NAME=FILE")
+    names = [name for name, _ in config.skills]
+    bad_name = next((name for name in names if not SKILL_NAME.fullmatch(name)), None)
+    if bad_name is not None:
+        raise UsageError(f"--skill {bad_name!r}=...: a skill name is 1-64 letters, digits, '_', '.' or '-'")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--skill names {names} repeat; give each skill once")
+    if config.skills and (config.val_data or config.val_fraction):
+        raise UsageError("--val-data/--val-fraction work with --data only; validate each skill with reft-edge eval")
+    if config.compose_steps < 1:
+        raise UsageError(f"--compose-steps {config.compose_steps} must be at least 1")
     out_dir = Path(config.out).parent
     if not out_dir.is_dir():
         raise UsageError(f"--out {config.out}: folder {out_dir} does not exist; create it or choose another path")
@@ -147,25 +177,108 @@ def count_steps(config: TrainConfig, n_examples: int) -> int:
     return DEFAULT_STEPS
 
 
-def split_records(config: TrainConfig, records: list[Record]) -> tuple[list[Record], list[Record]]:
-    """(training, validation) records: --val-data, or a seeded --val-fraction of --data, or none."""
+def read_sources(config: TrainConfig) -> list[tuple[str, list[Record]]]:
+    """(skill name, training records) per skill; plain --data is one skill named after the patch."""
+    if config.skills:
+        return [(name, read_jsonl(data)) for name, data in config.skills]
+    return [(config.name or Path(config.out).stem, read_jsonl(config.data))]
+
+
+def sources_digest(config: TrainConfig) -> str:
+    """sha256 of the --data file; with skills, of the (name, file digest) list."""
+    if not config.skills:
+        return file_digest(config.data)
+    listing = json.dumps([[name, file_digest(data)] for name, data in config.skills])
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def split_records(config: TrainConfig, sources: list[tuple[str, list[Record]]]) -> list[Record]:
+    """Validation records: --val-data, or a seeded --val-fraction taken out of the (single) source."""
     if config.val_data:
-        return records, read_jsonl(config.val_data)
+        return read_jsonl(config.val_data)
     if not config.val_fraction:
-        return records, []
+        return []
+    name, records = sources[0]
     n_val = max(1, round(len(records) * config.val_fraction))
     if n_val >= len(records):
         raise UsageError(f"--val-fraction {config.val_fraction} leaves no training example of {len(records)}; "
                          "use a smaller fraction or more data")
     held = set(torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed))[:n_val].tolist())
-    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+    sources[0] = (name, [r for i, r in enumerate(records) if i not in held])
+    return [r for i, r in enumerate(records) if i in held]
+
+
+def load_partners(config: TrainConfig, backbone: Backbone) -> list[Patch]:
+    """The --compose-with patches, checked against this base."""
+    partners = [Patch.from_file(path) for path in config.compose_with]
+    for path, partner in zip(config.compose_with, partners):
+        partner.check_compatible(base_fingerprint=backbone.fingerprint, hidden_size=backbone.hidden_size,
+                                 slot_layers=list(range(backbone.num_layers)), source=f"--compose-with {path}")
+    return partners
+
+
+def partner_edits(partners: list[Patch]) -> list[tuple[str, SlotEdit]]:
+    """Every partner's edits (its layer numbers as slots), owned by "with:<index>"."""
+    return [(f"with:{i}", edit) for i, partner in enumerate(partners)
+            for edit in resolve_edits([partner], None, range(max(partner.layers) + 1))]
 
 
 def build_interventions(config: TrainConfig, positions: Positions, layers: list[int],
-                        hidden: int) -> list[tuple[int, str, InterventionParams]]:
-    """One intervention per layer (shared weights) or one per position group (untied)."""
+                        hidden: int, rank: int) -> list[tuple[int, str, InterventionParams]]:
+    """One intervention per layer (shared weights) or one per position group (untied), each with
+    ``rank`` rows (every skill's rows, one skill after another)."""
     groups = ["both"] if config.share_weights else list(positions.groups())
-    return [(layer, where, InterventionParams(config.kind, hidden, config.rank)) for layer in layers for where in groups]
+    return [(layer, where, InterventionParams(config.kind, hidden, rank)) for layer in layers for where in groups]
+
+
+@dataclass
+class TrainSet:
+    """Examples, their cached frozen states, and the owners (skills, partners) active on each."""
+
+    examples: list[Example]
+    active: list[frozenset[str]]
+    states: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls) -> "TrainSet":
+        return cls([], [])
+
+    @classmethod
+    def of(cls, examples: list[Example], *owners: str) -> "TrainSet":
+        return cls(list(examples), [frozenset(owners)] * len(examples))
+
+    def __iadd__(self, other: "TrainSet") -> "TrainSet":
+        self.examples += other.examples
+        self.active += other.active
+        self.states += other.states
+        return self
+
+    def pick(self, indices: list[int]) -> tuple[list[Example], list[torch.Tensor], list[frozenset[str]]]:
+        return [self.examples[i] for i in indices], [self.states[i] for i in indices], [self.active[i] for i in indices]
+
+
+@dataclass
+class Edits:
+    """What the slots hold while training: the trainable interventions (their rank rows split
+    among ``skills``) and frozen partner edits. Each rank row has an owner; a batch row edits
+    with the rows of the owners active on its example only."""
+
+    interventions: list[tuple[int, str, InterventionParams]]
+    skills: list[tuple[str, int]]
+    partners: list[tuple[str, SlotEdit]]
+
+    @property
+    def owners(self) -> list[str]:
+        return [name for name, _ in self.skills] + sorted({owner for owner, _ in self.partners})
+
+    def lowest_layer(self) -> int:
+        return min([layer for layer, _, _ in self.interventions] + [edit.slot for _, edit in self.partners])
+
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _, _ in self.interventions} | {edit.slot for _, edit in self.partners})
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for _, _, params in self.interventions for p in params.parameters()]
 
 
 class _StopForward(Exception):
@@ -237,9 +350,11 @@ class _Batch:
     rows: torch.Tensor  # (rows, cols) of the positions that predict a target token
     cols: torch.Tensor
     targets: torch.Tensor
+    active: list[frozenset[str]]  # per row: the owners whose rank rows edit it
 
 
-def collate(examples: list[Example], states: list[torch.Tensor], device: torch.device) -> _Batch:
+def collate(examples: list[Example], states: list[torch.Tensor], active: list[frozenset[str]],
+            device: torch.device) -> _Batch:
     """Right-pad to the longest sequence of this batch; padded tokens never reach the loss."""
     lengths = [s.shape[0] for s in states]
     seq = max(lengths)
@@ -258,7 +373,7 @@ def collate(examples: list[Example], states: list[torch.Tensor], device: torch.d
         targets += example.target_ids
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     return _Batch(input_ids, attention_mask, padded, [len(e.prompt_ids) for e in examples], lengths,
-                  as_long(rows), as_long(cols), as_long(targets))
+                  as_long(rows), as_long(cols), as_long(targets), active)
 
 
 def edit_masks(rows: np.ndarray, batch: _Batch, device: torch.device) -> torch.Tensor:
@@ -273,19 +388,24 @@ def edit_masks(rows: np.ndarray, batch: _Batch, device: torch.device) -> torch.T
     return token_mask(positions, t, prompt_lens, t < lengths, xp=torch).float()
 
 
-def set_edits(slots: EditSlots, interventions: list[tuple[int, str, InterventionParams]], positions: Positions,
-              batch: _Batch, device: torch.device) -> None:
-    """Concatenate the interventions at each layer along the rank in the slot layout
-    (contract.position_rows); each rank row keeps its own positions."""
+def set_edits(slots: EditSlots, edits: Edits, positions: Positions, batch: _Batch, device: torch.device) -> None:
+    """Concatenate the edits at each layer along the rank in the slot layout
+    (contract.position_rows): trainable interventions, then partners. Each rank row keeps its
+    own positions and edits only the batch rows whose example has its owner active."""
     slots.clear()
-    for layer in sorted({layer for layer, _, _ in interventions}):
-        here = [(where, params) for l, where, params in interventions if l == layer]
-        affine = [params.affine() for _, params in here]
-        A = torch.cat([a for a, _, _ in affine])[None]
-        B = torch.cat([b for _, b, _ in affine])[None]
-        c = torch.cat([c for _, _, c in affine])[None]
-        rows = position_rows([(positions, where, params.b.shape[0]) for where, params in here])
-        slots.set(layer, A, B, c, edit_masks(rows, batch, device))
+    owners_of_skills = [name for name, rank in edits.skills for _ in range(rank)]
+    for layer in edits.layers():
+        here = [(where, params.affine()) for l, where, params in edits.interventions if l == layer]
+        frozen = [(owner, edit) for owner, edit in edits.partners if edit.slot == layer]
+        as_tensor = lambda array: torch.from_numpy(array).to(device)  # noqa: E731
+        A = torch.cat([a for _, (a, _, _) in here] + [as_tensor(e.A) for _, e in frozen])[None]
+        B = torch.cat([b for _, (_, b, _) in here] + [as_tensor(e.B) for _, e in frozen])[None]
+        c = torch.cat([c for _, (_, _, c) in here] + [as_tensor(e.c) for _, e in frozen])[None]
+        rows = position_rows([(positions, where, c.shape[0]) for where, (_, _, c) in here]
+                             + [(e.positions, e.where, e.A.shape[0]) for _, e in frozen])
+        owners = owners_of_skills * len(here) + [owner for owner, e in frozen for _ in range(e.A.shape[0])]
+        active = torch.tensor([[owner in row for owner in owners] for row in batch.active], device=device)
+        slots.set(layer, A, B, c, edit_masks(rows, batch, device) * active[:, None, :])
 
 
 def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -310,19 +430,17 @@ class Fitted:
     val_loss: float | None  # validation loss of the kept parameters
 
 
-def fit(model: nn.Module, train_set: tuple[list[Example], list[torch.Tensor]],
-        val_set: tuple[list[Example], list[torch.Tensor]], interventions: list[tuple[int, str, InterventionParams]],
-        positions: Positions, config: TrainConfig, steps: int, device: torch.device, identity: dict[str, Any],
-        progress: bool) -> Fitted:
+def fit(model: nn.Module, train_set: TrainSet, val_set: TrainSet, edits: Edits, positions: Positions,
+        config: TrainConfig, steps: int, device: torch.device, identity: dict[str, Any], progress: bool,
+        desc: str = "train") -> Fitted:
     """AdamW on the intervention parameters only (checkpointed and resumable). With validation
     data: the validation loss every ``eval_every`` steps, the best step's parameters kept, and
     an early stop after ``patience`` validations without improvement."""
     from tqdm.auto import tqdm
 
-    examples, states = train_set
-    for _, _, params in interventions:
+    for _, _, params in edits.interventions:
         params.to(device)
-    parameters = [p for _, _, params in interventions for p in params.parameters()]
+    parameters = edits.parameters()
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     checkpoint = checkpoint_path(config.out)
     done, first_loss = 0, math.nan
@@ -331,15 +449,15 @@ def fit(model: nn.Module, train_set: tuple[list[Example], list[torch.Tensor]],
     slots = EditSlots()
     loss = math.nan
     best = _Best()
-    with replay_frozen_layers(model, min(layer for layer, _, _ in interventions)) as (replay, layers), \
-            attach_edits({layer: layers[layer] for layer, _, _ in interventions}, slots):
+    with replay_frozen_layers(model, edits.lowest_layer()) as (replay, layers), \
+            attach_edits({layer: layers[layer] for layer in edits.layers()}, slots):
         def batch_loss(batch: _Batch) -> torch.Tensor:
-            return forward_loss(model, replay, slots, interventions, positions, batch, device)
+            return forward_loss(model, replay, slots, edits, positions, batch, device)
 
-        order = batch_order(len(examples), config.batch_size, steps, config.seed)
-        bar = tqdm(desc="train", total=steps, initial=done, disable=not progress, unit="step")
+        order = batch_order(len(train_set.examples), config.batch_size, steps, config.seed)
+        bar = tqdm(desc=desc, total=steps, initial=done, disable=not progress, unit="step")
         for step, indices in enumerate(order[done:], start=done + 1):
-            step_loss = batch_loss(collate([examples[i] for i in indices], [states[i] for i in indices], device))
+            step_loss = batch_loss(collate(*train_set.pick(indices), device))
             optimizer.zero_grad(set_to_none=True)
             step_loss.backward()
             optimizer.step()
@@ -347,7 +465,7 @@ def fit(model: nn.Module, train_set: tuple[list[Example], list[torch.Tensor]],
             first_loss = loss if step == 1 else first_loss
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}", **({"val": f"{best.loss:.4f}"} if best.step else {}))
-            if val_set[0] and (step % config.eval_every == 0 or step == steps):
+            if val_set.examples and (step % config.eval_every == 0 or step == steps):
                 best.consider(step, validation_loss(batch_loss, val_set, config.batch_size, device), loss, parameters)
                 if config.patience and best.stale >= config.patience:
                     break
@@ -361,30 +479,75 @@ def fit(model: nn.Module, train_set: tuple[list[Example], list[torch.Tensor]],
     return Fitted(first_loss, best.train_loss, step, best.step, best.loss)
 
 
-def forward_loss(model: nn.Module, replay: "_Replay", slots: EditSlots,
-                 interventions: list[tuple[int, str, InterventionParams]], positions: Positions, batch: "_Batch",
-                 device: torch.device) -> torch.Tensor:
+def forward_loss(model: nn.Module, replay: "_Replay", slots: EditSlots, edits: Edits, positions: Positions,
+                 batch: "_Batch", device: torch.device) -> torch.Tensor:
     """Mean cross-entropy of the batch's target tokens with the edits applied."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     replay.states = batch.states
     with autocast:
-        set_edits(slots, interventions, positions, batch, device)
+        set_edits(slots, edits, positions, batch, device)
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   use_cache=False).last_hidden_state
         logits = model.get_output_embeddings()(hidden[batch.rows, batch.cols])
     return F.cross_entropy(logits.float(), batch.targets)
 
 
+def fit_composition(backbone: Backbone, train_set: TrainSet, edits: Edits, positions: Positions,
+                    config: TrainConfig, device: torch.device, sources: list[tuple[str, list[Record]]],
+                    partners: list[Patch], progress: bool) -> dict[str, Any]:
+    """The composition phase, after each skill has learnt alone. Data that shows one behaviour
+    cannot teach two at once, so the targets come from the skills themselves: for every
+    training prompt, the greedy answer of their product of experts (each skill, and each
+    partner patch, alone; composed_answers) shows every behaviour where it belongs. The
+    edits then train on those answers with every owner on, beside the single-skill examples
+    with their own skill on, so each still works alone."""
+    prompts = [record.messages for _, records in sources for record in records]
+    answers = composed_targets(backbone, edits, positions, config, partners, prompts)
+    records = [Record(messages, answer, f"composed answer {i}")
+               for i, (messages, answer) in enumerate(zip(prompts, answers)) if answer]
+    composed = TrainSet.of(tokenize(records, backbone.tokenizer, use_chat_template=config.chat_template),
+                           *edits.owners)
+    composed.states = cache_frozen_states(backbone.model, composed.examples, edits.lowest_layer(), device)
+    both = TrainSet(list(train_set.examples), list(train_set.active), list(train_set.states))
+    both += composed
+    phase = replace(config, checkpoint_every=None, resume=False, patience=None)
+    fitted = fit(backbone.model, both, TrainSet.empty(), edits, positions, phase, config.compose_steps, device, {},
+                 progress, desc="compose")
+    return {
+        "with": [{"name": p.name, "payload_sha256": p.payload_sha256} for p in partners],
+        "skills": [name for name, _ in edits.skills] if config.skills else [],
+        "teacher": "product of experts", "prompts": len(prompts), "answers_kept": len(records),
+        "steps": config.compose_steps, "first_loss": round(fitted.first_loss, 6),
+        "final_loss": round(fitted.final_loss, 6),
+    }
+
+
+def composed_targets(backbone: Backbone, edits: Edits, positions: Positions, config: TrainConfig,
+                     partners: list[Patch], prompts: list[tuple[dict[str, str], ...]]) -> list[str | None]:
+    """The product-of-experts answers (None: did not end within COMPOSE_MAX_TOKENS), run with the
+    evaluator's torch generation on the CPU, where it keeps its tensors."""
+    from reft_edge.train.evaluate import TorchBackend
+
+    device = next(backbone.model.parameters()).device
+    patch = to_patch(config, positions, edits.interventions, backbone, {}, edits.skills)
+    experts = ([[patch.with_skills([name])] for name, _ in edits.skills] if patch.skills else [[patch]])
+    experts += [[partner] for partner in partners]
+    backbone.model.to("cpu")
+    try:
+        return TorchBackend(backbone).composed_answers(prompts, experts, COMPOSE_MAX_TOKENS)
+    finally:
+        backbone.model.to(device)
+
+
 @torch.no_grad()
-def validation_loss(batch_loss: Any, val_set: tuple[list[Example], list[torch.Tensor]], batch_size: int,
+def validation_loss(batch_loss: Any, val_set: TrainSet, batch_size: int,
                     device: torch.device) -> float:
     """Mean target-token loss over the validation examples (token-weighted, batch by batch)."""
-    examples, states = val_set
     total, tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        n = sum(len(e.target_ids) for e in chunk)
-        total += batch_loss(collate(chunk, states[start:start + batch_size], device)).item() * n
+    for start in range(0, len(val_set.examples), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(val_set.examples))))
+        n = sum(len(val_set.examples[i].target_ids) for i in chunk)
+        total += batch_loss(collate(*val_set.pick(chunk), device)).item() * n
         tokens += n
     return total / tokens
 
@@ -410,7 +573,7 @@ class _Best:
 
 
 def to_patch(config: TrainConfig, positions: Positions, interventions: list[tuple[int, str, InterventionParams]],
-             backbone: Backbone, training: dict[str, Any]) -> Patch:
+             backbone: Backbone, training: dict[str, Any], skills: list[tuple[str, int]]) -> Patch:
     with torch.no_grad():
         saved = tuple(
             Intervention(layer, where, {k: v.detach().float().cpu().numpy() for k, v in params.natural().items()})
@@ -418,6 +581,7 @@ def to_patch(config: TrainConfig, positions: Positions, interventions: list[tupl
         )
     return Patch(
         name=config.name or Path(config.out).stem, kind=config.kind, positions=positions,
-        share_weights=config.share_weights, rank=config.rank, hidden_size=backbone.hidden_size,
+        share_weights=config.share_weights, rank=sum(rank for _, rank in skills), hidden_size=backbone.hidden_size,
         base_fingerprint=backbone.fingerprint, interventions=saved, training=training, dtype=config.save_dtype,
+        skills=tuple(skills) if config.skills else (),
     )
