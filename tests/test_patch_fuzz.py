@@ -37,7 +37,7 @@ def valid_patch(base_fingerprint: str = "a" * 64) -> Patch:
     return Patch(name="victim", kind="loreft", positions=Positions(2, 2), share_weights=False, rank=RANK,
                  hidden_size=HIDDEN, base_fingerprint=base_fingerprint,
                  interventions=(Intervention(0, "prefix", params()), Intervention(1, "suffix", params())),
-                 training={"steps": 3, "final_loss": 1.5, "seconds": None})
+                 training={"steps": 3, "final_loss": 1.5, "seconds": None}, skills=(("caps", 3), ("meow", 1)))
 
 
 def signed(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
@@ -108,16 +108,18 @@ def damaged_cases(patch: Patch) -> list[tuple[str, bytes | str]]:
     cases.append(("crafted-extra-tensor", signed({**tensors, "interventions.9.R": tensors[first]}, metadata)))
     cases.append(("crafted-no-tensors", signed({}, metadata)))
     for key in metadata:
+        if key == "skills":  # optional: without it the rows are one unnamed skill, a sound patch
+            continue
         cases.append((f"crafted-missing-meta-{key}", signed(tensors, {k: v for k, v in metadata.items() if k != key})))
         cases.append((f"unsigned-missing-meta-{key}",
                       serialize_safetensors(tensors, {k: v for k, v in patch.metadata().items() if k != key})))
     mutations = {
         "format": ['"safetensors"', '"reft-edge-patch2"', "null", "1"],
-        "format_version": ["4", "0", '"1"', "1.0", "true", "null"],
+        "format_version": ["4", "2", "0", '"1"', "1.0", "true", "null"],
         "name": ["1", "null", "[]"],
         "kind": ['"lora"', '"LOREFT"', "1", "null", '["loreft"]'],
         "layers": ["[0]", "[1, 0]", "[]", '"0,1"', "[-1]", "null", "[0, 1, 2]"],
-        "positions": ['"f2l2"', '"x"', "2", "null", '""', '"f0"', '"f1+l1+g"', '"g+f1"'],
+        "positions": ['"f2l2"', '"x"', "2", "null", '""', '"f0"', '"l1+g"', '"g+f1"'],
         "share_weights": ['"false"', "0", "null"],
         "rank": ["0", "-4", "3", "5", "1e9", '"4"', "4.0", "null", "[4]", "65", "true"],
         "hidden_size": ["0", "63", "-64", '"64"', "null", "1099511627776"],
@@ -130,6 +132,12 @@ def damaged_cases(patch: Patch) -> list[tuple[str, bytes | str]]:
                           '[{"layer": 99999, "where": "prefix"}, {"layer": 1, "where": "suffix"}]',
                           '{"layer": 0, "where": "prefix"}'],
         "training": ["null", "[]", '"fast"', "3"],
+        "skills": ["null", "[]", '{"caps": 3, "meow": 1}', '[{"name": "caps", "rank": 4}, {"name": "meow", "rank": 1}]',
+                   '[{"name": "caps", "rank": 3}]', '[{"name": "caps", "rank": 3}, {"name": "caps", "rank": 1}]',
+                   '[{"name": "", "rank": 3}, {"name": "meow", "rank": 1}]',
+                   '[{"name": "caps", "rank": 3.0}, {"name": "meow", "rank": 1}]',
+                   '[{"name": "caps", "rank": 4}, {"name": "meow", "rank": 0}]',
+                   '[{"name": "caps"}, {"name": "meow", "rank": 1}]', '"caps,meow"'],
     }
     for key, values in mutations.items():
         for value in values:
