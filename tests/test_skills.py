@@ -231,3 +231,35 @@ def test_compose_with_a_patch_of_another_base_is_refused(tiny_backbone, tmp_path
         train(TrainConfig(data=str(data), out=str(tmp_path / "p.reft"), model=tiny_backbone.path,
                           compose_with=(str(tmp_path / "other.reft"),)), backbone=tiny_backbone, progress=False)
     assert other.base_fingerprint == "f" * 64
+
+
+def test_composable_training_lowers_the_composed_loss(tiny_backbone, tmp_path):
+    """Two tiny personas (an opener, a closing phrase). Trained apart, the two patches together
+    garble the answer; trained with --compose-with, the pair reproduces the product of experts
+    (the composition phase's targets) far better, and the new patch alone keeps its persona."""
+    from reft_edge.train import TrainConfig, train
+    from reft_edge.train.data import Record
+    from reft_edge.train.evaluate import TorchBackend
+
+    prompts = [f"Question number {i}: what is {i} plus {i + 1}?" for i in range(12)]
+    options = dict(model=tiny_backbone.path, layers=(0, 1, 2), rank=4, steps=100, lr=5e-2, batch_size=6)
+
+    def fit(name: str, response: str, **extra) -> Patch:
+        data = write_jsonl(tmp_path / f"{name}.jsonl", [{"prompt": q, "response": response} for q in prompts])
+        return train(TrainConfig(data=str(data), out=str(tmp_path / f"{name}.reft"), **options, **extra),
+                     backbone=tiny_backbone, progress=False)
+
+    opener, closing = fit("opener", "Great question!"), fit("closing", "Stay curious!")
+    composable = fit("closing-with", "Stay curious!", compose_with=(str(tmp_path / "opener.reft"),),
+                     compose_steps=20)
+    assert composable.training["composition"]["answers_kept"] == len(prompts)
+    backend = TorchBackend(tiny_backbone)
+    messages = [[{"role": "user", "content": q}] for q in prompts]
+    targets = backend.composed_answers(messages, [[opener], [closing]], 96)
+    examples = backend.examples([Record(tuple(m), t, "composed") for m, t in zip(messages, targets)])
+    tokens = sum(len(e.target_ids) for e in examples)
+    apart = backend.response_nll(examples, [opener, closing], None) / tokens
+    together = backend.response_nll(examples, [opener, composable], None) / tokens
+    assert together < apart - 0.5, (apart, together)  # nats per token
+    assert backend.answers(messages, [opener, composable], None, 16) == targets  # greedy: the teacher's answers
+    assert backend.answers(messages[:3], [composable], None, 16) == ["Stay curious!"] * 3
