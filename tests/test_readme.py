@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import replace
 
 import click
 import pytest
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 
 from conftest import EMOJI_TRAIN_ARGS, ROOT
 from reft_edge.cli import main
+from reft_edge.runtime import Patch
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
@@ -61,6 +63,9 @@ def test_run_chat_inspect_and_python_as_written(tmp_path, default_int8_bundle, e
     (tmp_path / "bundle-int8").symlink_to(default_int8_bundle, target_is_directory=True)
     (tmp_path / "emoji.reft").symlink_to(emoji_patch_path)
     (tmp_path / "pirate.reft").symlink_to(emoji_patch_path)
+    # a sound skills patch for the --skill lines: the emoji patch's rank 4 read as two skills of 2 rows
+    emoji = Patch.load(emoji_patch_path)
+    replace(emoji, skills=(("opener", 2), ("closing", 2))).to_file(tmp_path / "skills.reft")
     monkeypatch.chdir(tmp_path)
     for args in CLI_COMMANDS:
         if args[0] in ("run", "chat", "inspect"):
