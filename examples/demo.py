@@ -8,7 +8,9 @@ opens with "Great question!"; Bob: every answer ends with "Stay curious!"), expo
 the base once into the cache (later runs reuse the bundle and the patches), then shows
 base vs personalised answers on prompts the patches never saw, measures each patch on
 its persona's 20 unseen prompts (adherence to its judge) and on the built-in facts
-(facts kept), and serves both people in one batch.
+(facts kept), and serves both people in one batch. Last, composition: Bob's closing
+phrase trained again with ``compose_with=(alice,)`` and applied together with Alice's
+patch, so one answer shows both, measured on the 40 unseen prompts of both personas.
 """
 
 from __future__ import annotations
@@ -44,18 +46,23 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def persona_patch(persona: str, backbone: Backbone, steps: int | None, work: Path) -> Patch:
-    """Train the persona's patch with the default recipe, or reuse the one a previous run
-    trained from the same data, steps and base."""
+def persona_patch(persona: str, backbone: Backbone, steps: int | None, work: Path,
+                  compose_with: Patch | None = None) -> Patch:
+    """Train the persona's patch with the default recipe (to compose with ``compose_with`` if
+    given), or reuse the one a previous run trained from the same data, steps, base and partner."""
     data = PERSONAS / persona / "train.jsonl"
-    out = work / f"{persona}.reft"
-    config = TrainConfig(data=str(data), out=str(out), steps=steps, record_time=True)
+    partner = (work / f"{compose_with.name}.reft",) if compose_with else ()
+    out = work / (f"{persona}-with-{compose_with.name}.reft" if compose_with else f"{persona}.reft")
+    config = TrainConfig(data=str(data), out=str(out), steps=steps, record_time=True,
+                         compose_with=tuple(map(str, partner)))
     if out.is_file():
         cached = Patch.load(out)
+        partners = [p["payload_sha256"] for p in cached.training.get("composition", {}).get("with", [])]
         if (cached.base_fingerprint == backbone.fingerprint and cached.training.get("data_sha256") == file_digest(data)
-                and cached.training.get("recipe") == _recipe(config)):
+                and cached.training.get("recipe") == _recipe(config)
+                and partners == ([compose_with.payload_sha256] if compose_with else [])):
             return cached
-    print(f"training the {persona} patch (default recipe)...")
+    print(f"training the {persona} patch (default recipe{', to compose with ' + compose_with.name if compose_with else ''})...")
     return train(config, backbone=backbone)
 
 
@@ -122,6 +129,26 @@ def show_batch(runtime: Runtime, patches: dict[str, Patch], max_new_tokens: int)
         print(_row(label, answer.text))
 
 
+def show_composition(runtime: Runtime, alice: Patch, bob_with_alice: Patch, bob: Patch, max_new_tokens: int) -> None:
+    """Alice's opener and Bob's closing phrase in one answer: Bob's patch trained to compose
+    with Alice's, against the two patches trained apart; both measured on 40 unseen prompts."""
+    from reft_edge.runtime.judges import Judge
+
+    print("\n" + "=" * WIDTH)
+    print("Composition: Alice's opener and Bob's closing phrase in one answer (both patches on one request)")
+    print("=" * WIDTH)
+    prompts = _unseen(PEOPLE["alice"]) + _unseen(PEOPLE["bob"])
+    judges = [Judge.parse(json.loads((PERSONAS / PEOPLE[p] / "persona.json").read_text())["judge"]) for p in PEOPLE]
+    for label, patches in (("trained apart", [alice, bob]), ("trained to compose", [alice, bob_with_alice])):
+        answers = runtime.generate_batch([(p, patches) for p in prompts], max_new_tokens=max_new_tokens)
+        both = sum(all(judge(a.text) for judge in judges) for a in answers)
+        print(f"\n  {label}: {both} of {len(prompts)} unseen answers open with 'Great question!' and end "
+              f"with 'Stay curious!'")
+        for prompt, answer in list(zip(prompts, answers))[:: len(prompts) // 2][:2]:
+            print(f"  {prompt}")
+            print(_row("both", answer.text))
+
+
 def main() -> None:
     args = parse_args()
     started = time.perf_counter()
@@ -129,6 +156,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     backbone = load_backbone(args.model)
     patches = {person: persona_patch(persona, backbone, args.steps, work) for person, persona in PEOPLE.items()}
+    bob_with_alice = persona_patch(PEOPLE["bob"], backbone, args.steps, work, compose_with=patches["alice"])
     bundle = work / f"bundle-{backbone.fingerprint[:12]}-{args.precision}"
     manifest = export_bundle(ExportConfig(out=str(bundle), model=args.model, precision=args.precision),
                              backbone=backbone)
@@ -137,6 +165,7 @@ def main() -> None:
     tokens_per_s = show_side_by_side(runtime, patches, args.max_new_tokens)
     show_quality(runtime, patches, args.max_new_tokens)
     show_batch(runtime, patches, args.max_new_tokens)
+    show_composition(runtime, patches["alice"], bob_with_alice, patches["bob"], args.max_new_tokens)
     alice = patches["alice"]
     seconds = alice.training.get("seconds")
     print("\n" + "=" * WIDTH)

@@ -41,7 +41,10 @@ from reft_edge.train.data import Example, Record, file_digest, read_jsonl, token
 from reft_edge.train.intervention import EditSlots, InterventionParams, attach_edits
 
 
-COMPOSE_MAX_TOKENS = 96  # the longest composed answer kept as a target (longer ones are dropped)
+# A composed answer is kept as a target only if it ends within this share of the longest training
+# answer: both behaviours should fit an answer as long as those the skills learnt from, and
+# rambling teacher answers taught long, cut-off composed answers (closing phrase lost).
+COMPOSE_LENGTH_SLACK = 1.25
 _NOT_NUMERIC = {"checkpoint_every", "resume", "record_time"}  # options that cannot change the patch
 _NOT_RECIPE = _NOT_NUMERIC | {"data", "out", "name", "model", "device", "val_data", "skills", "compose_with"}
 
@@ -502,7 +505,9 @@ def fit_composition(backbone: Backbone, train_set: TrainSet, edits: Edits, posit
     edits then train on those answers with every owner on, beside the single-skill examples
     with their own skill on, so each still works alone."""
     prompts = [record.messages for _, records in sources for record in records]
-    answers = composed_targets(backbone, edits, positions, config, partners, prompts)
+    longest = max(len(example.target_ids) for example in train_set.examples)
+    answers = composed_targets(backbone, edits, positions, config, partners, prompts,
+                               max_new_tokens=math.ceil(longest * COMPOSE_LENGTH_SLACK))
     records = [Record(messages, answer, f"composed answer {i}")
                for i, (messages, answer) in enumerate(zip(prompts, answers)) if answer]
     composed = TrainSet.of(tokenize(records, backbone.tokenizer, use_chat_template=config.chat_template),
@@ -523,8 +528,9 @@ def fit_composition(backbone: Backbone, train_set: TrainSet, edits: Edits, posit
 
 
 def composed_targets(backbone: Backbone, edits: Edits, positions: Positions, config: TrainConfig,
-                     partners: list[Patch], prompts: list[tuple[dict[str, str], ...]]) -> list[str | None]:
-    """The product-of-experts answers (None: did not end within COMPOSE_MAX_TOKENS), run with the
+                     partners: list[Patch], prompts: list[tuple[dict[str, str], ...]],
+                     max_new_tokens: int) -> list[str | None]:
+    """The product-of-experts answers (None: did not end within ``max_new_tokens``), run with the
     evaluator's torch generation on the CPU, where it keeps its tensors."""
     from reft_edge.train.evaluate import TorchBackend
 
@@ -534,7 +540,7 @@ def composed_targets(backbone: Backbone, edits: Edits, positions: Positions, con
     experts += [[partner] for partner in partners]
     backbone.model.to("cpu")
     try:
-        return TorchBackend(backbone).composed_answers(prompts, experts, COMPOSE_MAX_TOKENS)
+        return TorchBackend(backbone).composed_answers(prompts, experts, max_new_tokens)
     finally:
         backbone.model.to(device)
 

@@ -14,7 +14,7 @@ import { Model } from "./generate.js";
 export * from "./errors.js";
 export { loadBundle } from "./bundle.js";
 export { Model } from "./generate.js";
-export { parsePatch, checkCompatible, affineEdits } from "./patch.js";
+export { parsePatch, checkCompatible, affineEdits, withSkills } from "./patch.js";
 export { slotInputs } from "./slots.js";
 
 /**

@@ -14,7 +14,9 @@ import { BackboneMismatchError, PatchCompatibilityError, PatchFormatError, Usage
 import { groups, parsePositions, positionsString, WHERE } from "./positions.js";
 
 export const PATCH_FORMAT = "reft-edge-patch";
-export const PATCH_FORMAT_VERSION = 2;
+export const PATCH_FORMAT_VERSION = 3;
+const SKILLS_FORMAT_VERSION = 3; // the first version with skill groups
+const SKILL_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
 export const MAX_PATCH_BYTES = 64 * 1024 * 1024;
 export const MAX_HEADER_BYTES = 1024 * 1024;
 export const KIND_TENSORS = {
@@ -213,7 +215,25 @@ function parseMetadata(metadata, source) {
   if (!Array.isArray(v.layers) || JSON.stringify(v.layers) !== JSON.stringify(layers)) {
     throw bad("layers", "the sorted layers of the interventions");
   }
+  v.skills = parseSkills(metadata, v, bad);
   return v;
+}
+
+/** Optional ``skills``: [{name, rank}, ...] splitting the rank rows in order (version 3 only). */
+function parseSkills(metadata, v, bad) {
+  if (!("skills" in metadata)) return [];
+  let skills;
+  try { skills = JSON.parse(metadata.skills); } catch { throw bad("skills", "a JSON value"); }
+  const expected = `a list of {name, rank} objects with distinct names whose ranks add up to rank ${v.rank}`;
+  if (v.format_version < SKILLS_FORMAT_VERSION) throw bad("format_version", `${SKILLS_FORMAT_VERSION} (the file has skills)`);
+  if (!Array.isArray(skills) || !skills.length || !skills.every((s) => s !== null && typeof s === "object"
+      && !Array.isArray(s) && Object.keys(s).length === 2 && typeof s.name === "string" && SKILL_NAME.test(s.name)
+      && Number.isInteger(s.rank) && s.rank >= 1)) {
+    throw bad("skills", expected);
+  }
+  if (new Set(skills.map((s) => s.name)).size !== skills.length
+      || skills.reduce((sum, s) => sum + s.rank, 0) !== v.rank) throw bad("skills", expected);
+  return skills.map((s) => [s.name, s.rank]);
 }
 
 /** IEEE half -> float. @param {number} h */
@@ -287,8 +307,43 @@ export async function parsePatch(bytes, source = "patch") {
   return {
     name: v.name, kind: v.kind, positions: v.positions, shareWeights: v.share_weights, rank: v.rank,
     hiddenSize: v.hidden_size, baseFingerprint: v.base_fingerprint, dtype: v.dtype, payloadSha256: digest,
-    sizeBytes: data.length, training: v.training, interventions, layers: v.layers,
+    sizeBytes: data.length, training: v.training, interventions, layers: v.layers, skills: v.skills,
+    skillWeights: null,
   };
+}
+
+/**
+ * The patch with only the chosen skills on, as Python's Patch.with_skills: an array of names
+ * (each at weight 1) or an object name -> weight (0 = off). Unknown names are a UsageError.
+ * @param {Patch} patch @param {string[]|Object<string, number>} chosen @returns {Patch}
+ */
+export function withSkills(patch, chosen) {
+  const names = patch.skills.map(([name]) => name);
+  if (!names.length) {
+    throw new UsageError(`patch '${patch.name}' has no skills; train one with reft-edge train --skill NAME=DATA `
+      + "or use the patch as a whole");
+  }
+  const weights = Array.isArray(chosen) ? Object.fromEntries(chosen.map((n) => [n, 1])) : { ...chosen };
+  const unknown = Object.keys(weights).filter((n) => !names.includes(n)).sort();
+  if (unknown.length) throw new UsageError(`patch '${patch.name}' has no skill '${unknown[0]}'; its skills are ${names.join(", ")}`);
+  if (!Object.values(weights).every(Number.isFinite)) {
+    throw new UsageError("skill weights must be finite numbers (1.0 applies a skill as trained)");
+  }
+  return { ...patch, skillWeights: names.filter((n) => n in weights).map((n) => [n, weights[n]]) };
+}
+
+/** [rows to keep, their A scale], or null when every row is on at weight 1 (no choice made). */
+function chosenRows(patch) {
+  if (!patch.skillWeights) return null;
+  const weights = Object.fromEntries(patch.skillWeights);
+  const rows = [], scale = [];
+  let start = 0;
+  for (const [name, rank] of patch.skills) {
+    const w = weights[name] ?? 0;
+    if (w !== 0) for (let r = start; r < start + rank; r++) { rows.push(r); scale.push(w); }
+    start += rank;
+  }
+  return [rows, scale];
 }
 
 /**
@@ -312,8 +367,21 @@ export function checkCompatible(patch, manifest, source = "patch") {
   }
 }
 
-/** Each intervention as the shared edit h + ((h Bᵀ + c) ⊙ m) A. @param {Patch} patch @returns {AffineEdit[]} */
+/**
+ * Each intervention as the shared edit h + ((h Bᵀ + c) ⊙ m) A, with the chosen skills only
+ * (withSkills): rows of skills switched off are dropped, a weight scales its rows of A.
+ * @param {Patch} patch @returns {AffineEdit[]}
+ */
 export function affineEdits(patch) {
+  const chosen = chosenRows(patch);
+  const hidden = patch.hiddenSize;
+  const pick = (matrix, scale) => {
+    const out = new Float32Array(chosen[0].length * hidden);
+    chosen[0].forEach((row, i) => {
+      for (let j = 0; j < hidden; j++) out[i * hidden + j] = matrix[row * hidden + j] * (scale ? scale[i] : 1);
+    });
+    return out;
+  };
   return patch.interventions.map(({ layer, where, params }) => {
     const { R, W, b, W1, W2 } = params;
     const sub = (x, y) => x.map((value, i) => value - y[i]);
@@ -321,6 +389,9 @@ export function affineEdits(patch) {
       loreft: () => [R, sub(W, R)], direft: () => [R, W], consreft: () => [R, R.map((x) => -x)],
       lobireft: () => [R, new Float32Array(R.length)], noreft: () => [W2, sub(W1, W2)], nodireft: () => [W2, W1],
     }[patch.kind]();
-    return { layer, where, rank: patch.rank, A: AB[0], B: AB[1], c: b };
+    if (!chosen) return { layer, where, rank: patch.rank, A: AB[0], B: AB[1], c: b };
+    // Math.fround: the scaled rows round to float32 exactly as numpy's float32 product does
+    const A = pick(AB[0], chosen[1].map(Math.fround));
+    return { layer, where, rank: chosen[0].length, A, B: pick(AB[1]), c: Float32Array.from(chosen[0], (r) => b[r]) };
   });
 }

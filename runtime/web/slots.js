@@ -51,8 +51,10 @@ export function slotInputs(patches, weights, manifest) {
   const hidden = manifest.hidden_size;
   const perSlot = new Map(manifest.slot_layers.map((layer) => [layer, []]));
   checkWeights(weights, patches.length).forEach((weight, p) => {
+    if (weight === 0) return; // off: no rows at all, exactly as without the patch (as Python)
     const w = Math.fround(weight);
     for (const edit of affineEdits(patches[p])) {
+      if (!edit.rank) continue; // every skill switched off
       perSlot.get(edit.layer).push({ ...edit, A: edit.A.map((x) => w * x), positions: patches[p].positions });
     }
   });
