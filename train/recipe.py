@@ -18,7 +18,8 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -46,16 +47,45 @@ _NOT_RECIPE = _NOT_NUMERIC | {"data", "out", "name", "model", "device", "val_dat
 def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bool = True) -> Patch:
     """Train and save a patch; returns it as loaded back from ``config.out``."""
     positions = check_config(config)
-    train_records, val_records = split_records(config, read_jsonl(config.data))
+    records = split_records(config, read_jsonl(config.data))
     backbone = backbone or load_backbone(config.model)
     layers = resolve_layers(config, backbone)
     device = pick_device(config.device)
-    examples = tokenize(train_records, backbone.tokenizer, use_chat_template=config.chat_template)
-    val_examples = tokenize(val_records, backbone.tokenizer, use_chat_template=config.chat_template)
-    torch.manual_seed(config.seed)
-    interventions = build_interventions(config, positions, layers, backbone.hidden_size)
     started = time.perf_counter()
     backbone.model.to(device)
+    prepared = prepare(config, positions, layers, records, backbone, device)
+    fitted = fit(backbone.model, prepared.train_set, prepared.val_set, prepared.interventions, positions, config,
+                 prepared.steps, device, prepared.identity, progress)
+    seconds = time.perf_counter() - started
+    backbone.model.to("cpu")
+    patch = save_patch(config, prepared, fitted, seconds, backbone)
+    if progress:
+        val = "" if fitted.val_loss is None else f", validation loss {fitted.val_loss:.4f} (best step {fitted.best_step})"
+        print(f"trained {config.out}: final loss {fitted.final_loss:.4f}{val}, {fitted.steps_run} steps, "
+              f"{seconds:.1f} s, {patch.size_bytes} bytes")
+    return patch
+
+
+@dataclass
+class Prepared:
+    """One person's fit inputs: tokenized examples with their frozen states, fresh interventions."""
+
+    positions: Positions
+    interventions: list[tuple[int, str, InterventionParams]]
+    train_set: tuple[list[Example], list[torch.Tensor]]
+    val_set: tuple[list[Example], list[torch.Tensor]]
+    steps: int
+    data_sha256: str
+    identity: dict[str, Any]  # what a checkpoint must match to be resumed
+
+
+def prepare(config: TrainConfig, positions: Positions, layers: list[int], records: tuple[list[Record], list[Record]],
+            backbone: Backbone, device: torch.device) -> Prepared:
+    """Tokenize, seed and build the interventions, cache the frozen states (model already on ``device``)."""
+    examples = tokenize(records[0], backbone.tokenizer, use_chat_template=config.chat_template)
+    val_examples = tokenize(records[1], backbone.tokenizer, use_chat_template=config.chat_template)
+    torch.manual_seed(config.seed)
+    interventions = build_interventions(config, positions, layers, backbone.hidden_size)
     states = cache_frozen_states(backbone.model, examples, min(layers), device)
     val_states = cache_frozen_states(backbone.model, val_examples, min(layers), device)
     steps = count_steps(config, len(examples))
@@ -63,26 +93,24 @@ def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bo
     identity = json.loads(json.dumps({  # as JSON sees it, so it compares equal after a round trip
         **{k: v for k, v in config.to_dict().items() if k not in _NOT_NUMERIC}, "steps": steps,
         "data_sha256": data_sha256, "base_fingerprint": backbone.fingerprint}))
-    fitted = fit(backbone.model, (examples, states), (val_examples, val_states), interventions, positions, config,
-                 steps, device, identity, progress)
-    seconds = time.perf_counter() - started
-    backbone.model.to("cpu")
+    return Prepared(positions, interventions, (examples, states), (val_examples, val_states), steps, data_sha256,
+                    identity)
+
+
+def save_patch(config: TrainConfig, prepared: Prepared, fitted: "Fitted", seconds: float, backbone: Backbone) -> Patch:
+    """Write the patch atomically with its training record; drop the checkpoint it no longer needs."""
     training = {
-        "steps": steps, "steps_run": fitted.steps_run, "best_step": fitted.best_step,
+        "steps": prepared.steps, "steps_run": fitted.steps_run, "best_step": fitted.best_step,
         "first_loss": round(fitted.first_loss, 6), "final_loss": round(fitted.final_loss, 6),
         "val_loss": None if fitted.val_loss is None else round(fitted.val_loss, 6),
-        "val_examples": len(val_examples),
-        "seconds": round(seconds, 2) if config.record_time else None, "examples": len(examples),
-        "data_sha256": data_sha256, "lr": config.lr, "batch_size": config.batch_size,
+        "val_examples": len(prepared.val_set[0]),
+        "seconds": round(seconds, 2) if config.record_time else None, "examples": len(prepared.train_set[0]),
+        "data_sha256": prepared.data_sha256, "lr": config.lr, "batch_size": config.batch_size,
         "seed": config.seed, "library_version": __version__, "model": backbone.source,
         "recipe": recipe_summary(config),
     }
-    patch = to_patch(config, positions, interventions, backbone, training).to_file(config.out)
+    patch = to_patch(config, prepared.positions, prepared.interventions, backbone, training).to_file(config.out)
     checkpoint_path(config.out).unlink(missing_ok=True)
-    if progress:
-        val = "" if fitted.val_loss is None else f", validation loss {fitted.val_loss:.4f} (best step {fitted.best_step})"
-        print(f"trained {config.out}: final loss {fitted.final_loss:.4f}{val}, {fitted.steps_run} steps, "
-              f"{seconds:.1f} s, {patch.size_bytes} bytes")
     return patch
 
 
@@ -275,17 +303,38 @@ def edit_masks(rows: np.ndarray, batch: _Batch, device: torch.device) -> torch.T
 
 def set_edits(slots: EditSlots, interventions: list[tuple[int, str, InterventionParams]], positions: Positions,
               batch: _Batch, device: torch.device) -> None:
+    """One person's edits for every row of the batch."""
+    set_people_edits(slots, [(interventions, len(batch.lengths))], positions, batch, device)
+
+
+def set_people_edits(slots: EditSlots, people: list[tuple[list[tuple[int, str, InterventionParams]], int]],
+                     positions: Positions, batch: _Batch, device: torch.device) -> None:
     """Concatenate the interventions at each layer along the rank in the slot layout
-    (contract.position_rows); each rank row keeps its own positions."""
+    (contract.position_rows); each rank row keeps its own positions. ``people``: (interventions,
+    row count) in row order, all of one recipe; each row gets its own person's A, B, c."""
     slots.clear()
-    for layer in sorted({layer for layer, _, _ in interventions}):
-        here = [(where, params) for l, where, params in interventions if l == layer]
-        affine = [params.affine() for _, params in here]
-        A = torch.cat([a for a, _, _ in affine])[None]
-        B = torch.cat([b for _, b, _ in affine])[None]
-        c = torch.cat([c for _, _, c in affine])[None]
+    first = people[0][0]
+    for layer in sorted({layer for layer, _, _ in first}):
+        per_person = [_layer_affine(interventions, layer) for interventions, _ in people]
+        A, B, c = (_per_row([tensors[i] for tensors in per_person], [n for _, n in people]) for i in range(3))
+        here = [(where, params) for l, where, params in first if l == layer]
         rows = position_rows([(positions, where, params.b.shape[0]) for where, params in here])
         slots.set(layer, A, B, c, edit_masks(rows, batch, device))
+
+
+def _per_row(tensors: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
+    """Each person's tensor repeated over its rows; one person's stays a broadcast batch of 1,
+    so training alone computes exactly what it did before mixed batches existed."""
+    if len(tensors) == 1:
+        return tensors[0][None]
+    return torch.cat([tensor[None].expand(n, *tensor.shape) for tensor, n in zip(tensors, rows)])
+
+
+def _layer_affine(interventions: list[tuple[int, str, InterventionParams]],
+                  layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A, B [rank, hidden] and c [rank] of one layer's interventions, concatenated along the rank."""
+    affine = [params.affine() for l, _, params in interventions if l == layer]
+    return tuple(torch.cat([part[i] for part in affine]) for i in range(3))
 
 
 def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -319,60 +368,106 @@ def fit(model: nn.Module, train_set: tuple[list[Example], list[torch.Tensor]],
     an early stop after ``patience`` validations without improvement."""
     from tqdm.auto import tqdm
 
-    examples, states = train_set
-    for _, _, params in interventions:
-        params.to(device)
-    parameters = [p for _, _, params in interventions for p in params.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
-    checkpoint = checkpoint_path(config.out)
-    done, first_loss = 0, math.nan
-    if config.resume and checkpoint.is_file():
-        done, first_loss = load_checkpoint(checkpoint, parameters=parameters, optimizer=optimizer, identity=identity)
+    learner = Learner(train_set, val_set, interventions, config, steps, device, identity)
     slots = EditSlots()
-    loss = math.nan
-    best = _Best()
     with replay_frozen_layers(model, min(layer for layer, _, _ in interventions)) as (replay, layers), \
             attach_edits({layer: layers[layer] for layer, _, _ in interventions}, slots):
-        def batch_loss(batch: _Batch) -> torch.Tensor:
-            return forward_loss(model, replay, slots, interventions, positions, batch, device)
-
-        order = batch_order(len(examples), config.batch_size, steps, config.seed)
-        bar = tqdm(desc="train", total=steps, initial=done, disable=not progress, unit="step")
-        for step, indices in enumerate(order[done:], start=done + 1):
-            step_loss = batch_loss(collate([examples[i] for i in indices], [states[i] for i in indices], device))
-            optimizer.zero_grad(set_to_none=True)
+        batch_loss = partial(forward_loss, model, replay, slots, interventions, positions, device=device)
+        bar = tqdm(desc="train", total=steps, initial=learner.step, disable=not progress, unit="step")
+        while not learner.done:
+            examples, states = learner.next_batch()
+            step_loss = batch_loss(collate(examples, states, device))
+            learner.optimizer.zero_grad(set_to_none=True)
             step_loss.backward()
-            optimizer.step()
-            loss = step_loss.item()
-            first_loss = loss if step == 1 else first_loss
+            learner.update(step_loss.item(), batch_loss)
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}", **({"val": f"{best.loss:.4f}"} if best.step else {}))
-            if val_set[0] and (step % config.eval_every == 0 or step == steps):
-                best.consider(step, validation_loss(batch_loss, val_set, config.batch_size, device), loss, parameters)
-                if config.patience and best.stale >= config.patience:
-                    break
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < steps:
-                save_checkpoint(checkpoint, step=step, first_loss=first_loss, parameters=parameters,
-                                optimizer=optimizer, identity=identity)
+            bar.set_postfix(loss=f"{learner.loss:.4f}", **({"val": f"{learner.best.loss:.4f}"} if learner.best.step else {}))
         bar.close()
-    if not best.step:
-        return Fitted(first_loss, loss, step if order[done:] else done, steps, None)
-    best.restore(parameters)
-    return Fitted(first_loss, best.train_loss, step, best.step, best.loss)
+    return learner.result()
+
+
+class Learner:
+    """One person's fit, a step at a time: its parameters, its own AdamW and seeded batch order,
+    validation, early stopping and checkpoints. ``fit`` drives one; ``reft_edge.train.many``
+    drives several through shared mixed batches, so each still takes exactly its own steps."""
+
+    def __init__(self, train_set: tuple[list[Example], list[torch.Tensor]],
+                 val_set: tuple[list[Example], list[torch.Tensor]],
+                 interventions: list[tuple[int, str, InterventionParams]], config: TrainConfig, steps: int,
+                 device: torch.device, identity: dict[str, Any]) -> None:
+        self.examples, self.states = train_set
+        self.val_set, self.config, self.steps, self.device, self.identity = val_set, config, steps, device, identity
+        for _, _, params in interventions:
+            params.to(device)
+        self.parameters = [p for _, _, params in interventions for p in params.parameters()]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=0.0)
+        self.checkpoint = checkpoint_path(config.out)
+        self.step, self.first_loss = 0, math.nan
+        if config.resume and self.checkpoint.is_file():
+            self.step, self.first_loss = load_checkpoint(self.checkpoint, parameters=self.parameters,
+                                                         optimizer=self.optimizer, identity=identity)
+        self.order = batch_order(len(self.examples), config.batch_size, steps, config.seed)
+        self.loss, self.best, self.stopped = math.nan, _Best(), False
+        self.resumed_at = self.step
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.step >= len(self.order)
+
+    def next_batch(self) -> tuple[list[Example], list[torch.Tensor]]:
+        indices = self.order[self.step]
+        return [self.examples[i] for i in indices], [self.states[i] for i in indices]
+
+    def update(self, step_loss: float, batch_loss: Any) -> None:
+        """After the backward pass of this learner's batch: its AdamW step, then validation and
+        checkpoint when due. ``batch_loss`` computes this learner's loss of a collated batch."""
+        self.optimizer.step()
+        self.step += 1
+        self.loss = step_loss
+        self.first_loss = step_loss if self.step == 1 else self.first_loss
+        step, config = self.step, self.config
+        if self.val_set[0] and (step % config.eval_every == 0 or step == self.steps):
+            val_loss = validation_loss(batch_loss, self.val_set, config.batch_size, self.device)
+            self.best.consider(step, val_loss, step_loss, self.parameters)
+            self.stopped = bool(config.patience and self.best.stale >= config.patience)
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < self.steps and not self.stopped:
+            save_checkpoint(self.checkpoint, step=step, first_loss=self.first_loss, parameters=self.parameters,
+                            optimizer=self.optimizer, identity=self.identity)
+
+    def result(self) -> Fitted:
+        if not self.best.step:
+            return Fitted(self.first_loss, self.loss, self.step, self.steps, None)
+        self.best.restore(self.parameters)
+        return Fitted(self.first_loss, self.best.train_loss, self.step, self.best.step, self.best.loss)
 
 
 def forward_loss(model: nn.Module, replay: "_Replay", slots: EditSlots,
                  interventions: list[tuple[int, str, InterventionParams]], positions: Positions, batch: "_Batch",
                  device: torch.device) -> torch.Tensor:
-    """Mean cross-entropy of the batch's target tokens with the edits applied."""
+    """Mean cross-entropy of one person's batch's target tokens with its edits applied."""
+    return forward_losses(model, replay, slots, [(interventions, len(batch.lengths))], positions, batch, device)[0]
+
+
+def forward_losses(model: nn.Module, replay: "_Replay", slots: EditSlots,
+                   people: list[tuple[list[tuple[int, str, InterventionParams]], int]], positions: Positions,
+                   batch: "_Batch", device: torch.device) -> list[torch.Tensor]:
+    """Each person's mean cross-entropy of its target tokens with its edits applied. ``people``:
+    (interventions, row count) in the batch's row order; one person is an ordinary batch.
+
+    Logits are computed person by person, so each person's output-layer matmul has the shape
+    it has when that person trains alone."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     replay.states = batch.states
     with autocast:
-        set_edits(slots, interventions, positions, batch, device)
+        set_people_edits(slots, people, positions, batch, device)
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   use_cache=False).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[batch.rows, batch.cols])
-    return F.cross_entropy(logits.float(), batch.targets)
+        row_ends = np.cumsum([n for _, n in people])
+        tokens_before = torch.bincount(batch.rows, minlength=len(batch.lengths)).cumsum(0)
+        bounds = [0, *tokens_before[row_ends - 1].tolist()]
+        logits = [model.get_output_embeddings()(hidden[batch.rows[a:b], batch.cols[a:b]])
+                  for a, b in zip(bounds[:-1], bounds[1:])]
+    return [F.cross_entropy(part.float(), batch.targets[a:b]) for part, a, b in zip(logits, bounds[:-1], bounds[1:])]
 
 
 @torch.no_grad()
