@@ -151,8 +151,12 @@ def train_many(jobs: str, out_dir: str, max_rows: int, model: str | None, device
     from reft_edge.train.many import ManyConfig, train_many as run_many
 
     recipe = {**options, "layers": parse_layers(layers)}
-    run_many(ManyConfig(jobs=jobs, out_dir=out_dir, model=model, device=device, max_rows=max_rows,
-                        defaults=recipe))
+    results = run_many(ManyConfig(jobs=jobs, out_dir=out_dir, model=model, device=device, max_rows=max_rows,
+                                  defaults=recipe))
+    failed = [result for result in results if result.status == "failed"]
+    if failed:
+        raise UsageError(f"{len(failed)} of {len(results)} people failed, the first {failed[0].id}: {failed[0].message} "
+                         f"(the others' patches are written; {out_dir}/summary.json lists all)")
 
 
 @main.command()

@@ -87,6 +87,7 @@ class Result:
     final_loss: float | None = None
     val_loss: float | None = None
     message: str = ""  # why it failed
+    rank: int = 0  # the torchrun rank that handled this person
 
     @classmethod
     def from_patch(cls, job: Job, patch: Patch, status: str) -> "Result":
@@ -374,7 +375,7 @@ class World:
         import torch.distributed as dist
 
         everyone: list[Any] = [None] * self.size
-        dist.all_gather_object(everyone, [asdict(result) for result in results])
+        dist.all_gather_object(everyone, [{**asdict(result), "rank": self.rank} for result in results])
         return [Result(**result) for part in everyone for result in part]
 
     def stop(self) -> None:
