@@ -18,10 +18,10 @@ import contextlib
 import json
 import math
 import time
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -381,7 +381,8 @@ def fit(model: nn.Module, train_set: tuple[list[Example], list[torch.Tensor]],
             step_loss.backward()
             learner.update(step_loss.item(), batch_loss)
             bar.update()
-            bar.set_postfix(loss=f"{learner.loss:.4f}", **({"val": f"{learner.best.loss:.4f}"} if learner.best.step else {}))
+            val = {"val": f"{learner.best.loss:.4f}"} if learner.best.step else {}
+            bar.set_postfix(loss=f"{learner.loss:.4f}", **val)
         bar.close()
     return learner.result()
 
@@ -408,7 +409,6 @@ class Learner:
                                                          optimizer=self.optimizer, identity=identity)
         self.order = batch_order(len(self.examples), config.batch_size, steps, config.seed)
         self.loss, self.best, self.stopped = math.nan, _Best(), False
-        self.resumed_at = self.step
 
     @property
     def done(self) -> bool:
@@ -418,7 +418,7 @@ class Learner:
         indices = self.order[self.step]
         return [self.examples[i] for i in indices], [self.states[i] for i in indices]
 
-    def update(self, step_loss: float, batch_loss: Any) -> None:
+    def update(self, step_loss: float, batch_loss: Callable[["_Batch"], torch.Tensor]) -> None:
         """After the backward pass of this learner's batch: its AdamW step, then validation and
         checkpoint when due. ``batch_loss`` computes this learner's loss of a collated batch."""
         self.optimizer.step()
@@ -463,8 +463,8 @@ def forward_losses(model: nn.Module, replay: "_Replay", slots: EditSlots,
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   use_cache=False).last_hidden_state
         row_ends = np.cumsum([n for _, n in people])
-        tokens_before = torch.bincount(batch.rows, minlength=len(batch.lengths)).cumsum(0)
-        bounds = [0, *tokens_before[row_ends - 1].tolist()]
+        tokens_through = torch.bincount(batch.rows, minlength=len(batch.lengths)).cumsum(0)  # rows 0..i
+        bounds = [0, *tokens_through[row_ends - 1].tolist()]
         logits = [model.get_output_embeddings()(hidden[batch.rows[a:b], batch.cols[a:b]])
                   for a, b in zip(bounds[:-1], bounds[1:])]
     return [F.cross_entropy(part.float(), batch.targets[a:b]) for part, a, b in zip(logits, bounds[:-1], bounds[1:])]
