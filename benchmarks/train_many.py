@@ -117,33 +117,28 @@ def main() -> None:
     counts = [int(c) for c in args.people.split(",")]
     torch.set_num_threads(args.threads)
     load_backbone()  # converted and in the page cache before anything is timed
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps per person; "
+          f"1-minute load average before: {os.getloadavg()[0]:.1f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        load = [os.getloadavg()[0]]
         alone = sequential(root / "alone", max(counts), args.steps)
-        load.append(os.getloadavg()[0])
-        rows = []
+        print(f"sequential done, load {os.getloadavg()[0]:.1f}", flush=True)
+        print("| people | sequential s | train-many s | sequential patches/h | train-many patches/h | speed-up "
+              "| identical bytes | max param diff | max loss diff | load |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for count in counts:
-            seconds = many(root / f"many-{count}", count, args.steps)
-            load.append(os.getloadavg()[0])
-            rows.append((count, alone[count - 1], seconds, compare(root / f"many-{count}" / "out", root / "alone")))
-        ranks = ranks_vs_threads(root / "ranks", args.rank_people, args.steps) if args.rank_people else None
-        load.append(os.getloadavg()[0])
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps per person, "
-          f"1-minute load average at each stage: {', '.join(f'{x:.1f}' for x in load)}")
-    print("| people | sequential s | train-many s | sequential patches/h | train-many patches/h | speed-up "
-          "| identical bytes | max param diff | max loss diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for count, alone_s, many_s, same in rows:
-        print(f"| {count} | {alone_s:.0f} | {many_s:.0f} | {per_hour(count, alone_s):.0f} | "
-              f"{per_hour(count, many_s):.0f} | {alone_s / many_s:.2f}x | {same['identical']}/{count} | "
-              f"{same['max_param_diff']:.1e} | {same['max_loss_diff']:.1e} |")
-    if ranks:
-        ranks_s, threads_s = ranks
-        print(f"\n{args.rank_people} people: torchrun 2 gloo ranks x 1 thread {ranks_s:.0f} s "
-              f"({per_hour(args.rank_people, ranks_s):.0f} patches/h), 1 process x 2 threads {threads_s:.0f} s "
-              f"({per_hour(args.rank_people, threads_s):.0f} patches/h): {threads_s / ranks_s:.2f}x")
-
+            many_s = many(root / f"many-{count}", count, args.steps)
+            same = compare(root / f"many-{count}" / "out", root / "alone")
+            alone_s = alone[count - 1]
+            print(f"| {count} | {alone_s:.0f} | {many_s:.0f} | {per_hour(count, alone_s):.0f} | "
+                  f"{per_hour(count, many_s):.0f} | {alone_s / many_s:.2f}x | {same['identical']}/{count} | "
+                  f"{same['max_param_diff']:.1e} | {same['max_loss_diff']:.1e} | {os.getloadavg()[0]:.1f} |", flush=True)
+        if args.rank_people:
+            ranks_s, threads_s = ranks_vs_threads(root / "ranks", args.rank_people, args.steps)
+            print(f"\n{args.rank_people} people: torchrun 2 gloo ranks x 1 thread {ranks_s:.0f} s "
+                  f"({per_hour(args.rank_people, ranks_s):.0f} patches/h), 1 process x 2 threads {threads_s:.0f} s "
+                  f"({per_hour(args.rank_people, threads_s):.0f} patches/h): {threads_s / ranks_s:.2f}x; "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
 
 if __name__ == "__main__":
     main()
