@@ -20,7 +20,7 @@ import click
 from reft_edge import __version__
 from reft_edge.errors import ReftEdgeError, UsageError
 from reft_edge.runtime.patch import KINDS, SAVE_DTYPES
-from reft_edge.train.config import DEFAULT_LAYERS_HELP, DEFAULT_STEPS, TrainConfig
+from reft_edge.train.config import DEFAULT_LAYERS_HELP, DEFAULT_STEPS, ManyConfig, TrainConfig
 
 
 class _Group(click.Group):
@@ -68,6 +68,7 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 
 
 _TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+_MANY_DEFAULTS = {f.name: f.default for f in fields(ManyConfig)}
 
 
 def _default(name: str):
@@ -86,6 +87,43 @@ def parse_skills(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def recipe_options(command):
+    """The options train and train-many share (defaults from TrainConfig): the model and device,
+    and everything that decides a recipe."""
+    options = [
+        click.option("--model", default=None,
+                     help="Hugging Face folder or id; default: the embedded SmolLM2-135M-Instruct."),
+        click.option("--layers", default=None, help=f"Comma list of layers to edit; default: {DEFAULT_LAYERS_HELP}."),
+        click.option("--rank", default=_default("rank"), show_default=True, type=int, help="Rank per intervention."),
+        click.option("--positions", default=_default("positions"), show_default=True,
+                     help="Tokens to edit, joined by '+': f<p> first p prompt tokens, l<s> last s, p every prompt "
+                          "token, g every generated token; 'all' = p+g."),
+        click.option("--share-weights/--no-share-weights", default=_default("share_weights"), show_default=True,
+                     help="Untied: a separate intervention per position group (prefix, suffix, generated)."),
+        click.option("--kind", default=_default("kind"), show_default=True, type=click.Choice(list(KINDS))),
+        click.option("--steps", default=_default("steps"), type=int,
+                     help=f"Optimizer steps (default {DEFAULT_STEPS} unless --epochs)."),
+        click.option("--epochs", default=_default("epochs"), type=int),
+        click.option("--lr", default=_default("lr"), show_default=True, type=float),
+        click.option("--batch-size", default=_default("batch_size"), show_default=True, type=int),
+        click.option("--seed", default=_default("seed"), show_default=True, type=int),
+        click.option("--val-fraction", default=_default("val_fraction"), type=float,
+                     help="Hold out this share of the data for validation (seeded)."),
+        click.option("--eval-every", default=_default("eval_every"), show_default=True, type=int,
+                     help="Validate every N steps."),
+        click.option("--patience", default=_default("patience"), show_default=True, type=int,
+                     help="Stop after N validations without improvement."),
+        click.option("--device", default=_default("device"), show_default=True,
+                     type=click.Choice(["auto", "cpu", "cuda"])),
+        click.option("--save-dtype", default=_default("save_dtype"), show_default=True,
+                     type=click.Choice(list(SAVE_DTYPES))),
+        click.option("--chat-template/--no-chat-template", default=_default("chat_template"), show_default=True),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.option("--data", default=None, help="JSONL file: {\"prompt\", \"response\"} or {\"messages\"} per line.")
 @click.option("--skill", "skills", multiple=True, metavar="NAME=DATA",
@@ -96,32 +134,8 @@ def parse_skills(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 @click.option("--compose-steps", default=_default("compose_steps"), show_default=True, type=int,
               help="Steps of the composition phase (with several skills or --compose-with).")
 @click.option("--out", required=True, help="Patch file to write (e.g. alice.reft).")
-@click.option("--model", default=None, help="Hugging Face folder or id; default: the embedded SmolLM2-135M-Instruct.")
-@click.option("--layers", default=None,
-              help=f"Comma list of layers to edit; default: {DEFAULT_LAYERS_HELP}.")
-@click.option("--rank", default=_default("rank"), show_default=True, type=int, help="Rank per intervention.")
-@click.option("--positions", default=_default("positions"), show_default=True,
-              help="Tokens to edit, joined by '+': f<p> first p prompt tokens, l<s> last s, p every prompt token, "
-                   "g every generated token; 'all' = p+g.")
-@click.option("--share-weights/--no-share-weights", default=_default("share_weights"), show_default=True,
-              help="Untied: a separate intervention per position group (prefix, suffix, generated).")
-@click.option("--kind", default=_default("kind"), show_default=True, type=click.Choice(list(KINDS)))
-@click.option("--steps", default=_default("steps"), type=int,
-              help=f"Optimizer steps (default {DEFAULT_STEPS} unless --epochs).")
-@click.option("--epochs", default=_default("epochs"), type=int)
-@click.option("--lr", default=_default("lr"), show_default=True, type=float)
-@click.option("--batch-size", default=_default("batch_size"), show_default=True, type=int)
-@click.option("--seed", default=_default("seed"), show_default=True, type=int)
+@recipe_options
 @click.option("--val-data", default=None, help="JSONL of held-out pairs: validation loss, early stopping, best step kept.")
-@click.option("--val-fraction", default=_default("val_fraction"), type=float,
-              help="Hold out this share of --data for validation instead (seeded).")
-@click.option("--eval-every", default=_default("eval_every"), show_default=True, type=int,
-              help="Validate every N steps.")
-@click.option("--patience", default=_default("patience"), show_default=True, type=int,
-              help="Stop after N validations without improvement.")
-@click.option("--device", default=_default("device"), show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--save-dtype", default=_default("save_dtype"), show_default=True, type=click.Choice(list(SAVE_DTYPES)))
-@click.option("--chat-template/--no-chat-template", default=_default("chat_template"), show_default=True)
 @click.option("--name", default=None, help="Patch name stored in the file (default: the file's stem).")
 @click.option("--record-time", is_flag=True, help="Store training seconds in the patch (the bytes then differ run to run).")
 @click.option("--checkpoint-every", default=None, type=int, help="Write OUT.ckpt every N steps (optimizer state included).")
@@ -133,7 +147,7 @@ def train(layers: str | None, skills: tuple[str, ...], compose_with: tuple[str, 
           budget_minutes: float, **options) -> None:
     """Learn a LoReFT patch from examples."""
     config = TrainConfig(layers=parse_layers(layers), skills=parse_skills(skills), compose_with=compose_with,
-                         chat_template=options.pop("chat_template"), **options)
+                         **options)
     if auto and (config.skills or config.compose_with):
         raise UsageError("--auto searches single-skill recipes; drop --skill/--compose-with or --auto")
     if auto:
@@ -144,6 +158,27 @@ def train(layers: str | None, skills: tuple[str, ...], compose_with: tuple[str, 
     from reft_edge.train.recipe import train as run_training
 
     run_training(config)
+
+
+@main.command("train-many")
+@click.option("--jobs", required=True,
+              help="JSONL, one person per line: {\"id\", \"data\"} and any training option to override.")
+@click.option("--out-dir", required=True, help="Folder for the patches (<id>.reft) and summary.json.")
+@click.option("--max-rows", default=_MANY_DEFAULTS["max_rows"], show_default=True, type=int,
+              help="Rows per mixed batch (several people's batches together); bounds memory.")
+@recipe_options
+def train_many(jobs: str, out_dir: str, max_rows: int, model: str | None, device: str, layers: str | None,
+               **options) -> None:
+    """Train many people's patches in one job: one backbone, mixed batches (torchrun shards people)."""
+    from reft_edge.train.many import ManyConfig, train_many as run_many
+
+    recipe = {**options, "layers": parse_layers(layers)}
+    results = run_many(ManyConfig(jobs=jobs, out_dir=out_dir, model=model, device=device, max_rows=max_rows,
+                                  defaults=recipe))
+    failed = [result for result in results if result.status == "failed"]
+    if failed:
+        raise UsageError(f"{len(failed)} of {len(results)} people failed, the first {failed[0].id}: {failed[0].message} "
+                         f"(the others' patches are written; {out_dir}/summary.json lists all)")
 
 
 @main.command()

@@ -10,7 +10,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from reft_edge.configs import config_from_dict
@@ -58,6 +58,27 @@ class TrainConfig:
         if isinstance(values.get("skills"), list):  # JSON has lists where the config keeps tuples
             values = {**values, "skills": tuple(tuple(pair) for pair in values["skills"])}
         return config_from_dict(cls, values, what="training", tuple_fields=("layers", "compose_with"))
+
+
+
+@dataclass(frozen=True)
+class ManyConfig:
+    """A train-many job: the jobs file, the output folder, and what every person shares."""
+
+    jobs: str  # JSONL, one person per line: {"id", "data", and TrainConfig options to override}
+    out_dir: str  # <id>.reft per person, summary.json
+    model: str | None = None  # one backbone for everyone (TrainConfig.model)
+    device: str = "auto"
+    max_rows: int = 32  # rows per mixed batch: several people's batches share one forward pass
+    defaults: dict[str, Any] = field(default_factory=dict)  # TrainConfig options for every person
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ManyConfig":
+        return config_from_dict(cls, values, what="train-many")
+
 
 # The default recipe, chosen by the study in docs/quality.md (benchmarks.quality): rank 2 at five
 # layers of the upper half, the last prompt token and every generated token, 30 steps at lr 2e-3.

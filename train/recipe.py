@@ -19,9 +19,10 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -52,57 +53,89 @@ _NOT_RECIPE = _NOT_NUMERIC | {"data", "out", "name", "model", "device", "val_dat
 def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bool = True) -> Patch:
     """Train and save a patch; returns it as loaded back from ``config.out``."""
     positions = check_config(config)
-    sources = read_sources(config)
+    sources, val_records = read_sources(config)
     backbone = backbone or load_backbone(config.model)
     partners = load_partners(config, backbone)
     layers = resolve_layers(config, backbone)
     device = pick_device(config.device)
-    skills = [(name, config.rank) for name, _ in sources]
-    val_records = split_records(config, sources)
+    started = time.perf_counter()
+    backbone.model.to(device)
+    prepared = prepare_sources(config, positions, layers, sources, val_records, backbone, device, partners)
+    fitted = fit(backbone.model, prepared, config, device, progress)
+    composed = None
+    if len(sources) > 1 or partners:
+        composed = fit_composition(backbone, prepared, config, device, sources, partners, progress)
+    seconds = time.perf_counter() - started
+    backbone.model.to("cpu")
+    patch = save_patch(config, prepared, fitted, seconds, backbone, composed)
+    if progress:
+        val = "" if fitted.val_loss is None else f", validation loss {fitted.val_loss:.4f} (best step {fitted.best_step})"
+        together = "" if not composed else f", composed loss {composed['final_loss']:.4f}"
+        print(f"trained {config.out}: final loss {fitted.final_loss:.4f}{val}{together}, {fitted.steps_run} steps, "
+              f"{seconds:.1f} s, {patch.size_bytes} bytes")
+    return patch
+
+
+@dataclass
+class Prepared:
+    """One person's fit inputs: tokenized examples with their frozen states, fresh edits."""
+
+    positions: Positions
+    edits: "Edits"
+    train_set: "TrainSet"
+    val_set: "TrainSet"
+    steps: int
+    data_sha256: str
+    identity: dict[str, Any]  # what a checkpoint must match to be resumed
+
+
+def prepare(config: TrainConfig, positions: Positions, layers: list[int], records: tuple[list[Record], list[Record]],
+            backbone: Backbone, device: torch.device) -> Prepared:
+    """One person's (training, validation) records, one skill named after the patch (train-many's case)."""
+    return prepare_sources(config, positions, layers, [(patch_name(config), records[0])], records[1], backbone, device,
+                           [])
+
+
+def prepare_sources(config: TrainConfig, positions: Positions, layers: list[int],
+                    sources: list[tuple[str, list[Record]]], val_records: list[Record], backbone: Backbone,
+                    device: torch.device, partners: list[Patch]) -> Prepared:
+    """Tokenize each skill's records, seed and build the edits, cache the frozen states (model
+    already on ``device``)."""
     train_set = TrainSet.empty()
     for name, records in sources:
         train_set += TrainSet.of(tokenize(records, backbone.tokenizer, use_chat_template=config.chat_template), name)
     val_set = TrainSet.of(tokenize(val_records, backbone.tokenizer, use_chat_template=config.chat_template),
                           sources[0][0])
     torch.manual_seed(config.seed)
-    interventions = build_interventions(config, positions, layers, backbone.hidden_size,
-                                        rank=config.rank * len(skills))
+    skills = [(name, config.rank) for name, _ in sources]
+    interventions = build_interventions(config, positions, layers, backbone.hidden_size, config.rank * len(skills))
     edits = Edits(interventions, skills, partner_edits(partners))
-    started = time.perf_counter()
-    backbone.model.to(device)
-    lowest = edits.lowest_layer()
-    train_set.states = cache_frozen_states(backbone.model, train_set.examples, lowest, device)
-    val_set.states = cache_frozen_states(backbone.model, val_set.examples, lowest, device)
+    train_set.states = cache_frozen_states(backbone.model, train_set.examples, edits.lowest_layer(), device)
+    val_set.states = cache_frozen_states(backbone.model, val_set.examples, edits.lowest_layer(), device)
     steps = count_steps(config, len(train_set.examples))
     data_sha256 = sources_digest(config)
     identity = json.loads(json.dumps({  # as JSON sees it, so it compares equal after a round trip
         **{k: v for k, v in config.to_dict().items() if k not in _NOT_NUMERIC}, "steps": steps,
         "data_sha256": data_sha256, "base_fingerprint": backbone.fingerprint}))
-    fitted = fit(backbone.model, train_set, val_set, edits, positions, config, steps, device, identity, progress)
-    composed = None
-    if len(skills) > 1 or partners:
-        composed = fit_composition(backbone, train_set, edits, positions, config, device, sources, partners,
-                                   progress)
-    seconds = time.perf_counter() - started
-    backbone.model.to("cpu")
+    return Prepared(positions, edits, train_set, val_set, steps, data_sha256, identity)
+
+
+def save_patch(config: TrainConfig, prepared: Prepared, fitted: "Fitted", seconds: float, backbone: Backbone,
+               composed: dict[str, Any] | None = None) -> Patch:
+    """Write the patch atomically with its training record; drop the checkpoint it no longer needs."""
     training = {
-        "steps": steps, "steps_run": fitted.steps_run, "best_step": fitted.best_step,
+        "steps": prepared.steps, "steps_run": fitted.steps_run, "best_step": fitted.best_step,
         "first_loss": round(fitted.first_loss, 6), "final_loss": round(fitted.final_loss, 6),
         "val_loss": None if fitted.val_loss is None else round(fitted.val_loss, 6),
-        "val_examples": len(val_set.examples),
-        "seconds": round(seconds, 2) if config.record_time else None, "examples": len(train_set.examples),
-        "data_sha256": data_sha256, "lr": config.lr, "batch_size": config.batch_size,
+        "val_examples": len(prepared.val_set.examples),
+        "seconds": round(seconds, 2) if config.record_time else None, "examples": len(prepared.train_set.examples),
+        "data_sha256": prepared.data_sha256, "lr": config.lr, "batch_size": config.batch_size,
         "seed": config.seed, "library_version": __version__, "model": backbone.source,
         "recipe": recipe_summary(config),
         **({"composition": composed} if composed else {}),
     }
-    patch = to_patch(config, positions, interventions, backbone, training, skills).to_file(config.out)
+    patch = to_patch(config, prepared.positions, prepared.edits, backbone, training).to_file(config.out)
     checkpoint_path(config.out).unlink(missing_ok=True)
-    if progress:
-        val = "" if fitted.val_loss is None else f", validation loss {fitted.val_loss:.4f} (best step {fitted.best_step})"
-        together = "" if not composed else f", composed loss {composed['final_loss']:.4f}"
-        print(f"trained {config.out}: final loss {fitted.final_loss:.4f}{val}{together}, {fitted.steps_run} steps, "
-              f"{seconds:.1f} s, {patch.size_bytes} bytes")
     return patch
 
 
@@ -180,11 +213,17 @@ def count_steps(config: TrainConfig, n_examples: int) -> int:
     return DEFAULT_STEPS
 
 
-def read_sources(config: TrainConfig) -> list[tuple[str, list[Record]]]:
-    """(skill name, training records) per skill; plain --data is one skill named after the patch."""
+def patch_name(config: TrainConfig) -> str:
+    return config.name or Path(config.out).stem
+
+
+def read_sources(config: TrainConfig) -> tuple[list[tuple[str, list[Record]]], list[Record]]:
+    """(skill name, training records) per skill, and the validation records. Plain --data is one
+    skill named after the patch, with --val-data or a seeded --val-fraction held out of it."""
     if config.skills:
-        return [(name, read_jsonl(data)) for name, data in config.skills]
-    return [(config.name or Path(config.out).stem, read_jsonl(config.data))]
+        return [(name, read_jsonl(data)) for name, data in config.skills], []
+    records, val_records = split_records(config, read_jsonl(config.data))
+    return [(patch_name(config), records)], val_records
 
 
 def sources_digest(config: TrainConfig) -> str:
@@ -195,20 +234,18 @@ def sources_digest(config: TrainConfig) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-def split_records(config: TrainConfig, sources: list[tuple[str, list[Record]]]) -> list[Record]:
-    """Validation records: --val-data, or a seeded --val-fraction taken out of the (single) source."""
+def split_records(config: TrainConfig, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    """(training, validation) records: --val-data, or a seeded --val-fraction of --data, or none."""
     if config.val_data:
-        return read_jsonl(config.val_data)
+        return records, read_jsonl(config.val_data)
     if not config.val_fraction:
-        return []
-    name, records = sources[0]
+        return records, []
     n_val = max(1, round(len(records) * config.val_fraction))
     if n_val >= len(records):
         raise UsageError(f"--val-fraction {config.val_fraction} leaves no training example of {len(records)}; "
                          "use a smaller fraction or more data")
     held = set(torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed))[:n_val].tolist())
-    sources[0] = (name, [r for i, r in enumerate(records) if i not in held])
-    return [r for i, r in enumerate(records) if i in held]
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
 def load_partners(config: TrainConfig, backbone: Backbone) -> list[Patch]:
@@ -275,13 +312,37 @@ class Edits:
         return [name for name, _ in self.skills] + sorted({owner for owner, _ in self.partners})
 
     def lowest_layer(self) -> int:
-        return min([layer for layer, _, _ in self.interventions] + [edit.slot for _, edit in self.partners])
+        return min(self.layers())
 
     def layers(self) -> list[int]:
         return sorted({layer for layer, _, _ in self.interventions} | {edit.slot for _, edit in self.partners})
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for _, _, params in self.interventions for p in params.parameters()]
+
+    def to(self, device: torch.device) -> None:
+        for _, _, params in self.interventions:
+            params.to(device)
+
+    def layer_affine(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A, B [rank, hidden] and c [rank] of one layer: trainable interventions, then partners."""
+        parts = [params.affine() for l, _, params in self.interventions if l == layer]
+        parts += [tuple(torch.from_numpy(x).to(device) for x in (e.A, e.B, e.c)) for _, e in self._partners(layer)]
+        return tuple(torch.cat([part[i] for part in parts]) for i in range(3))
+
+    def layer_rows(self, layer: int, positions: Positions) -> list[tuple[Positions, str, int]]:
+        """(positions, where, rank) of each part of layer_affine, for contract.position_rows."""
+        return ([(positions, where, params.b.shape[0]) for l, where, params in self.interventions if l == layer]
+                + [(e.positions, e.where, e.A.shape[0]) for _, e in self._partners(layer)])
+
+    def layer_owners(self, layer: int) -> list[str]:
+        """The owner of each rank row of layer_affine."""
+        per_intervention = [name for name, rank in self.skills for _ in range(rank)]
+        here = sum(1 for l, _, _ in self.interventions if l == layer)
+        return per_intervention * here + [owner for owner, e in self._partners(layer) for _ in range(e.A.shape[0])]
+
+    def _partners(self, layer: int) -> list[tuple[str, SlotEdit]]:
+        return [(owner, edit) for owner, edit in self.partners if edit.slot == layer]
 
 
 class _StopForward(Exception):
@@ -392,23 +453,35 @@ def edit_masks(rows: np.ndarray, batch: _Batch, device: torch.device) -> torch.T
 
 
 def set_edits(slots: EditSlots, edits: Edits, positions: Positions, batch: _Batch, device: torch.device) -> None:
-    """Concatenate the edits at each layer along the rank in the slot layout
-    (contract.position_rows): trainable interventions, then partners. Each rank row keeps its
-    own positions and edits only the batch rows whose example has its owner active."""
+    """One person's edits for every row of the batch."""
+    set_people_edits(slots, [(edits, len(batch.lengths))], positions, batch, device)
+
+
+def set_people_edits(slots: EditSlots, people: list[tuple[Edits, int]], positions: Positions, batch: _Batch,
+                     device: torch.device) -> None:
+    """Concatenate each person's edits at each layer along the rank in the slot layout
+    (contract.position_rows): trainable interventions, then partners. ``people``: (edits, row
+    count) in row order, all of one recipe (one rank-row layout); each row gets its own person's
+    A, B, c. Each rank row keeps its own positions and edits only the rows whose example has
+    its owner (skill or partner) active."""
     slots.clear()
-    owners_of_skills = [name for name, rank in edits.skills for _ in range(rank)]
-    for layer in edits.layers():
-        here = [(where, params.affine()) for l, where, params in edits.interventions if l == layer]
-        frozen = [(owner, edit) for owner, edit in edits.partners if edit.slot == layer]
-        as_tensor = lambda array: torch.from_numpy(array).to(device)  # noqa: E731
-        A = torch.cat([a for _, (a, _, _) in here] + [as_tensor(e.A) for _, e in frozen])[None]
-        B = torch.cat([b for _, (_, b, _) in here] + [as_tensor(e.B) for _, e in frozen])[None]
-        c = torch.cat([c for _, (_, _, c) in here] + [as_tensor(e.c) for _, e in frozen])[None]
-        rows = position_rows([(positions, where, c.shape[0]) for where, (_, _, c) in here]
-                             + [(e.positions, e.where, e.A.shape[0]) for _, e in frozen])
-        owners = owners_of_skills * len(here) + [owner for owner, e in frozen for _ in range(e.A.shape[0])]
-        active = torch.tensor([[owner in row for owner in owners] for row in batch.active], device=device)
+    first = people[0][0]
+    for layer in first.layers():
+        per_person = [edits.layer_affine(layer, device) for edits, _ in people]
+        A, B, c = (_per_row([tensors[i] for tensors in per_person], [n for _, n in people]) for i in range(3))
+        rows = position_rows(first.layer_rows(layer, positions))
+        owners = [edits.layer_owners(layer) for edits, n in people for _ in range(n)]
+        active = torch.tensor([[owner in row for owner in row_owners] for row, row_owners in zip(batch.active, owners)],
+                              device=device)
         slots.set(layer, A, B, c, edit_masks(rows, batch, device) * active[:, None, :])
+
+
+def _per_row(tensors: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
+    """Each person's tensor repeated over its rows; one person's stays a broadcast batch of 1,
+    so training alone computes exactly what it did before mixed batches existed."""
+    if len(tensors) == 1:
+        return tensors[0][None]
+    return torch.cat([tensor[None].expand(n, *tensor.shape) for tensor, n in zip(tensors, rows)])
 
 
 def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -433,80 +506,119 @@ class Fitted:
     val_loss: float | None  # validation loss of the kept parameters
 
 
-def fit(model: nn.Module, train_set: TrainSet, val_set: TrainSet, edits: Edits, positions: Positions,
-        config: TrainConfig, steps: int, device: torch.device, identity: dict[str, Any], progress: bool,
+def fit(model: nn.Module, prepared: Prepared, config: TrainConfig, device: torch.device, progress: bool,
         desc: str = "train") -> Fitted:
     """AdamW on the intervention parameters only (checkpointed and resumable). With validation
     data: the validation loss every ``eval_every`` steps, the best step's parameters kept, and
     an early stop after ``patience`` validations without improvement."""
     from tqdm.auto import tqdm
 
-    for _, _, params in edits.interventions:
-        params.to(device)
-    parameters = edits.parameters()
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
-    checkpoint = checkpoint_path(config.out)
-    done, first_loss = 0, math.nan
-    if config.resume and checkpoint.is_file():
-        done, first_loss = load_checkpoint(checkpoint, parameters=parameters, optimizer=optimizer, identity=identity)
-    slots = EditSlots()
-    loss = math.nan
-    best = _Best()
+    learner = Learner(prepared, config, device)
+    edits, slots = prepared.edits, EditSlots()
     with replay_frozen_layers(model, edits.lowest_layer()) as (replay, layers), \
             attach_edits({layer: layers[layer] for layer in edits.layers()}, slots):
-        def batch_loss(batch: _Batch) -> torch.Tensor:
-            return forward_loss(model, replay, slots, edits, positions, batch, device)
-
-        order = batch_order(len(train_set.examples), config.batch_size, steps, config.seed)
-        bar = tqdm(desc=desc, total=steps, initial=done, disable=not progress, unit="step")
-        for step, indices in enumerate(order[done:], start=done + 1):
-            step_loss = batch_loss(collate(*train_set.pick(indices), device))
-            optimizer.zero_grad(set_to_none=True)
+        batch_loss = partial(forward_loss, model, replay, slots, edits, prepared.positions, device=device)
+        bar = tqdm(desc=desc, total=prepared.steps, initial=learner.step, disable=not progress, unit="step")
+        while not learner.done:
+            step_loss = batch_loss(collate(*learner.next_batch(), device))
+            learner.optimizer.zero_grad(set_to_none=True)
             step_loss.backward()
-            optimizer.step()
-            loss = step_loss.item()
-            first_loss = loss if step == 1 else first_loss
+            learner.update(step_loss.item(), batch_loss)
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}", **({"val": f"{best.loss:.4f}"} if best.step else {}))
-            if val_set.examples and (step % config.eval_every == 0 or step == steps):
-                best.consider(step, validation_loss(batch_loss, val_set, config.batch_size, device), loss, parameters)
-                if config.patience and best.stale >= config.patience:
-                    break
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < steps:
-                save_checkpoint(checkpoint, step=step, first_loss=first_loss, parameters=parameters,
-                                optimizer=optimizer, identity=identity)
+            val = {"val": f"{learner.best.loss:.4f}"} if learner.best.step else {}
+            bar.set_postfix(loss=f"{learner.loss:.4f}", **val)
         bar.close()
-    if not best.step:
-        return Fitted(first_loss, loss, step if order[done:] else done, steps, None)
-    best.restore(parameters)
-    return Fitted(first_loss, best.train_loss, step, best.step, best.loss)
+    return learner.result()
+
+
+class Learner:
+    """One person's fit, a step at a time: its parameters, its own AdamW and seeded batch order,
+    validation, early stopping and checkpoints. ``fit`` drives one; ``reft_edge.train.many``
+    drives several through shared mixed batches, so each still takes exactly its own steps."""
+
+    def __init__(self, prepared: Prepared, config: TrainConfig, device: torch.device) -> None:
+        self.train_set, self.val_set = prepared.train_set, prepared.val_set
+        self.config, self.steps, self.device, self.identity = config, prepared.steps, device, prepared.identity
+        prepared.edits.to(device)
+        self.parameters = prepared.edits.parameters()
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=0.0)
+        self.checkpoint = checkpoint_path(config.out)
+        self.step, self.first_loss = 0, math.nan
+        if config.resume and self.checkpoint.is_file():
+            self.step, self.first_loss = load_checkpoint(self.checkpoint, parameters=self.parameters,
+                                                         optimizer=self.optimizer, identity=self.identity)
+        self.order = batch_order(len(self.train_set.examples), config.batch_size, self.steps, config.seed)
+        self.loss, self.best, self.stopped = math.nan, _Best(), False
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.step >= len(self.order)
+
+    def next_batch(self) -> tuple[list[Example], list[torch.Tensor], list[frozenset[str]]]:
+        return self.train_set.pick(self.order[self.step])
+
+    def update(self, step_loss: float, batch_loss: Callable[["_Batch"], torch.Tensor]) -> None:
+        """After the backward pass of this learner's batch: its AdamW step, then validation and
+        checkpoint when due. ``batch_loss`` computes this learner's loss of a collated batch."""
+        self.optimizer.step()
+        self.step += 1
+        self.loss = step_loss
+        self.first_loss = step_loss if self.step == 1 else self.first_loss
+        step, config = self.step, self.config
+        if self.val_set.examples and (step % config.eval_every == 0 or step == self.steps):
+            val_loss = validation_loss(batch_loss, self.val_set, config.batch_size, self.device)
+            self.best.consider(step, val_loss, step_loss, self.parameters)
+            self.stopped = bool(config.patience and self.best.stale >= config.patience)
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < self.steps and not self.stopped:
+            save_checkpoint(self.checkpoint, step=step, first_loss=self.first_loss, parameters=self.parameters,
+                            optimizer=self.optimizer, identity=self.identity)
+
+    def result(self) -> Fitted:
+        if not self.best.step:
+            return Fitted(self.first_loss, self.loss, self.step, self.steps, None)
+        self.best.restore(self.parameters)
+        return Fitted(self.first_loss, self.best.train_loss, self.step, self.best.step, self.best.loss)
 
 
 def forward_loss(model: nn.Module, replay: "_Replay", slots: EditSlots, edits: Edits, positions: Positions,
                  batch: "_Batch", device: torch.device) -> torch.Tensor:
-    """Mean cross-entropy of the batch's target tokens with the edits applied."""
+    """Mean cross-entropy of one person's batch's target tokens with its edits applied."""
+    return forward_losses(model, replay, slots, [(edits, len(batch.lengths))], positions, batch, device)[0]
+
+def forward_losses(model: nn.Module, replay: "_Replay", slots: EditSlots,
+                   people: list[tuple[Edits, int]], positions: Positions,
+                   batch: "_Batch", device: torch.device) -> list[torch.Tensor]:
+    """Each person's mean cross-entropy of its target tokens with its edits applied. ``people``:
+    (edits, row count) in the batch's row order; one person is an ordinary batch.
+
+    Logits are computed person by person, so each person's output-layer matmul has the shape
+    it has when that person trains alone."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     replay.states = batch.states
     with autocast:
-        set_edits(slots, edits, positions, batch, device)
+        set_people_edits(slots, people, positions, batch, device)
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   use_cache=False).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[batch.rows, batch.cols])
-    return F.cross_entropy(logits.float(), batch.targets)
+        row_ends = np.cumsum([n for _, n in people])
+        tokens_through = torch.bincount(batch.rows, minlength=len(batch.lengths)).cumsum(0)  # rows 0..i
+        bounds = [0, *tokens_through[row_ends - 1].tolist()]
+        logits = [model.get_output_embeddings()(hidden[batch.rows[a:b], batch.cols[a:b]])
+                  for a, b in zip(bounds[:-1], bounds[1:])]
+    return [F.cross_entropy(part.float(), batch.targets[a:b]) for part, a, b in zip(logits, bounds[:-1], bounds[1:])]
 
 
-def fit_composition(backbone: Backbone, train_set: TrainSet, edits: Edits, positions: Positions,
-                    config: TrainConfig, device: torch.device, sources: list[tuple[str, list[Record]]],
-                    partners: list[Patch], progress: bool) -> dict[str, Any]:
+def fit_composition(backbone: Backbone, prepared: Prepared, config: TrainConfig, device: torch.device,
+                    sources: list[tuple[str, list[Record]]], partners: list[Patch], progress: bool) -> dict[str, Any]:
     """The composition phase, after each skill has learnt alone. Data that shows one behaviour
     cannot teach two at once, so the targets come from the skills themselves: for every
     training prompt, the greedy answer of their product of experts (each skill, and each
     partner patch, alone; composed_answers) shows every behaviour where it belongs. The
     edits then train on those answers with every owner on, beside the single-skill examples
     with their own skill on, so each still works alone."""
+    edits, train_set = prepared.edits, prepared.train_set
     prompts = [record.messages for _, records in sources for record in records]
     longest = max(len(example.target_ids) for example in train_set.examples)
-    answers = composed_targets(backbone, edits, positions, config, partners, prompts,
+    answers = composed_targets(backbone, prepared, config, partners, prompts,
                                max_new_tokens=math.ceil(longest * COMPOSE_LENGTH_SLACK))
     records = [Record(messages, answer, f"composed answer {i}")
                for i, (messages, answer) in enumerate(zip(prompts, answers)) if answer]
@@ -516,8 +628,8 @@ def fit_composition(backbone: Backbone, train_set: TrainSet, edits: Edits, posit
     both = TrainSet(list(train_set.examples), list(train_set.active), list(train_set.states))
     both += composed
     phase = replace(config, checkpoint_every=None, resume=False, patience=None)
-    fitted = fit(backbone.model, both, TrainSet.empty(), edits, positions, phase, config.compose_steps, device, {},
-                 progress, desc="compose")
+    fitted = fit(backbone.model, replace(prepared, train_set=both, val_set=TrainSet.empty(), steps=config.compose_steps),
+                 phase, device, progress, desc="compose")
     return {
         "with": [{"name": p.name, "payload_sha256": p.payload_sha256} for p in partners],
         "skills": [name for name, _ in edits.skills] if config.skills else [],
@@ -527,16 +639,15 @@ def fit_composition(backbone: Backbone, train_set: TrainSet, edits: Edits, posit
     }
 
 
-def composed_targets(backbone: Backbone, edits: Edits, positions: Positions, config: TrainConfig,
-                     partners: list[Patch], prompts: list[tuple[dict[str, str], ...]],
-                     max_new_tokens: int) -> list[str | None]:
+def composed_targets(backbone: Backbone, prepared: Prepared, config: TrainConfig, partners: list[Patch],
+                     prompts: list[tuple[dict[str, str], ...]], max_new_tokens: int) -> list[str | None]:
     """The product-of-experts answers (None: did not end within ``max_new_tokens``), run with the
     evaluator's torch generation on the CPU, where it keeps its tensors."""
     from reft_edge.train.evaluate import TorchBackend
 
     device = next(backbone.model.parameters()).device
-    patch = to_patch(config, positions, edits.interventions, backbone, {}, edits.skills)
-    experts = ([[patch.with_skills([name])] for name, _ in edits.skills] if patch.skills else [[patch]])
+    patch = to_patch(config, prepared.positions, prepared.edits, backbone, {})
+    experts = ([[patch.with_skills([name])] for name in patch.skill_names] if patch.skills else [[patch]])
     experts += [[partner] for partner in partners]
     backbone.model.to("cpu")
     try:
@@ -578,16 +689,16 @@ class _Best:
             param.copy_(kept)
 
 
-def to_patch(config: TrainConfig, positions: Positions, interventions: list[tuple[int, str, InterventionParams]],
-             backbone: Backbone, training: dict[str, Any], skills: list[tuple[str, int]]) -> Patch:
+def to_patch(config: TrainConfig, positions: Positions, edits: Edits, backbone: Backbone,
+             training: dict[str, Any]) -> Patch:
     with torch.no_grad():
         saved = tuple(
             Intervention(layer, where, {k: v.detach().float().cpu().numpy() for k, v in params.natural().items()})
-            for layer, where, params in interventions
+            for layer, where, params in edits.interventions
         )
     return Patch(
-        name=config.name or Path(config.out).stem, kind=config.kind, positions=positions,
-        share_weights=config.share_weights, rank=sum(rank for _, rank in skills), hidden_size=backbone.hidden_size,
+        name=patch_name(config), kind=config.kind, positions=positions, share_weights=config.share_weights,
+        rank=sum(rank for _, rank in edits.skills), hidden_size=backbone.hidden_size,
         base_fingerprint=backbone.fingerprint, interventions=saved, training=training, dtype=config.save_dtype,
-        skills=tuple(skills) if config.skills else (),
+        skills=tuple(edits.skills) if config.skills else (),
     )
