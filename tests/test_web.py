@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -268,13 +269,18 @@ def test_greedy_tokens_equal_python(web_bundle, tmp_path, monkeypatch):
 
 # The default model at int4 with two persona patches of the demo, trained with the default recipe:
 # Alice opens every answer with "Great question!", Bob ends every answer with "Stay curious!".
+# The page is slow here (about 0.4 to 1 token/s on this 2-core machine, docs/benchmarks.md "Browser"),
+# so the answers are short.
 PERSONAS = ROOT / "examples" / "personas"
 PEOPLE = {"alice": "enthusiast", "bob": "signoff"}
 DEFAULT_PROMPTS = ["How do I make a good omelette?", "Why do birds sing in the morning?",
-                   "How do I make fluffy pancakes?", "What is the stock market?"]  # unseen by both patches
+                   "What is the stock market?"]  # unseen by both patches
 DEFAULT_COMBOS = {"base": [], "alice": ["alice"], "alice+bob": ["alice", "bob"]}
-DEFAULT_NEW_TOKENS = 24
-DEFAULT_INT4_TIE = 0.1  # the default model's logits are larger than the tiny model's: so are int4's differences
+DEFAULT_NEW_TOKENS = 8
+# Native MatMulNBits (accuracy_level 4) quantizes activations to int8, the wasm kernel computes in
+# float: on the default model that moves logits by up to 1.39 (5 prompts x 24 tokens, accuracy
+# levels 4 and 0 compared in Python), so near-ties are wider than the tiny model's.
+DEFAULT_INT4_TIE = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -291,30 +297,54 @@ def persona_patches(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def _float_arithmetic_twin(bundle: Path, out: Path) -> Path:
+    """The bundle with its MatMulNBits set to accuracy_level 0 (float arithmetic, as the wasm kernel
+    computes): the same weights and files, hard-linked."""
+    import onnx
+
+    out.mkdir()
+    for file in bundle.iterdir():
+        if file.name != "model.onnx":
+            os.link(file, out / file.name)
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    graphs = [model.graph]
+    for graph in graphs:  # the decoder's slot-free copy lives in an If branch: walk subgraphs too
+        for node in graph.node:
+            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+            for attribute in node.attribute:
+                if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                    attribute.i = 0
+    onnx.save(model, str(out / "model.onnx"))
+    return out
+
+
 @pytest.mark.slow
 def test_default_model_int4_tokens_equal_python(default_int4_bundle, persona_patches, tmp_path, monkeypatch, capsys):
     margins = _record_margins(monkeypatch)
-    rt = Runtime.load(default_int4_bundle, threads=2)
-    cases, expected = [], {}
+    shipped = Runtime.load(default_int4_bundle, threads=2)
+    twin = Runtime.load(_float_arithmetic_twin(default_int4_bundle, tmp_path / "twin"), threads=2)
+    cases, expected, exact = [], {}, {}
     for p, prompt in enumerate(DEFAULT_PROMPTS):
         for combo, people in DEFAULT_COMBOS.items():
-            expected[f"{p}/{combo}"] = _expect(rt, margins, prompt, DEFAULT_INT4_TIE, max_new_tokens=DEFAULT_NEW_TOKENS,
-                                               patches=[persona_patches[person] for person in people])
+            options = {"max_new_tokens": DEFAULT_NEW_TOKENS, "patches": [persona_patches[person] for person in people]}
+            expected[f"{p}/{combo}"] = _expect(shipped, margins, prompt, DEFAULT_INT4_TIE, **options)
+            exact[f"{p}/{combo}"] = _expect(twin, margins, prompt, None, **options)
             cases.append(_generate_case(f"{p}/{combo}", prompt, [f"/patches/{person}.reft" for person in people],
                                         {"maxNewTokens": DEFAULT_NEW_TOKENS}))
     shot = tmp_path / "web-demo.png"
     results = _drive(default_int4_bundle, list(persona_patches.values()), cases, tmp_path, screenshot=str(shot),
-                     screenshotPatch="/patches/alice.reft", screenshotPrompt="Why is the sky blue?")
+                     screenshotPatch="/patches/alice.reft", screenshotPrompt="Why is the sky blue?",
+                     screenshotMaxNewTokens=16)
     assert results["isolated"] is True, "the page must be cross-origin isolated (threads)"
+    assert _check_agreement(exact, results) == len(exact), "every token as onnxruntime's float arithmetic"
     whole = _check_agreement(expected, results)
     same = sum(_common_prefix(results["cases"][i]["tokenIds"], want["tokenIds"]) for i, want in expected.items())
     total = sum(len(want["tokenIds"]) for want in expected.values())
     with capsys.disabled():
         print(f"\ndefault model int4 in Chromium: {whole} of {len(expected)} answers and {same} of {total} tokens "
-              f"equal Python's; screenshot {shot}")
-    assert whole >= 0.5 * len(expected), f"{whole} of {len(expected)} int4 answers identical"
+              f"equal the Python runtime's (all equal at accuracy_level 0); screenshot {shot}")
     opened = [results["cases"][f"{p}/alice"]["text"].startswith("Great question!") for p in range(len(DEFAULT_PROMPTS))]
-    assert sum(opened) >= len(opened) // 2, "Alice's patch works in the page too"
+    assert sum(opened) >= 2, "Alice's patch works in the page too"
     assert shot.stat().st_size > 10_000
 
 

@@ -6,8 +6,8 @@
  *
  * @example
  *   node runtime/web/test/drive.mjs plan.json results.json
- *   // plan: {url, screenshot?, cases: [{id, op: "generate", prompt, patches: [url], weights?, options},
- *   //                                   {id, op: "patch", url}]}
+ *   // plan: {url, timeoutMs?, screenshot?, screenshotPrompt?, screenshotPatch?, screenshotMaxNewTokens?,
+ *   //        cases: [{id, op: "generate", prompt, patches: [url], weights?, options}, {id, op: "patch", url}]}
  *   // results: {cases: {id: {tokenIds, text, promptIds, timings} | {error: {name, message}, shown}}, console: [...],
  *   //           isolated, threads, loadS (page open to model ready), bundleBytes (the bundle's downloads),
  *   //           pageBytes (every response body: page, modules, wasm, bundle, patches)}
@@ -62,9 +62,11 @@ try {
   }
   if (plan.screenshot) {
     await page.fill("#prompt", plan.screenshotPrompt ?? "What is the weather like today?");
+    if (plan.screenshotMaxNewTokens) await page.fill("#max", String(plan.screenshotMaxNewTokens));
     if (plan.screenshotPatch) await page.evaluate((url) => window.reftEdge.loadPatch(url), plan.screenshotPatch);
     await page.click("#go");
-    await page.waitForFunction(() => document.getElementById("personal-speed").textContent !== "", null, { timeout: 60000 });
+    await page.waitForFunction(() => document.getElementById("personal-speed").textContent !== "", null,
+      { timeout: plan.timeoutMs ?? 120000 });
     await page.screenshot({ path: plan.screenshot, fullPage: true });
   }
   results.pageBytes = pageBytes;
