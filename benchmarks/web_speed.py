@@ -58,9 +58,8 @@ def browser_round(bundle: Path, patch: str, args: argparse.Namespace) -> dict:
     """The page's warm-up, 1-token and full generations, in the shape benchmarks.worker reports."""
     from reft_edge.runtime.web_cli import serving
 
-    options = {"ignoreEos": True}
     cases = [{"id": name, "op": "generate", "prompt": PROMPT, "patches": [f"/patches/{Path(patch).name}"],
-              "options": {**options, "maxNewTokens": n}}
+              "options": {"ignoreEos": True, "maxNewTokens": n}}
              for name, n in (("warmup", WARMUP_TOKENS), ("first", 1), ("full", args.new_tokens))]
     with serving(bundle, [patch]) as url, tempfile.TemporaryDirectory() as work:
         plan, out = Path(work) / "plan.json", Path(work) / "results.json"
@@ -74,9 +73,8 @@ def browser_round(bundle: Path, patch: str, args: argparse.Namespace) -> dict:
         return {"error": errors[0]}
     full, first = page["cases"]["full"], page["cases"]["first"]
     return {"decode_tok_s": full["timings"]["tokensPerS"], "ttft_ms": first["timings"]["totalS"] * 1000,
-            "startup_s": page["loadS"],
-            "bundle_bytes": page["bundleBytes"], "page_bytes": page["pageBytes"], "threads": page["threads"],
-            "isolated": page["isolated"], "tokens": full["tokenIds"]}
+            "startup_s": page["loadS"], "bundle_bytes": page["bundleBytes"], "page_bytes": page["pageBytes"],
+            "threads": page["threads"], "isolated": page["isolated"], "tokens": full["tokenIds"]}
 
 
 def measure(bundle: Path, patch: str, args: argparse.Namespace) -> tuple[dict[str, list[dict]], dict]:
@@ -112,8 +110,9 @@ def section(runs: dict[str, list[dict]], load: dict, load_before: tuple, bundle:
     rows = [
         "| engine | decode tok/s | TTFT ms | start-up s | downloaded MB |",
         "|---|---|---|---|---|",
-        f"| Python runtime (onnxruntime {package_version('onnxruntime')}, CPU) | {spread([r['decode_tok_s'] for r in py])} "
-        f"| {spread([r['ttft_ms'] for r in py], 0)} | {spread([r['startup_s'] for r in py], 2)} | — (reads the {size / 1e6:.0f} MB bundle from disk) |",
+        f"| Python runtime (onnxruntime {package_version('onnxruntime')}, CPU) "
+        f"| {spread([r['decode_tok_s'] for r in py])} | {spread([r['ttft_ms'] for r in py], 0)} "
+        f"| {spread([r['startup_s'] for r in py], 2)} | — (reads the {size / 1e6:.0f} MB bundle from disk) |",
         f"| Chromium, onnxruntime-web {web_version()} (wasm, {web[0]['threads']} threads) "
         f"| {spread([r['decode_tok_s'] for r in web])} | {spread([r['ttft_ms'] for r in web], 0)} "
         f"| {spread([r['startup_s'] for r in web], 2)} "
