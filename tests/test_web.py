@@ -1,12 +1,14 @@
 """The web runtime (runtime/web) in a real Chromium against the Python runtime, on the same bundle.
 
-A tiny random llama is exported (fused graph, fp32 and int4), and a tiny GPT-2 (traced graph), with random patches written by the
-Python API; `reft-edge serve-web` (runtime/web/serve.js) serves the demo page, the bundle and the patches with the
-cross-origin-isolation headers; runtime/web/test/drive.mjs drives Debian's chromium with
-playwright-core through ``window.reftEdge``. Greedy token ids (and prompt ids and text) must equal
+A tiny random llama is exported (fused graph, fp32 and int4), and a tiny GPT-2 (traced graph), with
+random patches written by the Python API; `reft-edge serve-web` (runtime/web/serve.js) serves the demo
+page (examples/browser), the bundle and the patches with the cross-origin-isolation headers;
+runtime/web/test/drive.mjs drives Debian's chromium with playwright-core through ``window.reftEdge``. Greedy token ids (and prompt ids and text) must equal
 ``Runtime.generate``'s for every prompt with no patch, one patch, two composed with weights, a
 patch that edits generated tokens (``l1+g``) and a float16 patch; damaged patches must raise the
 same error kinds, with the same messages, as ``Patch.from_file`` and ``Manifest.load_patches``.
+The slow test does the same on the default model's int4 bundle with two persona patches trained with
+the default recipe, and saves a screenshot of the page (docs/web-demo.png is one).
 
 ``make test`` installs what this needs (``npm ci`` in runtime/web, chromium with apt-get when
 /usr/bin/chromium is missing); without node or chromium the tests skip and say which is missing.
