@@ -1,9 +1,12 @@
-"""``reft-edge serve-web``: serve the browser demo (runtime/web) for a bundle and some patches.
+"""``reft-edge serve-web``: serve the browser demo (examples/browser, on runtime/web) for a bundle and some patches.
 
 Example::
 
     reft-edge serve-web out/bundle-int4 --patch alice.reft --port 8000
     # open http://127.0.0.1:8000/ : the page downloads the base once and runs it with onnxruntime-web
+
+    with serving("out/bundle-int4", ["alice.reft"]) as url:   # the same server in the background
+        ...                                                   # (tests and benchmarks/web_speed.py)
 
 Checks the bundle's manifest and that each patch is a file (the page itself validates patches,
 and shows a damaged one's typed error, as the Python runtime would raise it), then becomes ``node runtime/web/serve.js``: a static server with the
@@ -15,6 +18,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -44,6 +51,24 @@ def web_command_line(bundle: str, patches: tuple[str, ...], port: int, host: str
     for patch in patches:
         args += ["--patch", str(Path(patch).resolve())]
     return args
+
+
+@contextmanager
+def serving(bundle: str | Path, patches: Sequence[str | Path] = ()) -> Iterator[str]:
+    """``reft-edge serve-web`` on a free port in a background process; yields its URL, stops it on exit."""
+    args = [sys.executable, "-m", "reft_edge.cli", "serve-web", str(bundle), "--port", "0"]
+    for patch in patches:
+        args += ["--patch", str(patch)]
+    server = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = server.stdout.readline()  # serve.js prints "serving BUNDLE at URL" once it listens
+        if " at http://" not in line:
+            raise UsageError(f"reft-edge serve-web {bundle} did not start ({line.strip() or 'no output'}); "
+                             "run that command in a shell to see why")
+        yield line.rsplit(" at ", 1)[1].strip()
+    finally:
+        server.terminate()  # the CLI became the node server (execv): this stops it
+        server.wait(timeout=10)
 
 
 @click.command("serve-web")

@@ -169,24 +169,30 @@ def emoji_patch_path(tmp_path_factory, emoji_data) -> Path:
     return out
 
 
+def _export_default(tmp_path_factory, precision: str) -> Path:
+    from reft_edge.export import ExportConfig, export_bundle
+
+    out = tmp_path_factory.mktemp(f"default-export-{precision}") / "bundle"
+    export_bundle(ExportConfig(out=str(out), precision=precision), progress=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def default_bundle(tmp_path_factory) -> Path:
     """The default model exported once per session: fp32, slots at every layer, verified (about 2.5 min)."""
-    from reft_edge.export import ExportConfig, export_bundle
-
-    out = tmp_path_factory.mktemp("default-export") / "bundle"
-    export_bundle(ExportConfig(out=str(out)), progress=False)
-    return out
+    return _export_default(tmp_path_factory, "fp32")
 
 
 @pytest.fixture(scope="session")
 def default_int8_bundle(tmp_path_factory) -> Path:
     """The default model exported once per session at int8 (what make demo uses)."""
-    from reft_edge.export import ExportConfig, export_bundle
+    return _export_default(tmp_path_factory, "int8")
 
-    out = tmp_path_factory.mktemp("default-export-int8") / "bundle"
-    export_bundle(ExportConfig(out=str(out), precision="int8"), progress=False)
-    return out
+
+@pytest.fixture(scope="session")
+def default_int4_bundle(tmp_path_factory) -> Path:
+    """The default model exported once per session at int4 (what the browser demo serves; about 20 s)."""
+    return _export_default(tmp_path_factory, "int4")
 
 
 @pytest.fixture(scope="session")

@@ -122,9 +122,8 @@ def test_adapter_holds_every_slot_input_and_is_checked_against_the_bundle(tiny_b
 
 
 @pytest.mark.slow
-def test_default_model_int4_bundle_runs_in_genai_with_the_emoji_patch(emoji_patch_path, tmp_path):
-    bundle = tmp_path / "bundle-int4"
-    export_bundle(ExportConfig(out=str(bundle), precision="int4"), progress=False)
+def test_default_model_int4_bundle_runs_in_genai_with_the_emoji_patch(default_int4_bundle, emoji_patch_path, tmp_path):
+    bundle = default_int4_bundle
     model, runtime = og.Model(str(bundle)), Runtime.load(bundle)
     tokenizer, adapters = og.Tokenizer(model), og.Adapters(model)
     for name, patches in (("emoji", [str(emoji_patch_path)]), ("none", [])):

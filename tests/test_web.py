@@ -1,12 +1,14 @@
 """The web runtime (runtime/web) in a real Chromium against the Python runtime, on the same bundle.
 
-A tiny random llama is exported (fused graph, fp32 and int4), and a tiny GPT-2 (traced graph), with random patches written by the
-Python API; `reft-edge serve-web` (runtime/web/serve.js) serves the demo page, the bundle and the patches with the
-cross-origin-isolation headers; runtime/web/test/drive.mjs drives Debian's chromium with
-playwright-core through ``window.reftEdge``. Greedy token ids (and prompt ids and text) must equal
+A tiny random llama is exported (fused graph, fp32 and int4), and a tiny GPT-2 (traced graph), with
+random patches written by the Python API; `reft-edge serve-web` (runtime/web/serve.js) serves the demo
+page (examples/browser), the bundle and the patches with the cross-origin-isolation headers;
+runtime/web/test/drive.mjs drives Debian's chromium with playwright-core through ``window.reftEdge``. Greedy token ids (and prompt ids and text) must equal
 ``Runtime.generate``'s for every prompt with no patch, one patch, two composed with weights, a
 patch that edits generated tokens (``l1+g``) and a float16 patch; damaged patches must raise the
 same error kinds, with the same messages, as ``Patch.from_file`` and ``Manifest.load_patches``.
+The slow test does the same on the default model's int4 bundle with two persona patches trained with
+the default recipe, and saves a screenshot of the page (docs/web-demo.png is one).
 
 ``make test`` installs what this needs (``npm ci`` in runtime/web, chromium with apt-get when
 /usr/bin/chromium is missing); without node or chromium the tests skip and say which is missing.
@@ -16,10 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from reft_edge.runtime.bundle import Manifest
 from reft_edge.runtime.patch import Intervention, payload_digest, serialize_safetensors
 from reft_edge.runtime.positions import Positions
 from reft_edge.runtime.sampling import Sampling, ban_repeated_ngrams, penalise_repeats
+from reft_edge.runtime.web_cli import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB = ROOT / "runtime" / "web"
@@ -134,29 +137,14 @@ def _python_error(manifest: Manifest, path: Path) -> dict[str, str]:
 
 # -- serving and driving ----------------------------------------------------------------------
 
-def _serve(bundle: Path, patches: list[Path]) -> tuple[subprocess.Popen, str]:
-    """`reft-edge serve-web` on a free port (it becomes the node server: terminate stops it)."""
-    args = [sys.executable, "-m", "reft_edge.cli", "serve-web", str(bundle), "--port", "0"]
-    for path in patches:
-        args += ["--patch", str(path)]
-    server = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = server.stdout.readline()
-    assert " at http://" in line, line
-    return server, line.rsplit(" at ", 1)[1].strip()
-
-
 def _drive(bundle: Path, patches: list[Path], cases: list[dict], tmp_path: Path, **plan) -> dict:
-    server, url = _serve(bundle, patches)
-    try:
+    with serving(bundle, patches) as url:
         plan_file, out_file = tmp_path / "plan.json", tmp_path / "results.json"
         plan_file.write_text(json.dumps({"url": url, "cases": cases, **plan}))
         done = subprocess.run(["node", str(WEB / "test" / "drive.mjs"), str(plan_file), str(out_file)],
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(out_file.read_text())
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 @pytest.fixture(scope="module", params=["fp32", "int4", "traced"])
@@ -194,60 +182,19 @@ def _record_margins(monkeypatch) -> list[float]:
     return margins
 
 
-def test_greedy_tokens_equal_python(web_bundle, tmp_path, monkeypatch):
-    manifest = Manifest.from_dir(web_bundle)
-    margins = _record_margins(monkeypatch)
-    files = _write_patches(tmp_path / "patches", manifest)
-    rt = Runtime.load(web_bundle, threads=1)
-    cases, expected = [], {}
-    for p, prompt in enumerate(PROMPTS):
-        for combo, names, weights in COMBOS:
-            for penalty in (PENALTY, None):
-                if penalty is None and combo not in ("base", "fox"):
-                    continue
-                case_id = f"{p}/{combo}/{penalty}"
-                paths = [files[n.removesuffix(".reft")] for n in names]
-                margins.clear()
-                out = rt.generate(prompt, patches=paths, weights=weights, max_new_tokens=MAX_NEW_TOKENS,
-                                  repetition_penalty=penalty)
-                sure = next((i for i, m in enumerate(margins) if m < INT4_TIE), len(margins))
-                expected[case_id] = {"tokenIds": out.token_ids, "text": out.text, "promptIds": rt.encode(prompt),
-                                     "finishReason": out.finish_reason,
-                                     "sure": len(margins) if manifest.precision == "fp32" else sure}
-                cases.append({"id": case_id, "op": "generate", "prompt": prompt, "patches": [f"/patches/{n}" for n in names],
-                              "weights": weights, "options": {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": penalty}})
-    # stop strings: cut where Python cuts (a piece of an answer's middle as the stop string)
-    for p, prompt in enumerate(PROMPTS):
-        text = expected[f"{p}/fox/{PENALTY}"]["text"]
-        if len(text) < 6:
-            continue
-        stop = text[len(text) // 2: len(text) // 2 + 2]
-        margins.clear()
-        out = rt.generate(prompt, patches=[files["fox"]], max_new_tokens=MAX_NEW_TOKENS, repetition_penalty=PENALTY,
-                          stop=[stop])
-        sure = next((i for i, m in enumerate(margins) if m < INT4_TIE), len(margins))
-        expected[f"{p}/stop"] = {"tokenIds": out.token_ids, "text": out.text, "promptIds": rt.encode(prompt),
-                                 "finishReason": out.finish_reason,
-                                 "sure": len(margins) if manifest.precision == "fp32" else sure}
-        cases.append({"id": f"{p}/stop", "op": "generate", "prompt": prompt, "patches": ["/patches/fox.reft"],
-                      "options": {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY, "stop": [stop]}})
-    # the loop guard: the plain greedy tiny model repeats one token, the guard breaks the loop as Python's does
-    for p, prompt in enumerate(PROMPTS):
-        margins.clear()
-        out = rt.generate(prompt, patches=[files["steer"]], max_new_tokens=MAX_NEW_TOKENS, no_repeat_ngram=2)
-        sure = next((i for i, m in enumerate(margins) if m < INT4_TIE), len(margins))
-        expected[f"{p}/ngram"] = {"tokenIds": out.token_ids, "text": out.text, "promptIds": rt.encode(prompt),
-                                  "finishReason": out.finish_reason,
-                                  "sure": len(margins) if manifest.precision == "fp32" else sure}
-        cases.append({"id": f"{p}/ngram", "op": "generate", "prompt": prompt, "patches": ["/patches/steer.reft"],
-                      "options": {"maxNewTokens": MAX_NEW_TOKENS, "noRepeatNgram": 2}})
-    sampled = {"maxNewTokens": MAX_NEW_TOKENS, "temperature": 1.0, "topP": 0.9, "seed": 7}
-    cases += [{"id": f"sampled-{i}", "op": "generate", "prompt": PROMPTS[0], "patches": [], "options": sampled}
-              for i in range(2)]
-    shot = tmp_path / "web-demo.png"
-    results = _drive(web_bundle, list(files.values()), cases, tmp_path, screenshot=str(shot),
-                     screenshotPatch="/patches/fox.reft")
-    assert results["isolated"] is True, "the page must be cross-origin isolated (threads)"
+def _expect(rt: Runtime, margins: list[float], prompt: str, tie: float | None, **options) -> dict:
+    """Python's answer as the page must give it. ``sure``: how many leading tokens must agree, all of
+    them, or (``tie``, int4) those before the first step where Python's two best scores are closer than tie."""
+    margins.clear()
+    out = rt.generate(prompt, **options)
+    sure = len(margins) if tie is None else next((i for i, m in enumerate(margins) if m < tie), len(margins))
+    return {"tokenIds": out.token_ids, "text": out.text, "promptIds": rt.encode(prompt),
+            "finishReason": out.finish_reason, "sure": sure}
+
+
+def _check_agreement(expected: dict[str, dict], results: dict) -> int:
+    """Asserts that every case agrees with Python (prompt ids, tokens up to ``sure``, streaming, and
+    text and finish reason where the tokens agree whole); returns how many answers agree whole."""
     whole = 0
     for case_id, want in expected.items():
         got = results["cases"][case_id]
@@ -259,7 +206,56 @@ def test_greedy_tokens_equal_python(web_bundle, tmp_path, monkeypatch):
         if got["tokenIds"] == want["tokenIds"]:
             assert (got["text"], got["finishReason"]) == (want["text"], want["finishReason"]), case_id
             whole += 1
-    if manifest.precision == "fp32":
+    return whole
+
+
+def _generate_case(case_id: str, prompt: str, patches: list[str], options: dict, weights=None) -> dict:
+    return {"id": case_id, "op": "generate", "prompt": prompt, "patches": patches, "weights": weights,
+            "options": options}
+
+
+def test_greedy_tokens_equal_python(web_bundle, tmp_path, monkeypatch):
+    manifest = Manifest.from_dir(web_bundle)
+    tie = None if manifest.precision == "fp32" else INT4_TIE
+    margins = _record_margins(monkeypatch)
+    files = _write_patches(tmp_path / "patches", manifest)
+    rt = Runtime.load(web_bundle, threads=1)
+    cases, expected = [], {}
+    for p, prompt in enumerate(PROMPTS):
+        for combo, names, weights in COMBOS:
+            for penalty in (PENALTY, None):
+                if penalty is None and combo not in ("base", "fox"):
+                    continue
+                case_id = f"{p}/{combo}/{penalty}"
+                paths = [files[n.removesuffix(".reft")] for n in names]
+                expected[case_id] = _expect(rt, margins, prompt, tie, patches=paths, weights=weights,
+                                            max_new_tokens=MAX_NEW_TOKENS, repetition_penalty=penalty)
+                cases.append(_generate_case(case_id, prompt, [f"/patches/{n}" for n in names],
+                                            {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": penalty}, weights))
+    # stop strings: cut where Python cuts (a piece of an answer's middle as the stop string)
+    for p, prompt in enumerate(PROMPTS):
+        text = expected[f"{p}/fox/{PENALTY}"]["text"]
+        if len(text) < 6:
+            continue
+        stop = text[len(text) // 2: len(text) // 2 + 2]
+        expected[f"{p}/stop"] = _expect(rt, margins, prompt, tie, patches=[files["fox"]], max_new_tokens=MAX_NEW_TOKENS,
+                                        repetition_penalty=PENALTY, stop=[stop])
+        cases.append(_generate_case(f"{p}/stop", prompt, ["/patches/fox.reft"],
+                                    {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY, "stop": [stop]}))
+    # the loop guard: the plain greedy tiny model repeats one token, the guard breaks the loop as Python's does
+    for p, prompt in enumerate(PROMPTS):
+        expected[f"{p}/ngram"] = _expect(rt, margins, prompt, tie, patches=[files["steer"]],
+                                         max_new_tokens=MAX_NEW_TOKENS, no_repeat_ngram=2)
+        cases.append(_generate_case(f"{p}/ngram", prompt, ["/patches/steer.reft"],
+                                    {"maxNewTokens": MAX_NEW_TOKENS, "noRepeatNgram": 2}))
+    sampled = {"maxNewTokens": MAX_NEW_TOKENS, "temperature": 1.0, "topP": 0.9, "seed": 7}
+    cases += [_generate_case(f"sampled-{i}", PROMPTS[0], [], sampled) for i in range(2)]
+    shot = tmp_path / "web-demo.png"
+    results = _drive(web_bundle, list(files.values()), cases, tmp_path, screenshot=str(shot),
+                     screenshotPatch="/patches/fox.reft")
+    assert results["isolated"] is True, "the page must be cross-origin isolated (threads)"
+    whole = _check_agreement(expected, results)
+    if tie is None:
         assert whole == len(expected)
     else:  # near-ties aside, int4 answers agree too
         assert whole >= 0.5 * len(expected), f"{whole} of {len(expected)} int4 answers identical"
@@ -271,6 +267,91 @@ def test_greedy_tokens_equal_python(web_bundle, tmp_path, monkeypatch):
     assert sum(changed) >= len(changed) // 2, changed
     assert shot.stat().st_size > 10_000
     print(f"screenshot of the page with a personalised answer: {shot}")
+
+
+# The default model at int4 with two persona patches of the demo, trained with the default recipe:
+# Alice opens every answer with "Great question!", Bob ends every answer with "Stay curious!".
+# The page is slow here (about 0.4 to 1 token/s on this 2-core machine, docs/benchmarks.md "Browser"),
+# so the answers are short.
+PERSONAS = ROOT / "examples" / "personas"
+PEOPLE = {"alice": "enthusiast", "bob": "signoff"}
+DEFAULT_PROMPTS = ["How do I make a good omelette?", "Why do birds sing in the morning?",
+                   "What is the stock market?"]  # unseen by both patches
+DEFAULT_COMBOS = {"base": [], "alice": ["alice"], "alice+bob": ["alice", "bob"]}
+DEFAULT_NEW_TOKENS = 8
+# Native MatMulNBits (accuracy_level 4) quantizes activations to int8, the wasm kernel computes in
+# float: on the default model that moves logits by up to 1.39 (5 prompts x 24 tokens, accuracy
+# levels 4 and 0 compared in Python), so near-ties are wider than the tiny model's.
+DEFAULT_INT4_TIE = 2.0
+
+
+@pytest.fixture(scope="module")
+def persona_patches(tmp_path_factory) -> dict[str, Path]:
+    """Alice's and Bob's patches on the default model, trained with the default recipe as make demo does."""
+    from reft_edge.train import TrainConfig, train
+    from reft_edge.train.backbone import load_backbone
+
+    backbone, folder = load_backbone(), tmp_path_factory.mktemp("people")
+    paths = {person: folder / f"{person}.reft" for person in PEOPLE}
+    for person, persona in PEOPLE.items():
+        train(TrainConfig(data=str(PERSONAS / persona / "train.jsonl"), out=str(paths[person])), backbone=backbone,
+              progress=False)
+    return paths
+
+
+def _float_arithmetic_twin(bundle: Path, out: Path) -> Path:
+    """The bundle with its MatMulNBits set to accuracy_level 0 (float arithmetic, as the wasm kernel
+    computes): the same weights and files, hard-linked."""
+    import onnx
+
+    out.mkdir()
+    for file in bundle.iterdir():
+        if file.name != "model.onnx":
+            os.link(file, out / file.name)
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    graphs = [model.graph]
+    for graph in graphs:  # the decoder's slot-free copy lives in an If branch: walk subgraphs too
+        for node in graph.node:
+            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+            for attribute in node.attribute:
+                if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                    attribute.i = 0
+    onnx.save(model, str(out / "model.onnx"))
+    return out
+
+
+@pytest.mark.slow
+def test_default_model_int4_tokens_equal_python(default_int4_bundle, persona_patches, tmp_path, monkeypatch, capsys):
+    margins = _record_margins(monkeypatch)
+    shipped = Runtime.load(default_int4_bundle, threads=2)
+    twin = Runtime.load(_float_arithmetic_twin(default_int4_bundle, tmp_path / "twin"), threads=2)
+    cases, expected, exact = [], {}, {}
+    for p, prompt in enumerate(DEFAULT_PROMPTS):
+        for combo, people in DEFAULT_COMBOS.items():
+            options = {"max_new_tokens": DEFAULT_NEW_TOKENS, "patches": [persona_patches[person] for person in people]}
+            expected[f"{p}/{combo}"] = _expect(shipped, margins, prompt, DEFAULT_INT4_TIE, **options)
+            exact[f"{p}/{combo}"] = _expect(twin, margins, prompt, None, **options)
+            cases.append(_generate_case(f"{p}/{combo}", prompt, [f"/patches/{person}.reft" for person in people],
+                                        {"maxNewTokens": DEFAULT_NEW_TOKENS}))
+    shot = tmp_path / "web-demo.png"
+    results = _drive(default_int4_bundle, list(persona_patches.values()), cases, tmp_path, screenshot=str(shot),
+                     screenshotPatch="/patches/alice.reft", screenshotPrompt="Why is the sky blue?",
+                     screenshotMaxNewTokens=16)
+    assert results["isolated"] is True, "the page must be cross-origin isolated (threads)"
+    assert _check_agreement(exact, results) == len(exact), "every token as onnxruntime's float arithmetic"
+    whole = _check_agreement(expected, results)
+    same = sum(_common_prefix(results["cases"][i]["tokenIds"], want["tokenIds"]) for i, want in expected.items())
+    total = sum(len(want["tokenIds"]) for want in expected.values())
+    with capsys.disabled():
+        print(f"\ndefault model int4 in Chromium: {whole} of {len(expected)} answers and {same} of {total} tokens "
+              f"equal the Python runtime's (all equal at accuracy_level 0); screenshot {shot}")
+    opened = [results["cases"][f"{p}/alice"]["text"].startswith("Great question!") for p in range(len(DEFAULT_PROMPTS))]
+    assert sum(opened) >= 2, "Alice's patch works in the page too"
+    assert shot.stat().st_size > 10_000
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def test_damaged_patches_give_pythons_errors(tiny_bundle, tmp_path):

@@ -3,7 +3,7 @@
  * A small static server for the web demo, with the cross-origin-isolation headers onnxruntime-web
  * needs for threads (COOP same-origin, COEP require-corp). Localhost only unless --host is given.
  *
- *   /                 the demo page (demo/index.html)
+ *   /                 the demo page: examples/browser/ (index.html, app.js)
  *   /web/...          this folder (the runtime modules and node_modules)
  *   /bundle/...       the bundle folder
  *   /patches/         index.json (the offered patch names), then each --patch file by its name
@@ -14,10 +14,11 @@
  */
 import { createReadStream, statSync } from "node:fs";
 import { createServer } from "node:http";
-import { basename, dirname, extname, join, resolve, sep } from "node:path";
+import { basename, dirname, extname, resolve, sep } from "node:path";
 import { fileURLToPath } from "node:url";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
+const PAGE = resolve(HERE, "..", "..", "examples", "browser");
 const TYPES = { ".html": "text/html; charset=utf-8", ".js": "text/javascript", ".mjs": "text/javascript",
   ".json": "application/json", ".wasm": "application/wasm", ".css": "text/css", ".jinja": "text/plain; charset=utf-8" };
 const USAGE = "usage: node serve.js BUNDLE [--patch FILE]... [--port N] [--host H]";
@@ -52,14 +53,14 @@ export function serve({ bundle, patches, port, host }) {
     const url = new URL(request.url, "http://localhost");
     const route = url.pathname;
     let file = null;
-    if (route === "/" || route === "/index.html") file = join(HERE, "demo", "index.html");
-    else if (route.startsWith("/web/")) file = inside(HERE, route.slice(5));
+    if (route.startsWith("/web/")) file = inside(HERE, route.slice(5));
     else if (route.startsWith("/bundle/")) file = inside(bundle, route.slice(8));
     else if (route === "/patches/index.json") {
       response.writeHead(200, { ...headers, "Content-Type": "application/json" });
       response.end(JSON.stringify([...patchFiles.keys()]));
       return;
     } else if (route.startsWith("/patches/")) file = patchFiles.get(decodeURIComponent(route.slice(9))) ?? null;
+    else file = inside(PAGE, route === "/" ? "index.html" : route.slice(1));
     let size = -1;
     try { if (file && statSync(file).isFile()) size = statSync(file).size; } catch { size = -1; }
     if (size < 0) {

@@ -1,13 +1,16 @@
 #!/usr/bin/env node
 /**
  * Drive the demo page in a real Chromium (playwright-core, Debian's /usr/bin/chromium) through
- * `window.reftEdge`, for tests/test_web.py: reads a plan, writes what the page answered.
+ * `window.reftEdge`, for tests/test_web.py and benchmarks/web_speed.py: reads a plan, writes what
+ * the page answered.
  *
  * @example
  *   node runtime/web/test/drive.mjs plan.json results.json
- *   // plan: {url, screenshot?, cases: [{id, op: "generate", prompt, patches: [url], weights?, options},
- *   //                                   {id, op: "patch", url}]}
- *   // results: {cases: {id: {tokenIds, text, promptIds} | {error: {name, message}, shown}}, console: [...]}
+ *   // plan: {url, timeoutMs?, screenshot?, screenshotPrompt?, screenshotPatch?, screenshotMaxNewTokens?,
+ *   //        cases: [{id, op: "generate", prompt, patches: [url], weights?, options}, {id, op: "patch", url}]}
+ *   // results: {cases: {id: {tokenIds, text, promptIds, timings} | {error: {name, message}, shown}}, console: [...],
+ *   //           isolated, threads, loadS (page open to model ready), bundleBytes (the bundle's downloads),
+ *   //           pageBytes (every response body: page, modules, wasm, bundle, patches)}
  */
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -29,9 +32,14 @@ try {
   page.setDefaultTimeout(plan.timeoutMs ?? 120000);
   page.on("console", (m) => results.console.push(`${m.type()}: ${m.text()}`));
   page.on("pageerror", (e) => results.console.push(`pageerror: ${e.message}`));
+  let pageBytes = 0;
+  page.on("requestfinished", async (r) => { pageBytes += (await r.sizes()).responseBodySize; });
+  const opened = performance.now();
   await page.goto(plan.url);
-  await page.evaluate(() => window.reftEdge.ready.then(() => null));
+  results.bundleBytes = await page.evaluate(() => window.reftEdge.ready.then((model) => model.downloadedBytes));
+  results.loadS = (performance.now() - opened) / 1000;
   results.isolated = await page.evaluate(() => crossOriginIsolated);
+  results.threads = await page.evaluate(() => window.reftEdge.threads);
   for (const c of plan.cases) {
     results.cases[c.id] = await page.evaluate(async (c) => {
       const api = window.reftEdge;
@@ -54,11 +62,14 @@ try {
   }
   if (plan.screenshot) {
     await page.fill("#prompt", plan.screenshotPrompt ?? "What is the weather like today?");
+    if (plan.screenshotMaxNewTokens) await page.fill("#max", String(plan.screenshotMaxNewTokens));
     if (plan.screenshotPatch) await page.evaluate((url) => window.reftEdge.loadPatch(url), plan.screenshotPatch);
     await page.click("#go");
-    await page.waitForFunction(() => document.getElementById("personal-speed").textContent !== "", null, { timeout: 60000 });
+    await page.waitForFunction(() => document.getElementById("personal-speed").textContent !== "", null,
+      { timeout: plan.timeoutMs ?? 120000 });
     await page.screenshot({ path: plan.screenshot, fullPage: true });
   }
+  results.pageBytes = pageBytes;
 } finally {
   await browser.close();
   rmSync(profile, { recursive: true, force: true });

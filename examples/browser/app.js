@@ -1,6 +1,7 @@
 /**
- * The demo page: loads the bundle served at /bundle/, takes a .reft (dropped, picked or offered by
- * the server at /patches/), and streams the base and the personalised answer side by side.
+ * The demo page (`reft-edge serve-web` serves it at /, the runtime modules at /web/): loads the
+ * bundle served at /bundle/, takes a .reft (dropped, picked or offered by the server at /patches/),
+ * and streams the base and the personalised answer side by side.
  * Exposes `window.reftEdge` so tests and other pages can drive it:
  *
  * @example
@@ -9,8 +10,8 @@
  *   const {text, tokenIds} = await window.reftEdge.generate("Hi", {patches: [alice], maxNewTokens: 16});
  */
 import * as ort from "onnxruntime-web";
-import { open } from "../index.js";
-import { positionsString } from "../positions.js";
+import { open } from "/web/index.js";
+import { positionsString } from "/web/positions.js";
 
 ort.env.wasm.wasmPaths = "/web/node_modules/onnxruntime-web/dist/";
 const $ = (id) => document.getElementById(id);
@@ -97,4 +98,5 @@ fetch("/patches/index.json").then((r) => (r.ok ? r.json() : [])).then((names) =>
   for (const name of names) $("offered").add(new Option(name, name));
 }).catch(() => {});
 
-window.reftEdge = { ready, loadPatch, generate, encode: async (prompt) => (await ready).encode(prompt) };
+window.reftEdge = { ready, loadPatch, generate, encode: async (prompt) => (await ready).encode(prompt),
+  get threads() { return ort.env.wasm.numThreads; } };
