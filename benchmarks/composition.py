@@ -74,9 +74,19 @@ def train_patches(pair: Pair, method: str, backbone: Any, folder: Path) -> tuple
     """{"a": patches for a alone, "b": ..., "ab": both} for one patch method, and training seconds."""
     from reft_edge.runtime import Patch
     from reft_edge.train import TrainConfig, train
+    from reft_edge.train.recipe import recipe_summary, sources_digest
 
     def fit(out: str, **options: Any) -> Patch:
-        return train(TrainConfig(out=str(folder / out), **options), backbone=backbone, progress=False)
+        """Train, or reuse the patch an earlier run trained from the same data, recipe and partners."""
+        config = TrainConfig(out=str(folder / out), **options)
+        if Path(config.out).is_file():
+            cached = Patch.load(config.out)
+            partners = [Patch.load(p).payload_sha256 for p in config.compose_with]
+            if (cached.training.get("recipe") == recipe_summary(config)
+                    and cached.training.get("data_sha256") == sources_digest(config)
+                    and [p["payload_sha256"] for p in cached.training.get("composition", {}).get("with", [])] == partners):
+                return cached
+        return train(config, backbone=backbone, progress=False)
 
     data = {p.name: str(p.folder / "train.jsonl") for p in (pair.a, pair.b)}
     started = time.perf_counter()
