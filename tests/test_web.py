@@ -389,3 +389,41 @@ def test_serve_web_refuses_what_cannot_be_served(tiny_bundle, tmp_path):
         twin.write_bytes(b"x")
     clash = CliRunner().invoke(main, ["serve-web", str(tiny_bundle), "--patch", str(twins[0]), "--patch", str(twins[1])])
     assert clash.exit_code == 2 and "share a file name" in clash.output
+
+
+_SKILLS_SCRIPT = """
+import { readFileSync } from "fs";
+const { parsePatch, affineEdits, withSkills } = await import(process.argv[2] + "/patch.js");
+const patch = await parsePatch(readFileSync(process.argv[3]), "skills.reft");
+const out = {};
+for (const [label, chosen] of JSON.parse(process.argv[4])) {
+  const chosenPatch = chosen === null ? patch : withSkills(patch, chosen);
+  out[label] = affineEdits(chosenPatch).map((e) => ({rank: e.rank, A: Array.from(e.A), B: Array.from(e.B), c: Array.from(e.c)}));
+}
+try { withSkills(patch, ["nope"]); } catch (err) { out.error = `${err.name}: ${err.message}`; }
+console.log(JSON.stringify(out));
+"""
+
+
+def test_skills_in_javascript_equal_python(tmp_path):
+    """Patch format v3 in the web runtime: the golden skills patch, each choice of skills, the same
+    edit rows as Python's Patch.with_skills (bit for bit) and the same error for an unknown skill."""
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed (Node 20+ runs the web runtime)")
+    golden = ROOT / "tests" / "golden" / "patch_v3_skills.reft"
+    choices = [("all", None), ("caps", ["caps"]), ("weighted", {"caps": 0.5, "meow": 2.0}), ("off", {"caps": 0})]
+    script = tmp_path / "skills.mjs"
+    script.write_text(_SKILLS_SCRIPT)
+    done = subprocess.run(["node", str(script), str(ROOT / "runtime" / "web"), str(golden), json.dumps(choices)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    got = json.loads(done.stdout)
+    patch = Patch.load(golden)
+    for label, chosen in choices:
+        want = (patch if chosen is None else patch.with_skills(chosen)).affine_edits()
+        for js, py in zip(got[label], want):
+            assert js["rank"] == py.A.shape[0], label
+            for name in ("A", "B", "c"):
+                assert np.array_equal(np.array(js[name], np.float32), getattr(py, name).reshape(-1)), (label, name)
+    with pytest.raises(Exception) as python_error:
+        patch.with_skills(["nope"])
+    assert got["error"] == f"UsageError: {python_error.value}"
