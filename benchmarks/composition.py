@@ -195,14 +195,14 @@ def save(results: list[dict], entry: dict) -> list[dict]:
 def render(results: list[dict]) -> str:
     pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
     lines = ["| pair | method | a alone: a / facts | b alone: b / facts | composed: a / b / **both** / facts | "
-             f"both ≥ {MIN_BOTH:.0%} | train s |", "|---|---|---|---|---|---|---|"]
+             f"both ≥ {MIN_BOTH:.0%} | train s (this run) |", "|---|---|---|---|---|---|---|"]
     for entry in sorted(results, key=lambda r: (r["pair"], METHODS.index(r["method"]))):
         f = entry["figures"]
         a, b, ab = f["a"], f["b"], f["ab"]
         lines.append(f"| {entry['pair']} | {entry['method']} | {pct(a['a'])} / {pct(a['facts_kept'])} | "
                      f"{pct(b['b'])} / {pct(b['facts_kept'])} | {pct(ab['a'])} / {pct(ab['b'])} / "
                      f"**{pct(ab['both'])}** / {pct(ab['facts_kept'])} | {'met' if ab['both'] >= MIN_BOTH else 'not met'} "
-                     f"| {entry['train_s']} |")
+                     f"| {entry['train_s'] or 'reused'} |")
     samples = ["", "Composed answers to the first unseen prompt of each persona (greedy, fp32):", ""]
     for entry in sorted(results, key=lambda r: (r["pair"], METHODS.index(r["method"]))):
         ab = entry["figures"]["ab"]
