@@ -53,7 +53,23 @@ class Report:
 def write(out: Path, report: Report) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     chart(out.with_name(CHART_NAME), report)
-    out.write_text("\n".join(markdown(report)) + "\n")
+    out.write_text("\n".join(markdown(report)) + "\n" + kept_sections(out))
+
+
+# Sections that other benchmarks measure and write by hand into the same file; a run keeps them.
+KEPT_SECTIONS = ("## Many people in one job",)
+
+
+def kept_sections(out: Path) -> str:
+    """The KEPT_SECTIONS of the file as it is, each up to the next heading of its level."""
+    text = out.read_text(encoding="utf-8") if out.is_file() else ""
+    kept = []
+    for heading in KEPT_SECTIONS:
+        start = text.find(f"\n{heading}\n")
+        if start >= 0:
+            end = text.find("\n## ", start + 1)
+            kept.append(text[start:] if end < 0 else text[start:end + 1])
+    return "".join(kept)
 
 
 # -- formatting ------------------------------------------------------------------------------------
