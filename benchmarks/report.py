@@ -3,8 +3,9 @@
     python -m benchmarks.run     # calls write(); this module has no command of its own
 
 Every number in the tables comes from the run; the export section quotes figures a
-separate measurement recorded here, and says so. The "Browser" section is benchmarks.web_speed's
-own run: a new report keeps it as it was (``section``/``put_section``).
+separate measurement recorded here, and says so. The "Browser" and "Many people in one job"
+sections are benchmarks.web_speed's and benchmarks.train_many's own runs: a new report keeps
+them as they were (``KEPT_SECTIONS``, ``section``/``put_section``).
 """
 
 from __future__ import annotations
@@ -56,10 +57,16 @@ class Report:
 def write(out: Path, report: Report) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     chart(out.with_name(CHART_NAME), report)
-    browser = section(out, BROWSER_HEADING)
+    kept = [section(out, heading) for heading in KEPT_SECTIONS]
     out.write_text("\n".join(markdown(report)) + "\n")
-    if browser:
-        put_section(out, BROWSER_HEADING, browser)
+    for heading, lines in zip(KEPT_SECTIONS, kept):
+        if lines:
+            put_section(out, heading, lines)
+
+
+# Sections that other benchmarks write into the same file (benchmarks.web_speed, benchmarks.train_many);
+# a run of this one keeps them as they were.
+KEPT_SECTIONS = (BROWSER_HEADING, "## Many people in one job")
 
 
 def section(path: Path, heading: str) -> list[str]:

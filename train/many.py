@@ -14,8 +14,8 @@ Scaled out, each rank trains every ``world_size``-th person (person i on rank i 
 ``jobs.jsonl`` holds one person per line, ``{"id": "alice", "data": "alice.jsonl"}`` plus any
 TrainConfig option for that person only (``"val_data"``, ``"steps"``, ``"seed"``, ...); paths
 are relative to the jobs file. The job's own options (``ManyConfig.defaults``) apply to everyone
-else. Steps, top to bottom: read and check every job line (a bad line fails the whole job before
-anything loads), load the backbone once, skip people whose finished patch matches, group people
+else. Steps, top to bottom: read and check every job line, load the backbone once and check each
+line's layers against it (a bad line fails the whole job before any training), skip people whose finished patch matches, group people
 by recipe, and per group prepare each person (data, tokens, frozen states: a bad data file fails
 that person only) and train them together in mixed batches, writing each patch the moment its
 person stops; gather the results on rank 0, which writes ``summary.json`` and prints the table.
