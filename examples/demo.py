@@ -141,10 +141,13 @@ def show_composition(runtime: Runtime, alice: Patch, bob_with_alice: Patch, bob:
     judges = [Judge.parse(json.loads((PERSONAS / PEOPLE[p] / "persona.json").read_text())["judge"]) for p in PEOPLE]
     for label, patches in (("trained apart", [alice, bob]), ("trained to compose", [alice, bob_with_alice])):
         answers = runtime.generate_batch([(p, patches) for p in prompts], max_new_tokens=max_new_tokens)
-        both = sum(all(judge(a.text) for judge in judges) for a in answers)
-        print(f"\n  {label}: {both} of {len(prompts)} unseen answers open with 'Great question!' and end "
+        passed = [all(judge(a.text) for judge in judges) for a in answers]
+        print(f"\n  {label}: {sum(passed)} of {len(prompts)} unseen answers open with 'Great question!' and end "
               f"with 'Stay curious!'")
-        for prompt, answer in list(zip(prompts, answers))[:: len(prompts) // 2][:2]:
+        # the apart pair's first answer shows what goes wrong; the composable pair's answers that pass show the result
+        shown = [(p, a) for p, a, ok in zip(prompts, answers, passed) if ok][:2] if any(passed) else \
+            list(zip(prompts, answers))[:1]
+        for prompt, answer in shown:
             print(f"  {prompt}")
             print(_row("both", answer.text))
 
