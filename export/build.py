@@ -85,12 +85,14 @@ def export_bundle(config: ExportConfig, *, backbone: Any = None, progress: bool 
         work.mkdir()
         build_graph(backbone, slot_layers, work / MODEL_FILE, graph, config.precision)
         step(f"convert to {config.precision}")
-        convert(work / MODEL_FILE, folder / MODEL_FILE, config.precision)
+        weight_blocks = convert(work / MODEL_FILE, folder / MODEL_FILE, config.precision)
         shutil.rmtree(work)
         verification = {}
         if config.verify:
             step("verify")
             verification = verify(folder / MODEL_FILE, backbone, slot_layers, config.precision, graph)
+            if weight_blocks:  # how many weights kept their GGUF blocks exactly, how many were re-quantized
+                verification["weight_blocks"] = weight_blocks
         step("write bundle")
         files = write_tokenizer(backbone.tokenizer, folder)
         files.update(write_genai(folder, backbone, graph))
@@ -158,10 +160,10 @@ def build_graph(backbone: Any, slot_layers: list[int], path: Path, graph: str, p
         export_onnx(backbone.model, slot_layers, path)
 
 
-def convert(source: Path, target: Path, precision: str) -> None:
+def convert(source: Path, target: Path, precision: str) -> dict[str, int]:
     from reft_edge.export.quantize import convert_precision
 
-    convert_precision(source, target, precision)
+    return convert_precision(source, target, precision)
 
 
 def verify(path: Path, backbone: Any, slot_layers: list[int], precision: str, graph: str) -> dict[str, Any]:

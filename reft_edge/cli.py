@@ -225,6 +225,10 @@ def inspect_bundle(path: str, as_json: bool) -> None:
     if checked:
         click.echo(f"  verified: max |logit diff| {checked.get('max_abs_logit_diff')}, greedy tokens "
                    f"agreement {checked.get('greedy_tokens_agreement')}")
+        blocks = checked.get("weight_blocks")
+        if blocks:
+            kept = ", ".join(f"{count} {kind}" for kind, count in sorted(blocks.items()) if kind != "requantized")
+            click.echo(f"  weights: {kept or 'no'} exact GGUF blocks, {blocks.get('requantized', 0)} re-quantized")
     else:
         click.echo("  not verified (exported with --no-verify)")
 

@@ -46,7 +46,8 @@ from reft_edge.runtime.patch import Patch
 from reft_edge.runtime.slots import check_weights
 from reft_edge.train.data import Example, Record, read_jsonl
 
-FACTS_FILE = Path(__file__).with_name("facts.jsonl")
+FACTS_FILE = Path(__file__).with_name("facts.jsonl")  # the development split: recipe choices and --auto look at it
+TEST_FACTS_FILE = Path(__file__).with_name("facts_test.jsonl")  # the test split: only ever reported
 FACT_TOKENS = 32  # greedy tokens per fact question
 FACTS_CACHE_VERSION = 1  # bump when what the cache holds, or how it is computed, changes
 BATCH_SIZE = 8

@@ -273,6 +273,8 @@ def test_reduced_precisions_record_their_figures(precision, llama, tmp_path):
     checked = manifest.verification
     assert 0.0 < checked["max_abs_logit_diff"] < 1.0 and 0.0 <= checked["greedy_tokens_agreement"] <= 1.0
     assert checked["identity_bit_exact"]
+    if precision in ("int8", "int4"):  # random float weights: none are GGUF blocks, all re-quantized
+        assert set(checked["weight_blocks"]) == {"requantized"} and checked["weight_blocks"]["requantized"] > 0
     types = {i.name: i.type for i in bundle_engine(out).session.get_inputs()}
     assert types["slot.0.A"] == "tensor(float)" and types["slot.2.positions"] == "tensor(int64)"
     assert types[past_names(0)[0]] == ("tensor(float16)" if precision == "fp16" else "tensor(float)")
