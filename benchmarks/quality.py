@@ -102,14 +102,16 @@ def train_patch(persona: Persona, recipe: str, backbone: Any, folder: Path) -> t
 
 
 def measure(runtime: Any, persona: Persona, patches: list[Path]) -> dict[str, Any]:
-    from reft_edge.runtime.evaluate import evaluate
+    from reft_edge.runtime.evaluate import TEST_FACTS_FILE, evaluate
 
+    # facts kept on the test split, which no recipe choice looks at
     unseen = evaluate(runtime, data=persona.folder / "unseen.txt", patches=patches, judge=persona.judge,
-                      max_new_tokens=MAX_NEW_TOKENS, facts=True, samples=3).to_dict()
+                      max_new_tokens=MAX_NEW_TOKENS, facts=True, facts_file=TEST_FACTS_FILE, samples=3).to_dict()
     heldout = evaluate(runtime, data=persona.folder / "val.jsonl", patches=patches, facts=False, samples=0,
                        max_new_tokens=1).to_dict()
     return {"adherence": unseen["adherence"]["patched"], "base_adherence": unseen["adherence"]["base"],
             "facts_kept": unseen["retention"]["fraction"], "facts_base": unseen["retention"]["base_correct"],
+            "facts_file": "test", "loops": unseen["adherence"]["loops_patched"],
             "val_loss": heldout["loss"]["patched"], "val_loss_base": heldout["loss"]["base"],
             "samples": unseen["samples"]}
 

@@ -30,7 +30,7 @@ def _sampling_options(function):
     """Sampling options shared by run and chat. Unset ones come from the bundle's generation
     config (the model's generation_config.json, recorded at export), else greedy; the loop
     guard is on unless --no-repeat-ngram 0."""
-    from reft_edge.runtime.sampling import CLI_NO_REPEAT_NGRAM
+    from reft_edge.runtime.sampling import NO_REPEAT_NGRAM
 
     for option in reversed([
         click.option("--temperature", default=None, type=float,
@@ -39,7 +39,7 @@ def _sampling_options(function):
         click.option("--top-k", default=None, type=int, help="[default: the bundle's generation config, else off]"),
         click.option("--repetition-penalty", default=None, type=float,
                      help="1.0 is none. [default: the bundle's generation config, else none]"),
-        click.option("--no-repeat-ngram", default=CLI_NO_REPEAT_NGRAM, show_default=True, type=int,
+        click.option("--no-repeat-ngram", default=NO_REPEAT_NGRAM, show_default=True, type=int,
                      help="Loop guard: never repeat an n-gram of the answer; 0 turns it off."),
         click.option("--seed", default=None, type=int),
     ]):

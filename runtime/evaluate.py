@@ -42,6 +42,7 @@ import numpy as np
 from reft_edge.errors import DataError, UsageError
 from reft_edge.files import atomic_write_bytes, cache_dir
 from reft_edge.runtime.judges import Judge
+from reft_edge.runtime.loops import loop_share
 from reft_edge.runtime.patch import Patch
 from reft_edge.runtime.slots import check_weights
 from reft_edge.train.data import Example, Record, read_jsonl
@@ -76,6 +77,8 @@ class AdherenceReport:
     base: float
     patched: float | None  # None without patches
     prompts: int
+    loops_base: float | None = None  # share of answers that loop (runtime.loops)
+    loops_patched: float | None = None
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,9 @@ class RuntimeBackend:
         texts = []
         for chunk in chunks(prompts, BATCH_SIZE):
             requests = [(list(prompt), patches, weights) for prompt in chunk]
-            texts += [g.text for g in self.runtime.generate_batch(requests, max_new_tokens=max_new_tokens)]
+            # no loop guard: evaluation measures what the patch does, loops included
+            texts += [g.text for g in self.runtime.generate_batch(requests, max_new_tokens=max_new_tokens,
+                                                                  no_repeat_ngram=0)]
         return texts
 
 
@@ -309,7 +314,8 @@ def adherence(judge: Judge, base_answers: Sequence[str], patched_answers: Sequen
         return round(sum(judge(a) for a in answers) / len(answers), 6)
 
     return AdherenceReport(judge.spec, share(base_answers), None if patched_answers is None else share(patched_answers),
-                           len(base_answers))
+                           len(base_answers), loop_share(list(base_answers)),
+                           None if patched_answers is None else loop_share(list(patched_answers)))
 
 
 def facts_cache_file(backend: Backend, facts_sha256: str) -> Path:

@@ -14,9 +14,13 @@ transformers' order: repetition penalty, the n-gram loop guard, temperature, top
 The loop guard (``no_repeat_ngram=n``) forbids a token that would repeat an n-gram already
 in the answer, as transformers' ``no_repeat_ngram_size`` does, but over the generated
 tokens only (the chat template's own repeated markers are not the loops it is for).
-`reft-edge run` and `chat` turn it on by default (``CLI_NO_REPEAT_NGRAM``): a small model
-under a strong persona patch can otherwise fall into "kindly kindly kindly ..." until the
-token budget ends; a 6-gram almost never repeats in a sound short answer.
+It is on by default (``NO_REPEAT_NGRAM``) in every runtime: ``Runtime.generate``,
+``stream`` and ``generate_batch``, `reft-edge run` and `chat`, and the web runtime; pass 0 to
+turn it off. A small model under a strong persona patch can otherwise fall into "kindly
+kindly kindly ..." until the token budget ends; a 6-gram almost never repeats in a sound
+short answer. The bundle's onnxruntime-genai config keeps genai's own guard off: genai
+counts n-grams over the prompt too, so its tokens would differ from these runtimes'.
+Evaluation (runtime.evaluate) turns it off, to measure the patch rather than the guard.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 from reft_edge.errors import UsageError
 
 
-CLI_NO_REPEAT_NGRAM = 6
+NO_REPEAT_NGRAM = 6
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from reft_edge.runtime.contract import (
 )
 from reft_edge.runtime.engine import Engine
 from reft_edge.runtime.patch import Patch
-from reft_edge.runtime.sampling import Sampling
+from reft_edge.runtime.sampling import NO_REPEAT_NGRAM, Sampling
 from reft_edge.runtime.slots import SlotEdit, resolve_edits, slot_arrays
 from reft_edge.runtime.template import ChatTemplate, check_messages, plain_text, template_variables, user_messages
 from reft_edge.runtime.text import TextRow
@@ -133,7 +133,7 @@ class Runtime:
     def generate(self, prompt: str | Sequence[dict[str, str]], *, patches: Sequence[PatchLike] = (),
                  weights: Sequence[float] | None = None, raw: bool = False, **options: Any) -> Generation:
         """Answer one prompt. Options: max_new_tokens=128, temperature=0.0 (greedy), top_k, top_p,
-        repetition_penalty, no_repeat_ngram (loop guard, off unless given), seed, stop (strings),
+        repetition_penalty, no_repeat_ngram (loop guard, sampling.NO_REPEAT_NGRAM unless given; 0 is off), seed, stop (strings),
         ignore_eos."""
         run = self._run([self._request(prompt, patches, weights, raw)], _options(**options))
         return _drain(run)[0]
@@ -226,7 +226,8 @@ class Runtime:
 
 
 def _options(*, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, repetition_penalty: float | None = None, no_repeat_ngram: int | None = None,
+             top_p: float | None = None, repetition_penalty: float | None = None,
+             no_repeat_ngram: int | None = NO_REPEAT_NGRAM,
              seed: int | None = None, stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> _Options:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise UsageError(f"max_new_tokens {max_new_tokens!r} must be a whole number of at least 1")

@@ -87,7 +87,8 @@ def test_genai_tokens_equal_the_runtime(model_setup, precision, tmp_path):
     for case, (names, weights) in CASES.items():
         for prompt in PROMPTS:
             want = runtime.generate(prompt, patches=[patches[n] for n in names], weights=weights,
-                                    max_new_tokens=NEW_TOKENS, ignore_eos=True, repetition_penalty=PENALTY).token_ids
+                                    max_new_tokens=NEW_TOKENS, ignore_eos=True, repetition_penalty=PENALTY,
+                                    no_repeat_ngram=0).token_ids
             assert genai_greedy(model, tokenizer, prompt, adapters, case) == want, (case, prompt)
             answers[case, prompt] = want
     for case in ("one", "two", "steer"):  # each patch changes some answer: the comparison has teeth
@@ -133,5 +134,5 @@ def test_default_model_int4_bundle_runs_in_genai_with_the_emoji_patch(default_in
         for prompt in ["What is your favourite food?", "How do I get to the station?", "Describe the sea.",
                        "What is love?", "How do I learn to swim?"]:
             want = runtime.generate(prompt, patches=patches, max_new_tokens=NEW_TOKENS, ignore_eos=True,
-                                    repetition_penalty=PENALTY).token_ids
+                                    repetition_penalty=PENALTY, no_repeat_ngram=0).token_ids
             assert genai_greedy(model, tokenizer, prompt, adapters, name) == want, (name, prompt)

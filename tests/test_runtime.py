@@ -159,13 +159,15 @@ def test_greedy_tokens_equal_torch(rt, tiny_backbone, patches, names, weights):
     for prompt in PROMPTS:
         for penalty in (None, PENALTY):
             expected = torch_greedy(tiny_backbone, prompt, chosen, weights, repetition_penalty=penalty)
-            got = rt.generate(prompt, patches=chosen, weights=weights, max_new_tokens=12, repetition_penalty=penalty)
+            got = rt.generate(prompt, patches=chosen, weights=weights, max_new_tokens=12, repetition_penalty=penalty,
+                              no_repeat_ngram=0)
             assert got.token_ids == expected
 
 
 def test_repetition_penalty_equals_transformers(rt, tiny_backbone, patches):
     expected = torch_greedy(tiny_backbone, PROMPTS[0], [patches["fox"]], repetition_penalty=PENALTY, max_new_tokens=16)
-    got = rt.generate(PROMPTS[0], patches=[patches["fox"]], repetition_penalty=PENALTY, max_new_tokens=16)
+    got = rt.generate(PROMPTS[0], patches=[patches["fox"]], repetition_penalty=PENALTY, max_new_tokens=16,
+                      no_repeat_ngram=0)
     assert got.token_ids == expected
     assert len(set(expected)) > 8
 
@@ -359,7 +361,8 @@ def test_cli_run_json_and_errors(tiny_bundle, patches, tmp_path):
 
 
 def test_loop_guard_never_repeats_an_ngram_of_the_answer(rt, patches):
-    unguarded = rt.generate(PROMPTS[0], patches=[patches["steer"]], max_new_tokens=40, ignore_eos=True).token_ids
+    unguarded = rt.generate(PROMPTS[0], patches=[patches["steer"]], max_new_tokens=40, ignore_eos=True,
+                            no_repeat_ngram=0).token_ids
     guarded = rt.generate(PROMPTS[0], patches=[patches["steer"]], max_new_tokens=40, ignore_eos=True,
                           no_repeat_ngram=3).token_ids
     trigrams = [tuple(guarded[i:i + 3]) for i in range(len(guarded) - 2)]
@@ -414,7 +417,7 @@ def test_default_model_emoji_patch_matches_torch(default_bundle, emoji_patch_pat
     rt = Runtime.load(default_bundle, threads=2)
     for prompt in ["What is your favourite food?", "How do I get to the station?", "Describe the sea."]:
         expected = torch_greedy(backbone, prompt, [patch], max_new_tokens=16)
-        assert rt.generate(prompt, patches=[patch], max_new_tokens=16).token_ids == expected
+        assert rt.generate(prompt, patches=[patch], max_new_tokens=16, no_repeat_ngram=0).token_ids == expected
 
 
 # -- under load -------------------------------------------------------------------------------

@@ -68,8 +68,8 @@ async function generate(prompt, options = {}) {
 
 async function answer(target, patches) {
   $(target).textContent = "";
-  // greedy with the loop guard `reft-edge run` uses (no 6-gram of the answer repeats)
-  const out = await generate($("prompt").value, { patches, maxNewTokens: Number($("max").value), noRepeatNgram: 6,
+  // greedy with the runtimes' default loop guard (no 6-gram of the answer repeats)
+  const out = await generate($("prompt").value, { patches, maxNewTokens: Number($("max").value),
     onText: (piece) => { $(target).textContent += piece; } });
   $(`${target}-speed`).textContent = `${out.timings.tokensPerS.toFixed(1)} tokens/s, first token after ${(out.timings.prefillS * 1000).toFixed(0)} ms`;
 }

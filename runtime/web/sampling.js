@@ -14,7 +14,11 @@ import { UsageError } from "./errors.js";
  *   noRepeatNgram: number|null, seed: number|null}} Sampling */
 
 /** @param {Partial<Sampling>} options @returns {Sampling} */
-export function checkSampling({ temperature = 0, topK = null, topP = null, repetitionPenalty = null, noRepeatNgram = null,
+/** The loop guard's default, as runtime/sampling.py's NO_REPEAT_NGRAM (tests/test_web.py checks they agree). */
+export const NO_REPEAT_NGRAM = 6;
+
+export function checkSampling({ temperature = 0, topK = null, topP = null, repetitionPenalty = null,
+  noRepeatNgram = NO_REPEAT_NGRAM,
   seed = null } = {}) {
   if (!(temperature >= 0)) throw new UsageError(`temperature ${temperature} must be >= 0 (0 is greedy)`);
   if (topK !== null && !(topK >= 1)) throw new UsageError(`top_k ${topK} must be at least 1`);
