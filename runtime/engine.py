@@ -54,9 +54,12 @@ class Engine:
         run_type = _SharedBufferRun if self.graph == "fused" else _GrowingRun
         return run_type(self, [list(p) for p in prompts], slots, max_new_tokens)
 
-    def rows(self, capacity: int, length: int = 256) -> "RowBatch":
-        """A batch that rows join and leave between decode steps (fused graph on the CPU only)."""
-        return RowBatch(self, capacity, length)
+    def rows(self, capacity: int, length: int = 256) -> "RowBatch | OneRow":
+        """A batch that rows join and leave between decode steps: a RowBatch for a fused graph on the
+        CPU, else a OneRow (the same interface, one row at a time)."""
+        if self.graph == "fused" and self.device == "cpu":
+            return RowBatch(self, capacity, length)
+        return OneRow(self)
 
     @staticmethod
     def on_cpu(array: np.ndarray) -> Any:
@@ -317,3 +320,35 @@ def _bind_slots(binding: Any, slot_layers: Sequence[int], slots: SlotArrays) -> 
             arrays.append(array := np.ascontiguousarray(array))
             binding.bind_cpu_input(name, array)
     return arrays
+
+
+class OneRow:
+    """RowBatch's interface with room for one row, as an ordinary run: for traced graphs and CUDA,
+    whose KV caches RowBatch cannot move between rows."""
+
+    capacity = 1
+
+    def __init__(self, engine: Engine):
+        self.engine, self.owners, self.run = engine, [], None
+
+    def __len__(self) -> int:
+        return len(self.owners)
+
+    @property
+    def full(self) -> bool:
+        return bool(self.owners)
+
+    def join(self, owner: Any, prompt: Sequence[int], slots: SlotArrays, max_new_tokens: int) -> np.ndarray:
+        if self.full:
+            raise ValueError("the batch is full")
+        self.run = self.engine.start([list(prompt)], slots, max_new_tokens)
+        logits = self.run.prefill()
+        self.owners = [owner]
+        return logits[0]
+
+    def step(self, tokens: Sequence[int]) -> np.ndarray:
+        return self.run.decode(np.asarray(tokens, np.int64))
+
+    def leave(self, owner: Any) -> None:
+        self.owners.remove(owner)
+        self.run = None
