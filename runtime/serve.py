@@ -763,7 +763,7 @@ def build_app(service: Service) -> Any:
         return JSONResponse({"status": "ok" if scheduler.thread.is_alive() else "scheduler stopped",
                              "model": service.model_name, "source_model": service.rt.manifest.source_model,
                              "patches": sorted(service.store.patches), "skipped_patches": sorted(service.store.errors),
-                             "running": scheduler.active, "queued": scheduler.queued,
+                             "running": scheduler.active, "queued": scheduler.queued, "decode_steps": scheduler.steps,
                              "batch_capacity": scheduler.batch.capacity},
                             status_code=200 if scheduler.thread.is_alive() else 503)
 
