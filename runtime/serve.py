@@ -138,6 +138,7 @@ class Job:
     sampling: Any  # Sampling
     max_tokens: int
     stop: tuple[str, ...]
+    ignore_eos: bool
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -230,6 +231,7 @@ class Scheduler:
                 self._drop_cancelled()
                 if len(self.batch):
                     self._step()
+                time.sleep(0)  # let the HTTP thread take the GIL and send what this step made
             except Exception as exc:  # never die: fail the running rows, start a fresh batch
                 log.exception("decode step failed; failing %d running request(s)", len(self.batch))
                 for row in list(self.rows.values()):
@@ -280,7 +282,7 @@ class Scheduler:
         job, text = row.job, row.text
         if job.first_token is None:
             job.first_token = time.perf_counter()
-        if token in self.rt.eos_token_ids:
+        if token in self.rt.eos_token_ids and not job.ignore_eos:
             piece = text.finish("eos")
         else:
             piece = text.push(token)
@@ -303,7 +305,7 @@ class Scheduler:
 # Fields each route takes. OpenAI fields this server cannot honour are refused by _refuse_unsupported.
 COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
                  "frequency_penalty", "presence_penalty", "user", "logit_bias", "logprobs",
-                 "patches", "skills", "top_k", "repetition_penalty"}
+                 "patches", "skills", "top_k", "repetition_penalty", "ignore_eos"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
                                "tool_choice", "parallel_tool_calls", "functions", "function_call", "metadata",
                                "store", "service_tier"}
@@ -502,6 +504,9 @@ class Service:
         except UsageError as exc:
             raise _bad(str(exc), "patches") from None
         slots = slot_arrays([edits], len(self.rt.manifest.slot_layers), self.rt.manifest.hidden_size)
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise _bad("ignore_eos must be true or false", "ignore_eos")
         stream = body.get("stream") or False
         if not isinstance(stream, bool):
             raise _bad("stream must be true or false", "stream")
@@ -510,7 +515,7 @@ class Service:
             raise _bad("stream_options takes include_usage only", "stream_options")
         model = body.get("model") or self.model_name
         return Parsed(model, names, dict(prompt_ids=prompt_ids, slots=slots, sampling=sampling,
-                                         max_tokens=int(max_tokens), stop=tuple(stops)),
+                                         max_tokens=int(max_tokens), stop=tuple(stops), ignore_eos=ignore_eos),
                       stream, bool(options_field.get("include_usage")))
 
     @staticmethod
