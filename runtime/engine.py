@@ -201,9 +201,10 @@ class RowBatch:
         batch.leave("alice")                   # the last row moves into its place
 
     Each layer's KV cache is one numpy buffer [capacity, kv_heads, length, head_dim] bound as
-    past and present (GroupQueryAttention writes in place, as in a run). A joining row is
-    prefilled alone, as a batch of one, straight into its row of the buffers, so its first
-    token is the one it gets alone; decode steps run rows [0, n) together, each at its own
+    past and present (GroupQueryAttention writes in place, as in a run). Joining rows are
+    prefilled on their own (one, or several arriving together in one right-padded pass as a
+    run prefills them), straight into their rows of the buffers, so each first token is the
+    one the request gets alone; decode steps run rows [0, n) together, each at its own
     length (the attention mask's row sums). Leaving copies the last row into the hole, so
     the running rows stay one contiguous block; a row longer than the buffers grows them.
     Slot inputs are per row (SlotArrays of batch 1), stacked when the rows change.
@@ -233,32 +234,42 @@ class RowBatch:
 
     def join(self, owner: Any, prompt: Sequence[int], slots: SlotArrays, max_new_tokens: int) -> np.ndarray:
         """Prefill ``prompt`` alone into the next free row; returns the logits [vocab] of its last token."""
-        if self.full:
-            raise ValueError("the batch is full")
-        needed = len(prompt) + max_new_tokens
+        return self.join_many([owner], [prompt], [slots], max_new_tokens)[0]
+
+    def join_many(self, owners: Sequence[Any], prompts: Sequence[Sequence[int]], slots: Sequence[SlotArrays],
+                  max_new_tokens: int) -> np.ndarray:
+        """Prefill several prompts in one pass (right-padded, as a run's prefill) into the next free rows;
+        returns the logits [len(prompts), vocab] of each one's last token. The running rows wait."""
+        k, row = len(prompts), len(self.owners)
+        if row + k > self.capacity:
+            raise ValueError(f"{k} more rows do not fit: {row} of {self.capacity} are taken")
+        needed = max(len(p) for p in prompts) + max_new_tokens
         if needed > self.length:
             self._grow(max(needed, 2 * self.length))
-        row = len(self.owners)
         engine = self.engine
         binding = engine.session.io_binding()
         for buffer, (past, present) in zip(self.buffers, engine.kv_names):
-            view = buffer[row:row + 1]
+            view = buffer[row:row + k]
             view[...] = 0
             value = engine.on_cpu(view)
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        arrays = [np.asarray([list(prompt)], np.int64), np.ones((1, len(prompt)), np.int64)]
-        binding.bind_cpu_input(INPUT_IDS, arrays[0])
-        binding.bind_cpu_input(ATTENTION_MASK, arrays[1])
-        arrays += _bind_slots(binding, engine.slot_layers, slots)
-        logits = np.empty((1, 1, engine.vocab_size), np.float32)
+        lens = np.array([len(p) for p in prompts], np.int64)
+        input_ids = np.full((k, int(lens.max())), engine.pad_id, np.int64)
+        for i, prompt in enumerate(prompts):
+            input_ids[i, :len(prompt)] = prompt
+        mask = (np.arange(input_ids.shape[1]) < lens[:, None]).astype(np.int64)
+        binding.bind_cpu_input(INPUT_IDS, input_ids)
+        binding.bind_cpu_input(ATTENTION_MASK, mask)
+        kept = _bind_slots(binding, engine.slot_layers, SlotArrays.stack(slots))  # noqa: F841 (alive for the run)
+        logits = np.empty((k, 1, engine.vocab_size), np.float32)
         binding.bind_ortvalue_output(LOGITS, engine.on_cpu(logits))
         engine.session.run_with_iobinding(binding)
-        self.owners.append(owner)
-        self.lengths.append(len(prompt))
-        self.slots.append(slots)
+        self.owners += list(owners)
+        self.lengths += lens.tolist()
+        self.slots += list(slots)
         self.binding = None
-        return logits[0, -1].copy()
+        return logits[:, -1].copy()
 
     def leave(self, owner: Any) -> None:
         """Free ``owner``'s row at once: the last row takes its place."""
@@ -345,6 +356,12 @@ class OneRow:
         logits = self.run.prefill()
         self.owners = [owner]
         return logits[0]
+
+    def join_many(self, owners: Sequence[Any], prompts: Sequence[Sequence[int]], slots: Sequence[SlotArrays],
+                  max_new_tokens: int) -> np.ndarray:
+        if len(prompts) != 1:
+            raise ValueError("a OneRow takes one row")
+        return self.join(owners[0], prompts[0], slots[0], max_new_tokens)[None]
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:
         return self.run.decode(np.asarray(tokens, np.int64))

@@ -19,7 +19,8 @@ patch folder), GET /health. docs/serve.md describes every field.
 
 One scheduler thread owns the onnxruntime session and one running batch (engine.RowBatch):
 a request waits in a bounded queue (429 when it is full), joins the batch between decode
-steps (prefilled alone, so each row's tokens are the ones it gets alone), and leaves it as
+steps (prefilled apart from the running rows, together with those arriving with it, as
+a batch prefills; so each row's tokens are the ones it gets alone), and leaves it as
 soon as it ends, times out or its client goes away. Each row has its own patches, weights,
 skills and sampling. The HTTP side (Starlette on uvicorn, the ``serve`` extra) only parses,
 queues and writes; the runtime below it stays torch-free.
@@ -244,24 +245,31 @@ class Scheduler:
             job.emit("error", 503, "the server is shutting down")
 
     def _admit(self) -> None:
-        """Prefill waiting jobs into free rows (each alone, into its row); a job's own failure fails only it."""
-        while not self.batch.full:
-            with self.condition:
-                if not self.waiting:
-                    return
+        """Prefill the waiting jobs that fit into free rows, in one pass (each row as it is alone); a
+        failing prefill fails only the jobs in it."""
+        joining: list[_Row] = []
+        with self.condition:
+            while self.waiting and len(self.batch) + len(joining) < self.batch.capacity:
                 job = self.waiting.popleft()
-            if job.cancelled.is_set():
-                job.emit("cancelled")
-                continue
-            row = _Row(job, self.rt.tokenizer, self.rt.manifest.vocab_size)
-            try:
-                logits = self.batch.join(id(row), job.prompt_ids, job.slots, job.max_tokens)
-            except Exception as exc:
-                log.exception("prefill failed")
-                job.emit("error", 500, f"prefill failed: {type(exc).__name__}: {exc}")
-                continue
+                if job.cancelled.is_set():
+                    job.emit("cancelled")
+                else:
+                    joining.append(_Row(job, self.rt.tokenizer, self.rt.manifest.vocab_size))
+        if not joining:
+            return
+        # one max_new_tokens for the pass: the longest budget (it only sizes the KV buffers)
+        budget = max(row.job.max_tokens for row in joining)
+        try:
+            logits = self.batch.join_many([id(row) for row in joining], [row.job.prompt_ids for row in joining],
+                                          [row.job.slots for row in joining], budget)
+        except Exception as exc:
+            log.exception("prefill failed")
+            for row in joining:
+                row.job.emit("error", 500, f"prefill failed: {type(exc).__name__}: {exc}")
+            return
+        for row, row_logits in zip(joining, logits):
             self.rows[id(row)] = row
-            self._advance(row, row.pick(logits))
+            self._advance(row, row.pick(row_logits))
 
     def _drop_cancelled(self) -> None:
         for key, row in list(self.rows.items()):
