@@ -19,8 +19,8 @@ patch folder), GET /health. docs/serve.md describes every field.
 
 One scheduler thread owns the onnxruntime session and one running batch (engine.RowBatch):
 a request waits in a bounded queue (429 when it is full), joins the batch between decode
-steps (prefilled apart from the running rows, together with those arriving with it, as
-a batch prefills; so each row's tokens are the ones it gets alone), and leaves it as
+steps (prefilled apart from the running rows, one per step, so each row's tokens are
+the ones it gets alone), and leaves it as
 soon as it ends, times out or its client goes away. Each row has its own patches, weights,
 skills and sampling. The HTTP side (Starlette on uvicorn, the ``serve`` extra) only parses,
 queues and writes; the runtime below it stays torch-free.
@@ -244,12 +244,15 @@ class Scheduler:
         for job in self.waiting:
             job.emit("error", 503, "the server is shutting down")
 
-    def _admit(self) -> None:
-        """Prefill the waiting jobs that fit into free rows, in one pass (each row as it is alone); a
-        failing prefill fails only the jobs in it."""
+    def _admit(self, at_once: int = 1) -> None:
+        """Prefill up to ``at_once`` waiting jobs into free rows in one pass (each row's tokens as alone);
+        a failing prefill fails only the jobs in it. One per decode step by default: on a CPU a prefill
+        costs its tokens' compute whether batched or not, and one at a time between steps gives the
+        earliest arrivals their first token soonest and keeps the running rows streaming (measured:
+        docs/serve.md)."""
         joining: list[_Row] = []
         with self.condition:
-            while self.waiting and len(self.batch) + len(joining) < self.batch.capacity:
+            while self.waiting and len(joining) < at_once and len(self.batch) + len(joining) < self.batch.capacity:
                 job = self.waiting.popleft()
                 if job.cancelled.is_set():
                     job.emit("cancelled")
