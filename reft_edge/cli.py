@@ -238,11 +238,12 @@ from reft_edge.export.cli import export_command  # noqa: E402
 from reft_edge.runtime.cli import chat_command, run_command  # noqa: E402
 from reft_edge.runtime.convert_cli import convert_command  # noqa: E402
 from reft_edge.runtime.eval_cli import eval_command  # noqa: E402
+from reft_edge.runtime.serve_cli import serve_command  # noqa: E402
 from reft_edge.runtime.web_cli import serve_web_command  # noqa: E402
 from reft_edge.train.interop_cli import import_command  # noqa: E402
 
 for _command in (export_command, run_command, chat_command, eval_command, convert_command, import_command,
-                 serve_web_command):
+                 serve_web_command, serve_command):
     main.add_command(_command)
 
 

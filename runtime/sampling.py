@@ -10,6 +10,8 @@ Example::
 
 Temperature 0 is greedy (argmax, ties to the lowest id, like torch). The filters follow
 transformers' order: repetition penalty, the n-gram loop guard, temperature, top-k, top-p.
+OpenAI's frequency and presence penalties (what ``reft-edge serve`` takes) come first:
+``logit -= count * frequency + (count > 0) * presence`` over the tokens generated so far.
 
 The loop guard (``no_repeat_ngram=n``) forbids a token that would repeat an n-gram already
 in the answer, as transformers' ``no_repeat_ngram_size`` does, but over the generated
@@ -44,6 +46,8 @@ class Sampling:
     repetition_penalty: float | None = None
     no_repeat_ngram: int | None = None
     seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
 
     @classmethod
     def check(cls, **options) -> "Sampling":
@@ -60,6 +64,10 @@ class Sampling:
                                                      not isinstance(sampling.no_repeat_ngram, int) or
                                                      sampling.no_repeat_ngram < 0):
             raise UsageError(f"no_repeat_ngram {sampling.no_repeat_ngram!r} must be a whole number >= 0 (0 is off)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(sampling, name)
+            if value is not None and not -2 <= value <= 2:
+                raise UsageError(f"{name} {value} must be between -2 and 2 (0 is none)")
         return sampling
 
     @property
@@ -73,6 +81,8 @@ class Sampling:
              answers: Sequence[Sequence[int]] = ()) -> np.ndarray:
         """logits [batch, vocab] float32; seen [batch, vocab] bool (tokens so far); answers: each
         row's generated tokens so far (for the loop guard) -> token ids [batch]."""
+        if (self.frequency_penalty or self.presence_penalty) and answers:
+            logits = penalise_counts(logits, answers, self.frequency_penalty or 0.0, self.presence_penalty or 0.0)
         if self.tracks_seen:
             logits = penalise_repeats(logits, seen, self.repetition_penalty)
         if self.no_repeat_ngram and answers:
@@ -91,6 +101,22 @@ def penalise_repeats(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np
     """CTRL's penalty as transformers applies it: divide positive, multiply negative logits of seen tokens."""
     penalised = np.where(logits > 0, logits / penalty, logits * penalty)
     return np.where(seen, penalised, logits)
+
+
+def penalise_counts(logits: np.ndarray, answers: Sequence[Sequence[int]], frequency: float,
+                    presence: float) -> np.ndarray:
+    """OpenAI's penalties: each token's logit minus its count in the row's answer times ``frequency``,
+    minus ``presence`` once it occurs at all.
+
+    >>> penalise_counts(np.zeros((1, 4)), [[1, 1, 3]], 0.5, 1.0)[0].tolist()
+    [0.0, -2.0, 0.0, -1.5]
+    """
+    logits = logits.copy()
+    for row, answer in enumerate(answers):
+        if len(answer):
+            counts = np.bincount(np.asarray(answer, np.int64), minlength=logits.shape[-1])[:logits.shape[-1]]
+            logits[row] -= (counts * frequency + (counts > 0) * presence).astype(logits.dtype)
+    return logits
 
 
 def ban_repeated_ngrams(logits: np.ndarray, answers: Sequence[Sequence[int]], n: int) -> np.ndarray:

@@ -58,6 +58,16 @@ class SlotArrays:
         return cls(matrix, matrix, np.zeros((num_slots, batch, 0), np.float32),
                    np.zeros((num_slots, batch, POSITION_LINES, 0), np.int64))
 
+    @classmethod
+    def stack(cls, rows: Sequence["SlotArrays"]) -> "SlotArrays":
+        """Several batches' arrays as one batch, each zero-padded to the largest rank (an exact identity)."""
+        rank = max(r.A.shape[2] for r in rows)
+        pad = lambda array, axis: np.concatenate(  # noqa: E731
+            [array, np.zeros((*array.shape[:axis], rank - array.shape[axis], *array.shape[axis + 1:]), array.dtype)],
+            axis=axis)
+        return cls(*(np.concatenate([pad(getattr(r, name), axis) for r in rows], axis=1)
+                     for name, axis in (("A", 2), ("B", 2), ("c", 2), ("positions", 3))))
+
     @property
     def edits_generated(self) -> bool:
         return bool(self.positions[:, :, GENERATED].any())
