@@ -133,6 +133,9 @@ def recipe_options(command):
               help="A patch (same base) the new one must also work beside; repeat for several.")
 @click.option("--compose-steps", default=_default("compose_steps"), show_default=True, type=int,
               help="Steps of the composition phase (with several skills or --compose-with).")
+@click.option("--orthogonal-to-partners/--no-orthogonal-to-partners", default=_default("orthogonal_to_partners"),
+              show_default=True, help="With --compose-with: keep the new patch's R rows orthogonal to its "
+                                      "partners' rows at each layer.")
 @click.option("--out", required=True, help="Patch file to write (e.g. alice.reft).")
 @recipe_options
 @click.option("--val-data", default=None, help="JSONL of held-out pairs: validation loss, early stopping, best step kept.")

@@ -264,3 +264,22 @@ def test_composable_training_lowers_the_composed_loss(tiny_backbone, tmp_path):
     assert together < apart - 0.5, (apart, together)  # nats per token
     assert backend.answers(messages, [opener, composable], None, 16) == targets  # greedy: the teacher's answers
     assert backend.answers(messages[:3], [composable], None, 16) == ["Stay curious!"] * 3
+
+
+def test_a_composable_patch_writes_orthogonally_to_its_partner(tiny_backbone, tmp_path):
+    """With --compose-with, the new patch's R rows are orthogonal to the partner's at each layer
+    (neither reads back what the other writes there); without the option they are not."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question {i}?", "response": f"answer {i}. Bye!"}) + "\n"
+                            for i in range(6)))
+    common = dict(data=str(data), model=tiny_backbone.path, layers=(1, 2), rank=2, steps=6, compose_steps=2, lr=2e-2)
+    partner = train(TrainConfig(out=str(tmp_path / "p.reft"), **common), backbone=tiny_backbone, progress=False)
+
+    def cosines(**options) -> float:
+        patch = train(TrainConfig(out=str(tmp_path / "n.reft"), compose_with=(str(tmp_path / "p.reft"),),
+                                  seed=1, **common, **options), backbone=tiny_backbone, progress=False)
+        return max(float(np.abs(mine.params["R"] @ theirs.params["R"].T).max())
+                   for mine, theirs in zip(patch.interventions, partner.interventions))
+
+    assert cosines(orthogonal_to_partners=True) < 1e-5
+    assert cosines() > 1e-3

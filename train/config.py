@@ -27,6 +27,10 @@ class TrainConfig:
     # patches (same base) the new one must also work beside: trained alone, then with them active
     compose_with: tuple[str, ...] = ()
     compose_steps: int = 30  # steps of the composition phase (with several skills or compose_with)
+    # With compose_with: the new patch's R rows stay orthogonal to its partners' rows at each layer,
+    # so neither reads back what the other writes there (kinds with R only). Off by default: on the
+    # tiny opener + closing test pair it kept the pair from reproducing its teacher's answers.
+    orthogonal_to_partners: bool = False
     model: str | None = None  # None or "default": the embedded SmolLM2-135M-Instruct
     layers: tuple[int, ...] | None = None  # None: DEFAULT_LAYER_COUNT layers of the upper half (upper_layers)
     rank: int = 2

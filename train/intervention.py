@@ -71,10 +71,22 @@ class InterventionParams(nn.Module):
             else:
                 setattr(self, name, nn.Parameter(torch.empty(rank, hidden_size).uniform_(-bound, bound)))
 
+    def avoid(self, directions: torch.Tensor) -> None:
+        """Keep R's rows orthogonal to ``directions`` [k, hidden] (partners' rows at this layer):
+        R_free is projected onto their orthogonal complement before QR."""
+        basis = torch.linalg.qr(directions.T.to(torch.float32))[0]  # [hidden, k], orthonormal columns
+        self.register_buffer("avoided", basis)
+
     def natural(self) -> dict[str, torch.Tensor]:
         """The tensors a patch file stores for this kind (R materialised as orthonormal rows)."""
-        return {name: orthonormal_rows(self.R_free) if name == "R" else getattr(self, name)
+        return {name: orthonormal_rows(self._free_R()) if name == "R" else getattr(self, name)
                 for name in KIND_TENSORS[self.kind]}
+
+    def _free_R(self) -> torch.Tensor:
+        avoided = getattr(self, "avoided", None)
+        if avoided is None:
+            return self.R_free
+        return self.R_free - avoided @ (avoided.T @ self.R_free)
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return affine_from_params(self.kind, self.natural())

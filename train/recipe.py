@@ -32,7 +32,7 @@ from torch import nn
 from reft_edge import __version__
 from reft_edge.errors import UsageError
 from reft_edge.runtime.contract import position_rows, token_mask
-from reft_edge.runtime.patch import KINDS, SAVE_DTYPES, SKILL_NAME, Intervention, Patch
+from reft_edge.runtime.patch import KIND_TENSORS, KINDS, SAVE_DTYPES, SKILL_NAME, Intervention, Patch
 from reft_edge.runtime.positions import Positions
 from reft_edge.runtime.slots import SlotEdit, resolve_edits
 from reft_edge.train.backbone import Backbone, decoder_layers, decoder_layers_owner, load_backbone
@@ -110,6 +110,8 @@ def prepare_sources(config: TrainConfig, positions: Positions, layers: list[int]
     skills = [(name, config.rank) for name, _ in sources]
     interventions = build_interventions(config, positions, layers, backbone.hidden_size, config.rank * len(skills))
     edits = Edits(interventions, skills, partner_edits(partners))
+    if config.orthogonal_to_partners:
+        keep_orthogonal_to_partners(edits)
     train_set.states = cache_frozen_states(backbone.model, train_set.examples, edits.lowest_layer(), device)
     val_set.states = cache_frozen_states(backbone.model, val_set.examples, edits.lowest_layer(), device)
     steps = count_steps(config, len(train_set.examples))
@@ -261,6 +263,14 @@ def partner_edits(partners: list[Patch]) -> list[tuple[str, SlotEdit]]:
     """Every partner's edits (its layer numbers as slots), owned by "with:<index>"."""
     return [(f"with:{i}", edit) for i, partner in enumerate(partners)
             for edit in resolve_edits([partner], None, range(max(partner.layers) + 1))]
+
+
+def keep_orthogonal_to_partners(edits: "Edits") -> None:
+    """Each trainable R orthogonal to the partners' A rows (their write directions) at its layer."""
+    for layer, _, params in edits.interventions:
+        rows = [edit.A for _, edit in edits.partners if edit.slot == layer]
+        if rows and "R" in KIND_TENSORS[params.kind]:
+            params.avoid(torch.from_numpy(np.concatenate(rows)))
 
 
 def build_interventions(config: TrainConfig, positions: Positions, layers: list[int],
