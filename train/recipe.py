@@ -31,6 +31,8 @@ from torch import nn
 
 from reft_edge import __version__
 from reft_edge.errors import UsageError
+from reft_edge.files import check_output_path
+from reft_edge.params import check_seed
 from reft_edge.runtime.contract import position_rows, token_mask
 from reft_edge.runtime.patch import KINDS, SAVE_DTYPES, SKILL_NAME, Intervention, Patch
 from reft_edge.runtime.positions import Positions
@@ -160,8 +162,9 @@ def check_config(config: TrainConfig) -> Positions:
                           ("--checkpoint-every", config.checkpoint_every)):
         if value is not None and value < 1:
             raise UsageError(f"{option} {value} must be at least 1")
-    if not config.lr > 0:
-        raise UsageError(f"--lr {config.lr} must be positive (4e-3 is typical)")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise UsageError(f"--lr {config.lr} must be a positive finite number (4e-3 is typical)")
+    check_seed(config.seed)
     if config.val_data and config.val_fraction:
         raise UsageError("--val-data and --val-fraction both given; hold out data one way")
     if config.val_fraction is not None and not 0 < config.val_fraction < 1:
@@ -182,9 +185,7 @@ def check_config(config: TrainConfig) -> Positions:
         raise UsageError("--val-data/--val-fraction work with --data only; validate each skill with reft-edge eval")
     if config.compose_steps < 1:
         raise UsageError(f"--compose-steps {config.compose_steps} must be at least 1")
-    out_dir = Path(config.out).parent
-    if not out_dir.is_dir():
-        raise UsageError(f"--out {config.out}: folder {out_dir} does not exist; create it or choose another path")
+    check_output_path(config.out)
     return positions
 
 
