@@ -1,4 +1,5 @@
-"""Click option types that refuse, at parse time, numbers no command can use (pure Python).
+"""Input checks shared by the CLI and the API (pure Python): click option types that refuse, at
+parse time, numbers no command can use, and the test for text that is not valid Unicode.
 
 ``inf``, ``nan`` and ``1e39`` parse as floats, and a seed of -5 or 2**64 parses as an int; each
 used to pass the option parser and fail later (a NaN patch written, a ValueError from numpy).
@@ -49,3 +50,13 @@ def check_seed(seed: int | None, option: str = "--seed") -> None:
 
     if seed is not None and (type(seed) is not int or not 0 <= seed <= SEED_MAX):
         raise UsageError(f"{option} {seed!r} is not a seed; give a whole number from 0 to {SEED_MAX}")
+
+
+def not_unicode(text: str) -> str | None:
+    """Where ``text`` cannot be encoded as UTF-8 (a lone surrogate, as undecodable command-line bytes
+    or JSON's "\\ud800" become), e.g. "'\\udcff' at character 3"; None when it is valid text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{text[exc.start]!r} at character {exc.start + 1}"
+    return None

@@ -138,7 +138,12 @@ def chat_command(bundle: str, patches: tuple[str, ...], weights: tuple[float, ..
     history: list[dict[str, str]] = []
     try:
         while True:
-            line = input("> ")
+            try:
+                line = input("> ")
+            except UnicodeDecodeError as exc:  # bytes the terminal's encoding cannot decode: say so, keep chatting
+                click.echo(f"error: the line is not valid {exc.encoding} text (byte {exc.start + 1}); "
+                           "type it again", err=True)
+                continue
             if not line.strip():
                 continue
             try:

@@ -402,7 +402,8 @@ def import_control_vector(path: str | Path, *, scale: float = 1.0, layers: tuple
 def steering_params(vector: np.ndarray) -> dict[str, np.ndarray]:
     """h + v as a rank-1 LoBiReFT edit: R = v/|v| (orthonormal), b = |v|, so h + b R = h + v."""
     norm = float(np.linalg.norm(vector))
-    return {"R": (vector / norm)[None].astype(np.float32), "b": np.array([norm], np.float32)}
+    with np.errstate(over="ignore"):  # too large for float32: Patch.check_finite says so, naming --scale
+        return {"R": (vector / norm)[None].astype(np.float32), "b": np.array([norm], np.float32)}
 
 
 def read_control_vector(path: Path) -> tuple[dict[int, np.ndarray], str | None]:

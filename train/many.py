@@ -104,8 +104,8 @@ def train_many(config: ManyConfig, *, progress: bool = True) -> list[Result]:
     if config.max_rows < 1:
         raise UsageError(f"--max-rows {config.max_rows} must be at least 1")
     check_out_dir(config.out_dir)
-    jobs = read_jobs(config)  # every rank reads every line, so a bad line stops all ranks alike
-    with made_dir(Path(config.out_dir)):
+    with made_dir(Path(config.out_dir)):  # removed again, if still empty, when the job fails
+        jobs = read_jobs(config)  # every rank reads every line, so a bad line stops all ranks alike
         return train_jobs(config, jobs, progress)
 
 
