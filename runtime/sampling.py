@@ -21,12 +21,14 @@ token budget ends; a 6-gram almost never repeats in a sound short answer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from reft_edge.errors import UsageError
+from reft_edge.params import check_seed
 
 
 CLI_NO_REPEAT_NGRAM = 6
@@ -56,6 +58,9 @@ class Sampling:
                                                      not isinstance(sampling.no_repeat_ngram, int) or
                                                      sampling.no_repeat_ngram < 0):
             raise UsageError(f"no_repeat_ngram {sampling.no_repeat_ngram!r} must be a whole number >= 0 (0 is off)")
+        if sampling.temperature == math.inf:
+            raise UsageError("temperature inf is not a number to divide by; give a finite temperature (0 is greedy)")
+        check_seed(sampling.seed, "seed")
         return sampling
 
     @property

@@ -649,3 +649,22 @@ def test_examples_longer_than_the_context_name_file_and_line(tmp_path, tiny_mode
     line = one_line_exit_2(result)
     assert f"{data}:3:" in line and "longer than the model's context of 256" in line
     assert not (tmp_path / "o.reft").exists()
+
+
+def test_sampling_api_bounds_seed_and_temperature():
+    from reft_edge.runtime.sampling import Sampling
+
+    for options in (dict(seed=-5), dict(seed=2**64), dict(temperature=math.inf), dict(temperature=math.nan)):
+        with pytest.raises(UsageError):
+            Sampling.check(**options)
+    assert Sampling.check(seed=2**32 - 1, temperature=0.7).seed == 2**32 - 1
+
+
+def test_weight_that_overflows_float32_with_the_patch_is_a_usage_error():
+    from reft_edge.runtime.slots import resolve_edits
+
+    patch = valid_patch()
+    assert resolve_edits([patch], [2.0], [0, 1])  # an ordinary weight works
+    big = [Intervention(iv.layer, iv.where, {**iv.params, "R": iv.params["R"] * 1e3}) for iv in patch.interventions]
+    with pytest.raises(UsageError, match="overflow float32; give a smaller --weight"):
+        resolve_edits([Patch(**{**patch.__dict__, "interventions": tuple(big)})], [3e38], [0, 1])
