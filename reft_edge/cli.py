@@ -39,15 +39,29 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
-        except Exception as exc:  # an internal error: keep the terminal readable, keep the details
+        except OSError as exc:
+            if exc.filename is None or not exc.strerror:
+                _internal_error(ctx, exc)
+            # a full disk, a folder made read-only meanwhile: the system's fault or the user's, never ours
             if ctx.meta.get("verbose"):
                 traceback.print_exc()
-            else:
-                with tempfile.NamedTemporaryFile("w", prefix="reft-edge-crash-", suffix=".txt", delete=False) as log:
-                    traceback.print_exc(file=log)
-                click.echo(f"internal error: {type(exc).__name__}: {exc} (traceback in {log.name}; "
-                           "--verbose prints it)", err=True)
-            ctx.exit(1)
+            click.echo(f"error: {exc.filename}: {exc.strerror}; free space or fix the permissions there, "
+                       "or choose another path", err=True)
+            ctx.exit(2)
+        except Exception as exc:
+            _internal_error(ctx, exc)
+
+
+def _internal_error(ctx: click.Context, exc: Exception) -> None:
+    """An internal error: keep the terminal readable, keep the details; exit 1."""
+    if ctx.meta.get("verbose"):
+        traceback.print_exc()
+    else:
+        with tempfile.NamedTemporaryFile("w", prefix="reft-edge-crash-", suffix=".txt", delete=False) as log:
+            traceback.print_exc(file=log)
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (traceback in {log.name}; "
+                   "--verbose prints it)", err=True)
+    ctx.exit(1)
 
 
 @click.group(cls=_Group)

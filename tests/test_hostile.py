@@ -323,6 +323,22 @@ def test_sweep_keeps_live_writers_and_fresh_folders_without_pid(tmp_path):
     assert [p.name for p in final.iterdir()] == ["x"]  # the PID file never ends up in the result
 
 
+def test_next_export_sweeps_a_killed_exports_folder(tmp_path, tiny_backbone, tiny_bundle):
+    """The leftover of an export killed with SIGKILL beside a bundle goes at the next export of it
+    (here an up-to-date one, which sweeps and then returns without rebuilding)."""
+    from reft_edge.export import ExportConfig, export_bundle
+
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tiny_bundle)], stdout=subprocess.PIPE,
+                              text=True)
+    leftover = Path(writer.stdout.readline().strip())
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert leftover.is_dir() and leftover.parent == tiny_bundle.parent
+    export_bundle(ExportConfig(model=tiny_backbone.path, out=str(tiny_bundle)), backbone=tiny_backbone, progress=False)
+    assert not leftover.exists() and not writer_file(leftover).exists()
+    Manifest.from_dir(tiny_bundle)
+
+
 # == 8, 14. output paths are checked before any work ========================================================
 
 def test_output_paths_are_checked_first(tmp_path):
@@ -610,6 +626,7 @@ def test_malicious_pickle_model_is_refused_in_one_line(tmp_path, tiny_model_dir)
     with pytest.raises(ModelError) as caught:
         load_backbone(str(folder))
     assert "\n" not in str(caught.value) and str(folder) in str(caught.value)
+    assert "a pickle that would run code" in str(caught.value)
     assert not PWNED.exists()
 
 
@@ -668,3 +685,14 @@ def test_weight_that_overflows_float32_with_the_patch_is_a_usage_error():
     big = [Intervention(iv.layer, iv.where, {**iv.params, "R": iv.params["R"] * 1e3}) for iv in patch.interventions]
     with pytest.raises(UsageError, match="overflow float32; give a smaller --weight"):
         resolve_edits([Patch(**{**patch.__dict__, "interventions": tuple(big)})], [3e38], [0, 1])
+
+
+def test_os_error_naming_a_path_is_one_line(tmp_path, monkeypatch):
+    import reft_edge.train.recipe as recipe
+
+    def disk_full(config, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "o.reft"))
+
+    monkeypatch.setattr(recipe, "train", disk_full)
+    line = one_line_exit_2(CliRunner().invoke(main, ["train", "--data", "d.jsonl", "--out", str(tmp_path / "o.reft")]))
+    assert f"{tmp_path / 'o.reft'}: No space left on device" in line
