@@ -251,7 +251,8 @@ def inspect_bundle(path: str, as_json: bool) -> None:
     checked = manifest.verification
     click.echo(f"bundle {Path(path).name} ({manifest.precision}, {manifest.size_bytes} bytes, "
                f"exported by reft-edge {printable(manifest.tool_version)})")
-    click.echo(f"  model {printable(manifest.source_model)} ({printable(manifest.architecture)}, {manifest.graph} graph), "
+    click.echo(f"  model {printable(manifest.source_model)} ({printable(manifest.architecture)}, "
+               f"{manifest.graph} graph), "
                f"{manifest.num_layers} layers, hidden size {manifest.hidden_size}, vocab {manifest.vocab_size}, "
                f"context {manifest.context_length}")
     click.echo(f"  base {manifest.base_fingerprint[:16]}, slot layers {manifest.slot_layers}")

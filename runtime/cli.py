@@ -36,7 +36,8 @@ def _sampling_options(function):
     for option in reversed([
         click.option("--temperature", default=None, type=FINITE_FLOAT,
                      help="0 is greedy. [default: the bundle's generation config, else 0]"),
-        click.option("--top-p", default=None, type=FINITE_FLOAT, help="[default: the bundle's generation config, else off]"),
+        click.option("--top-p", default=None, type=FINITE_FLOAT,
+                     help="[default: the bundle's generation config, else off]"),
         click.option("--top-k", default=None, type=int, help="[default: the bundle's generation config, else off]"),
         click.option("--repetition-penalty", default=None, type=FINITE_FLOAT,
                      help="1.0 is none. [default: the bundle's generation config, else none]"),

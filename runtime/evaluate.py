@@ -397,7 +397,8 @@ def evaluate(bundle: Any = None, *, data: str | Path, model: Any = None, patches
         source=backend.source, kind=backend.kind, precision=backend.precision,
         base_fingerprint=backend.base_fingerprint, patches=tuple(p.name for p in loaded),
         weights=tuple(weights or ()), data=str(data), prompts=len(records), max_new_tokens=max_new_tokens,
-        loss=loss, adherence=adherence(judge, base_answers, patched_answers, [r.where for r in shown]) if judge else None,
+        loss=loss,
+        adherence=adherence(judge, base_answers, patched_answers, [r.where for r in shown]) if judge else None,
         retention=retention,
         samples=tuple(Sample(prompt_label(r), base_answers[i], patched_answers[i] if patched_answers else None)
                       for i, r in enumerate(shown[:samples])),

@@ -125,7 +125,8 @@ def assert_still_serving(port: int) -> None:
     assert status == 200 and b'"schema_version"' in answer
 
 
-OUTSIDE = ["/bundle/rootlink/etc/passwd", "/bundle/secret.json", "/bundle/up/secret.txt", "/bundle/up/bundle/../secret.txt",
+OUTSIDE = ["/bundle/rootlink/etc/passwd", "/bundle/secret.json", "/bundle/up/secret.txt",
+           "/bundle/up/bundle/../secret.txt",
            "/bundle/rootlink/", "/bundle/%72ootlink/etc/passwd", "/bundle/up%2fsecret.txt", "/bundle/..%2fsecret.txt",
            "/bundle/../secret.txt", "/web/../../../etc/passwd", "/patches/../secret.txt", "/%2e%2e/%2e%2e/etc/passwd"]
 
@@ -371,7 +372,8 @@ def test_read_only_output_folder(tmp_path):
     (["train-many", "--jobs", "nope.jsonl", "--out-dir", "new-out"], "nope.jsonl"),
     (["train-many", "--jobs", "jobs.jsonl", "--out-dir", "afile"], "is a file"),
     (["train-many", "--jobs", "jobs.jsonl", "--out-dir", "afile/sub"], "is a file, not a folder"),
-    (["train-many", "--jobs", "inf.jsonl", "--out-dir", "new-out"], "inf.jsonl:1: --lr inf must be a positive number up to 10"),
+    (["train-many", "--jobs", "inf.jsonl", "--out-dir", "new-out"],
+     "inf.jsonl:1: --lr inf must be a positive number up to 10"),
     (["train-many", "--jobs", "seed.jsonl", "--out-dir", "new-out"], "seed.jsonl:1: --seed -3 is not a seed"),
 ])
 def test_bad_destinations_fail_before_work_and_leave_nothing(tmp_path, monkeypatch, args, message):
@@ -461,7 +463,8 @@ def js_patch_error(path: Path) -> dict | None:
 
 
 _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     lambda inner: (st.lists(inner, max_size=4)
+                                    | st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                      max_leaves=20)
 _METADATA_VALUE = st.one_of(_JSON.map(json.dumps), st.integers(1, 3000).map(_deep), st.text(max_size=30),
                             st.integers(1, 3000).map(lambda n: "[" * n + "]" * n))
@@ -488,10 +491,12 @@ def test_patch_metadata_property_typed_error_or_valid(key, value):
 
 @pytest.mark.parametrize("changes,field", [
     ({"files": ["model.onnx"]}, "files"), ({"context_length": "256"}, "context_length"),
-    ({"special_tokens": {"eos_token_ids": ["2"]}}, "special_tokens"), ({"special_tokens": {"pad_token_id": "0"}}, "special_tokens"),
+    ({"special_tokens": {"eos_token_ids": ["2"]}}, "special_tokens"),
+    ({"special_tokens": {"pad_token_id": "0"}}, "special_tokens"),
     ({"kv": {"num_layers": 3}}, "kv lacks"), ({"kv": {"num_layers": "3", "num_kv_heads": 2, "head_dim": 16,
                                                       "dtype": "float32"}}, "kv.num_layers"),
-    ({"slot_layers": "0,1"}, "slot_layers"), ({"hidden_size": 6.4}, "hidden_size"), ({"generation": {"temperature": "hot"}}, "generation"),
+    ({"slot_layers": "0,1"}, "slot_layers"), ({"hidden_size": 6.4}, "hidden_size"),
+    ({"generation": {"temperature": "hot"}}, "generation"),
     ({"verification": _deep(10_000)}, "nests deeper"),
 ])
 def test_manifest_with_wrong_types_is_one_line(tmp_path, changes, field):
@@ -525,7 +530,8 @@ def test_manifest_property_typed_error_or_valid(field, value):
 def test_chat_template_that_raises_is_a_bundle_error():
     from reft_edge.runtime.template import ChatTemplate
 
-    for source in ("{{ 1/0 }}", "{{ messages[99]['content'] }}{{ none.x.y }}", "{% for x in range(10**9) %}{% endfor %}"):
+    templates = ("{{ 1/0 }}", "{{ messages[99]['content'] }}{{ none.x.y }}", "{% for x in range(10**9) %}{% endfor %}")
+    for source in templates:
         with pytest.raises((BundleError, UsageError)) as caught:
             ChatTemplate(source, {}, origin="bundle/chat_template.jinja").render([{"role": "user", "content": "hi"}])
         assert "\n" not in str(caught.value) and "chat_template.jinja" in str(caught.value)
@@ -619,7 +625,7 @@ def test_malicious_pickle_model_is_refused_in_one_line(tmp_path, tiny_model_dir)
     folder = tmp_path / "evil-model"
     shutil.copytree(tiny_model_dir("llama"), folder)
     (folder / "model.safetensors").unlink()
-    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": _RunsCode()}))
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": _RunsCode()}, protocol=2))
     PWNED.unlink(missing_ok=True)
     from reft_edge.train.backbone import load_backbone
 

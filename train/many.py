@@ -43,7 +43,7 @@ from typing import Any, Iterator
 import torch
 
 from reft_edge.errors import PatchError, ReftEdgeError, UsageError
-from reft_edge.files import atomic_write_bytes
+from reft_edge.files import atomic_write_bytes, check_output_path
 from reft_edge.runtime.patch import Patch
 from reft_edge.runtime.positions import Positions
 from reft_edge.train.backbone import Backbone, load_backbone
@@ -103,23 +103,10 @@ def train_many(config: ManyConfig, *, progress: bool = True) -> list[Result]:
     """Train every job's person (this rank's share under torchrun); returns everyone's results."""
     if config.max_rows < 1:
         raise UsageError(f"--max-rows {config.max_rows} must be at least 1")
-    check_out_dir(config.out_dir)
+    check_output_path(config.out_dir, "--out-dir", folder=True)  # before any work starts
     with made_dir(Path(config.out_dir)):  # removed again, if still empty, when the job fails
         jobs = read_jobs(config)  # every rank reads every line, so a bad line stops all ranks alike
         return train_jobs(config, jobs, progress)
-
-
-def check_out_dir(out_dir: str) -> None:
-    """--out-dir can become a folder we can write in: checked before any work starts."""
-    path = Path(out_dir)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out-dir {out_dir} is a file; pass a folder for the patches")
-    parent = next((p for p in path.absolute().parents if p.exists()), None)
-    if parent is not None and not path.exists() and not parent.is_dir():
-        raise UsageError(f"--out-dir {out_dir}: {parent} is a file, not a folder; choose another --out-dir")
-    existing = path if path.is_dir() else parent
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out-dir {out_dir}: cannot write in {existing} (permission denied); choose another --out-dir")
 
 
 @contextlib.contextmanager
