@@ -28,7 +28,7 @@ from reft_edge.constants import (
 )
 from reft_edge.configs import config_from_dict
 from reft_edge.errors import BundleError, ExportError, UsageError
-from reft_edge.files import atomic_dir, remove_stale_temporaries
+from reft_edge.files import atomic_dir, check_output_path, remove_stale_temporaries
 from reft_edge.export.quantize import WEIGHT_RECIPES
 from reft_edge.runtime.bundle import PRECISIONS, KVLayout, Manifest
 
@@ -71,7 +71,7 @@ def export_bundle(config: ExportConfig, *, backbone: Any = None, progress: bool 
     slot_layers = resolve_slot_layers(config, backbone.num_layers)
     for stale in remove_stale_temporaries(Path(config.out)):
         if progress:
-            print(f"removed {stale}, left by an export that was killed more than a day ago")
+            print(f"removed {stale}, left by an export that was killed")
     existing = up_to_date_bundle(config, backbone, slot_layers)
     if existing is not None:
         if progress:
@@ -107,9 +107,7 @@ def check_config(config: ExportConfig) -> None:
     """Checks that need no model, so bad options fail before anything slow starts."""
     if config.precision not in PRECISIONS:
         raise UsageError(f"--precision {config.precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; pass a folder path for the bundle")
+    check_output_path(config.out, folder=True)
 
 
 def resolve_slot_layers(config: ExportConfig, num_layers: int) -> list[int]:

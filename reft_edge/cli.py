@@ -9,6 +9,7 @@ unexpected prints a short message and where the full traceback was written (exit
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 import traceback
@@ -19,6 +20,7 @@ import click
 
 from reft_edge import __version__
 from reft_edge.errors import ReftEdgeError, UsageError
+from reft_edge.params import FINITE_FLOAT, SEED
 from reft_edge.runtime.patch import KINDS, SAVE_DTYPES
 from reft_edge.train.config import DEFAULT_LAYERS_HELP, DEFAULT_STEPS, ManyConfig, TrainConfig
 
@@ -37,15 +39,29 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
-        except Exception as exc:  # an internal error: keep the terminal readable, keep the details
+        except OSError as exc:
+            if exc.filename is None or not exc.strerror:
+                _internal_error(ctx, exc)
+            # a full disk, a folder made read-only meanwhile: the system's fault or the user's, never ours
             if ctx.meta.get("verbose"):
                 traceback.print_exc()
-            else:
-                with tempfile.NamedTemporaryFile("w", prefix="reft-edge-crash-", suffix=".txt", delete=False) as log:
-                    traceback.print_exc(file=log)
-                click.echo(f"internal error: {type(exc).__name__}: {exc} (traceback in {log.name}; "
-                           "--verbose prints it)", err=True)
-            ctx.exit(1)
+            click.echo(f"error: {exc.filename}: {exc.strerror}; free space or fix the permissions there, "
+                       "or choose another path", err=True)
+            ctx.exit(2)
+        except Exception as exc:
+            _internal_error(ctx, exc)
+
+
+def _internal_error(ctx: click.Context, exc: Exception) -> None:
+    """An internal error: keep the terminal readable, keep the details; exit 1."""
+    if ctx.meta.get("verbose"):
+        traceback.print_exc()
+    else:
+        with tempfile.NamedTemporaryFile("w", prefix="reft-edge-crash-", suffix=".txt", delete=False) as log:
+            traceback.print_exc(file=log)
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (traceback in {log.name}; "
+                   "--verbose prints it)", err=True)
+    ctx.exit(1)
 
 
 @click.group(cls=_Group)
@@ -104,10 +120,10 @@ def recipe_options(command):
         click.option("--steps", default=_default("steps"), type=int,
                      help=f"Optimizer steps (default {DEFAULT_STEPS} unless --epochs)."),
         click.option("--epochs", default=_default("epochs"), type=int),
-        click.option("--lr", default=_default("lr"), show_default=True, type=float),
+        click.option("--lr", default=_default("lr"), show_default=True, type=FINITE_FLOAT),
         click.option("--batch-size", default=_default("batch_size"), show_default=True, type=int),
-        click.option("--seed", default=_default("seed"), show_default=True, type=int),
-        click.option("--val-fraction", default=_default("val_fraction"), type=float,
+        click.option("--seed", default=_default("seed"), show_default=True, type=SEED),
+        click.option("--val-fraction", default=_default("val_fraction"), type=FINITE_FLOAT,
                      help="Hold out this share of the data for validation (seeded)."),
         click.option("--eval-every", default=_default("eval_every"), show_default=True, type=int,
                      help="Validate every N steps."),
@@ -145,7 +161,7 @@ def recipe_options(command):
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt if a killed run left one.")
 @click.option("--auto", is_flag=True,
               help="Search layers, rank, positions and lr on a validation split (Optuna); keep the best patch.")
-@click.option("--budget-minutes", default=10.0, show_default=True, type=float, help="Time budget of --auto.")
+@click.option("--budget-minutes", default=10.0, show_default=True, type=FINITE_FLOAT, help="Time budget of --auto.")
 def train(layers: str | None, skills: tuple[str, ...], compose_with: tuple[str, ...], auto: bool,
           budget_minutes: float, **options) -> None:
     """Learn a LoReFT patch from examples."""
@@ -198,7 +214,8 @@ def inspect(path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
-    training = summary["training"]
+    summary = {key: printable(value) for key, value in summary.items()}
+    training = summary["training"] if isinstance(summary["training"], dict) else {}
     click.echo(f"patch {summary['name']} ({Path(path).name}, {summary['size_bytes']} bytes, {summary['dtype']})")
     click.echo(f"  kind {summary['kind']}, rank {summary['rank']}, layers {summary['layers']}, "
                f"positions {summary['positions']}, {'shared' if summary['share_weights'] else 'untied'} weights")
@@ -211,6 +228,22 @@ def inspect(path: str, as_json: bool) -> None:
                f"final loss {training.get('final_loss')}")
 
 
+# C0/C1 controls (newline, ESC of ANSI sequences) and the bidi overrides that reorder what follows.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(value):
+    """``value`` with every string in it (nested too) safe for a terminal: a patch or manifest is
+    someone else's file, and its name must not move the cursor, recolour or rewrite the screen."""
+    if isinstance(value, str):
+        return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], value)
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [printable(v) for v in value]
+    return value
+
+
 def inspect_bundle(path: str, as_json: bool) -> None:
     from reft_edge.runtime.bundle import Manifest
 
@@ -220,8 +253,9 @@ def inspect_bundle(path: str, as_json: bool) -> None:
         return
     checked = manifest.verification
     click.echo(f"bundle {Path(path).name} ({manifest.precision}, {manifest.size_bytes} bytes, "
-               f"exported by reft-edge {manifest.tool_version})")
-    click.echo(f"  model {manifest.source_model} ({manifest.architecture}, {manifest.graph} graph), "
+               f"exported by reft-edge {printable(manifest.tool_version)})")
+    click.echo(f"  model {printable(manifest.source_model)} ({printable(manifest.architecture)}, "
+               f"{manifest.graph} graph), "
                f"{manifest.num_layers} layers, hidden size {manifest.hidden_size}, vocab {manifest.vocab_size}, "
                f"context {manifest.context_length}")
     click.echo(f"  base {manifest.base_fingerprint[:16]}, slot layers {manifest.slot_layers}")

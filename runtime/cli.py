@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import click
 
 from reft_edge.errors import UsageError
+from reft_edge.params import FINITE_FLOAT, FLOAT32, SEED
 
 _patch_option = click.option("--patch", "patches", multiple=True, type=click.Path(),
                              help="A .reft patch; repeat to compose several.")
@@ -33,15 +34,16 @@ def _sampling_options(function):
     from reft_edge.runtime.sampling import NO_REPEAT_NGRAM
 
     for option in reversed([
-        click.option("--temperature", default=None, type=float,
+        click.option("--temperature", default=None, type=FINITE_FLOAT,
                      help="0 is greedy. [default: the bundle's generation config, else 0]"),
-        click.option("--top-p", default=None, type=float, help="[default: the bundle's generation config, else off]"),
+        click.option("--top-p", default=None, type=FINITE_FLOAT,
+                     help="[default: the bundle's generation config, else off]"),
         click.option("--top-k", default=None, type=int, help="[default: the bundle's generation config, else off]"),
-        click.option("--repetition-penalty", default=None, type=float,
+        click.option("--repetition-penalty", default=None, type=FINITE_FLOAT,
                      help="1.0 is none. [default: the bundle's generation config, else none]"),
         click.option("--no-repeat-ngram", default=NO_REPEAT_NGRAM, show_default=True, type=int,
                      help="Loop guard: never repeat an n-gram of the answer; 0 turns it off."),
-        click.option("--seed", default=None, type=int),
+        click.option("--seed", default=None, type=SEED),
     ]):
         function = option(function)
     return function
@@ -79,7 +81,7 @@ def _weights(patches: tuple[str, ...], weights: tuple[float, ...]) -> list[float
 @click.argument("bundle", type=click.Path())
 @click.argument("prompt")
 @_patch_option
-@click.option("--weight", "weights", multiple=True, type=float, help="Scale of each --patch's edit (default 1).")
+@click.option("--weight", "weights", multiple=True, type=FLOAT32, help="Scale of each --patch's edit (default 1).")
 @_skill_option
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
 @_sampling_options
@@ -119,7 +121,7 @@ def print_stream(stream: Iterator[str]) -> Any:
 @click.command("chat")
 @click.argument("bundle", type=click.Path())
 @_patch_option
-@click.option("--weight", "weights", multiple=True, type=float, help="Scale of each --patch's edit (default 1).")
+@click.option("--weight", "weights", multiple=True, type=FLOAT32, help="Scale of each --patch's edit (default 1).")
 @_skill_option
 @click.option("--max-new-tokens", default=256, show_default=True, type=int)
 @_sampling_options
@@ -137,7 +139,12 @@ def chat_command(bundle: str, patches: tuple[str, ...], weights: tuple[float, ..
     history: list[dict[str, str]] = []
     try:
         while True:
-            line = input("> ")
+            try:
+                line = input("> ")
+            except UnicodeDecodeError as exc:  # bytes the terminal's encoding cannot decode: say so, keep chatting
+                click.echo(f"error: the line is not valid {exc.encoding} text (byte {exc.start + 1}); "
+                           "type it again", err=True)
+                continue
             if not line.strip():
                 continue
             try:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import click
 
+from reft_edge.params import FLOAT32
+
 FORMATS = ("onnx-adapter",)
 
 
@@ -21,7 +23,7 @@ FORMATS = ("onnx-adapter",)
 @click.option("--bundle", required=True, type=click.Path(), help="The bundle the adapter is for (checked against).")
 @click.option("--to", "to", required=True, type=click.Choice(FORMATS), help="Output format.")
 @click.option("--out", required=True, type=click.Path(), help="File to write, e.g. alice.onnx_adapter.")
-@click.option("--weight", "weights", multiple=True, type=float, help="Scale of each PATCH's edit (default 1).")
+@click.option("--weight", "weights", multiple=True, type=FLOAT32, help="Scale of each PATCH's edit (default 1).")
 @click.option("--none", "no_patch", is_flag=True,
               help="Write the no-patch adapter (rank-0 slots) that runs the bundle as the base model.")
 def convert_command(patches: tuple[str, ...], bundle: str, to: str, out: str, weights: tuple[float, ...],

@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from reft_edge.params import FLOAT32
 from reft_edge.runtime.cli import _weights
 
 
@@ -25,7 +26,7 @@ from reft_edge.runtime.cli import _weights
 @click.option("--model", default=None, help="Evaluate on a Hugging Face model folder or id (or 'default') with "
                                             "torch instead of a bundle.")
 @click.option("--patch", "patches", multiple=True, type=click.Path(), help="A .reft patch; repeat to compose several.")
-@click.option("--weight", "weights", multiple=True, type=float, help="Scale of each --patch's edit (default 1).")
+@click.option("--weight", "weights", multiple=True, type=FLOAT32, help="Scale of each --patch's edit (default 1).")
 @click.option("--data", required=True, type=click.Path(),
               help="Held-out JSONL (prompt/response or messages, like training data) or a .txt of prompts, one a line.")
 @click.option("--judge", default=None, help="Adherence test of each answer: regex:PATTERN, no-letters, all-caps, "

@@ -309,9 +309,13 @@ def heldout_loss(backend: Backend, records: Sequence[Record], patches: Sequence[
     return LossReport(round(base, 6), None if patched is None else round(patched, 6), tokens, len(examples))
 
 
-def adherence(judge: Judge, base_answers: Sequence[str], patched_answers: Sequence[str] | None) -> AdherenceReport:
+def adherence(judge: Judge, base_answers: Sequence[str], patched_answers: Sequence[str] | None,
+              wheres: Sequence[str] = ()) -> AdherenceReport:
+    """The share of answers the judge passes; ``wheres`` (each prompt's file:line) name the prompt
+    whose answer a raising judge failed on."""
     def share(answers: Sequence[str]) -> float:
-        return round(sum(judge(a) for a in answers) / len(answers), 6)
+        places = list(wheres) or [""] * len(answers)
+        return round(sum(judge(a, where) for a, where in zip(answers, places)) / len(answers), 6)
 
     return AdherenceReport(judge.spec, share(base_answers), None if patched_answers is None else share(patched_answers),
                            len(base_answers), loop_share(list(base_answers)),
@@ -400,7 +404,8 @@ def evaluate(bundle: Any = None, *, data: str | Path, model: Any = None, patches
         source=backend.source, kind=backend.kind, precision=backend.precision,
         base_fingerprint=backend.base_fingerprint, patches=tuple(p.name for p in loaded),
         weights=tuple(weights or ()), data=str(data), prompts=len(records), max_new_tokens=max_new_tokens,
-        loss=loss, adherence=adherence(judge, base_answers, patched_answers) if judge else None,
+        loss=loss,
+        adherence=adherence(judge, base_answers, patched_answers, [r.where for r in shown]) if judge else None,
         retention=retention,
         samples=tuple(Sample(prompt_label(r), base_answers[i], patched_answers[i] if patched_answers else None)
                       for i, r in enumerate(shown[:samples])),

@@ -73,8 +73,16 @@ class Judge:
             return cls(spec, "module", spec, _import_callable(spec))
         raise UsageError(f"judge {spec!r} is unknown: use {FORMS}")
 
-    def __call__(self, text: str) -> bool:
-        return bool(self.test(text))
+    def __call__(self, text: str, where: str = "") -> bool:
+        """Whether ``text`` passes; a judge function that raises is a UsageError naming the judge and,
+        given ``where`` (the prompt's file:line), the prompt whose answer it failed on."""
+        try:
+            return bool(self.test(text))
+        except Exception as exc:  # a module:function judge is the user's code; its bug is theirs to fix
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "no message"
+            at = f" on the answer to the prompt at {where}" if where else f" on the answer {text[:60]!r}"
+            raise UsageError(f"judge {self.spec!r} raised {type(exc).__name__} ({reason}){at}; fix the judge "
+                             "(it takes the answer text and returns true or false)") from None
 
     def __str__(self) -> str:
         return self.spec

@@ -57,6 +57,41 @@ _REQUIRED_METADATA = (
     "training",
 )
 SKILL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Real metadata nests 4 levels at most; a bound keeps every reader and printer off deep recursion.
+MAX_JSON_DEPTH = 64
+MAX_SHOWN_CHARS = 200  # of a bad metadata value quoted in an error message
+
+
+class _TooDeep(ValueError):
+    """JSON nested deeper than MAX_JSON_DEPTH."""
+
+
+def json_depth(value: Any) -> int:
+    """How deep lists and objects nest in a parsed JSON value (iterative: safe on any depth)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def loads_bounded(text: str | bytes) -> Any:
+    """json.loads that refuses (``_TooDeep``) values nested deeper than MAX_JSON_DEPTH."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise _TooDeep from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise _TooDeep
+    return value
+
+
+def shown(value: Any) -> str:
+    """repr(value), cut to MAX_SHOWN_CHARS: an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + "..."
 
 
 def affine_from_params(kind: str, params: Mapping[str, Any]) -> tuple[Any, Any, Any]:
@@ -210,13 +245,26 @@ class Patch:
     def to_bytes(self) -> bytes:
         return serialize_safetensors(self.tensors(), self.metadata())
 
-    def to_file(self, path: str | Path) -> "Patch":
-        """Write atomically; returns the patch as a loader would see it (digest and size filled in)."""
+    def to_file(self, path: str | Path, *, fix: str = "re-train with a lower --lr") -> "Patch":
+        """Validate, then write atomically; returns the patch as a loader would see it (digest and
+        size filled in). Nothing is written for a patch no reader would accept; ``fix`` says what the
+        caller's user should change when the values are not finite (the cause differs: --lr, --scale)."""
         from reft_edge.files import atomic_write_bytes
 
+        self.check_finite(f"{path}: not written", fix)
         data = self.to_bytes()
+        checked = Patch.from_bytes(data, source=str(path))  # every reader check, before a byte lands
         atomic_write_bytes(Path(path), data)
-        return Patch.from_bytes(data, source=str(path))
+        return checked
+
+    def check_finite(self, source: str, fix: str) -> None:
+        """Raise unless every tensor is finite in the dtype it is stored in (1e39 is inf in float32)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            tensors = self.tensors()
+        for name, array in sorted(tensors.items()):
+            if not np.isfinite(array).all():
+                raise PatchFormatError(f"{source}: tensor {name} holds NaN or infinite values "
+                                       f"(as {self.dtype}); {fix}")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Patch":
@@ -362,9 +410,12 @@ def _read_metadata(data: bytes, source: str) -> dict[str, str]:
             "the file is truncated or not a patch"
         )
     try:
-        header = json.loads(data[8:8 + header_len].decode("utf-8"))
+        header = loads_bounded(data[8:8 + header_len].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise PatchFormatError(f"{source}: header is not valid JSON; the file is damaged or not a patch") from None
+    except _TooDeep:
+        raise PatchFormatError(f"{source}: header nests deeper than {MAX_JSON_DEPTH} levels; "
+                               "the file is damaged or not a patch") from None
     metadata = header.pop("__metadata__", None) if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise PatchFormatError(f"{source}: no reft-edge metadata in the header; pass a .reft file "
@@ -374,7 +425,7 @@ def _read_metadata(data: bytes, source: str) -> dict[str, str]:
 
 def _parse_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
     def bad(key: str, expected: str) -> PatchFormatError:
-        return PatchFormatError(f"{source}: metadata {key!r} is {metadata.get(key)!r}, expected {expected}; "
+        return PatchFormatError(f"{source}: metadata {key!r} is {shown(metadata.get(key))}, expected {expected}; "
                                 "the file is damaged, re-train or copy it again")
 
     missing = [key for key in _REQUIRED_METADATA if key not in metadata]
@@ -384,9 +435,11 @@ def _parse_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
     values = {}
     for key in _REQUIRED_METADATA:
         try:
-            values[key] = json.loads(metadata[key])
+            values[key] = loads_bounded(metadata[key])
         except json.JSONDecodeError:
             raise bad(key, "a JSON value") from None
+        except _TooDeep:
+            raise bad(key, f"JSON nested at most {MAX_JSON_DEPTH} levels deep") from None
     if values["format"] != PATCH_FORMAT:
         raise bad("format", repr(PATCH_FORMAT))
     if type(values["format_version"]) is not int or not 1 <= values["format_version"] <= PATCH_FORMAT_VERSION:
@@ -441,9 +494,11 @@ def _parse_skills(metadata: dict[str, str], values: dict[str, Any], bad: Any) ->
     if "skills" not in metadata:
         return ()
     try:
-        skills = json.loads(metadata["skills"])
+        skills = loads_bounded(metadata["skills"])
     except json.JSONDecodeError:
         raise bad("skills", "a JSON value") from None
+    except _TooDeep:
+        raise bad("skills", f"JSON nested at most {MAX_JSON_DEPTH} levels deep") from None
     expected = f"a list of {{name, rank}} objects with distinct names whose ranks add up to rank {values['rank']}"
     if values["format_version"] < SKILLS_FORMAT_VERSION:
         raise bad("format_version", f"{SKILLS_FORMAT_VERSION} (the file has skills)")

@@ -27,12 +27,14 @@ Evaluation (runtime.evaluate) turns it off, to measure the patch rather than the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from reft_edge.errors import UsageError
+from reft_edge.params import check_seed
 
 
 NO_REPEAT_NGRAM = 6
@@ -68,6 +70,9 @@ class Sampling:
             value = getattr(sampling, name)
             if value is not None and not -2 <= value <= 2:
                 raise UsageError(f"{name} {value} must be between -2 and 2 (0 is none)")
+        if sampling.temperature == math.inf:
+            raise UsageError("temperature inf is not a number to divide by; give a finite temperature (0 is greedy)")
+        check_seed(sampling.seed, "seed")
         return sampling
 
     @property

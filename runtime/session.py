@@ -108,6 +108,7 @@ class Runtime:
             if not prompt.strip():
                 raise UsageError("the prompt is empty; give some text to answer")
             if raw:
+                check_messages(user_messages(prompt))  # the same text checks (valid Unicode) as a chat prompt
                 return prompt
             prompt = user_messages(prompt)
         elif raw:

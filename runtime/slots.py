@@ -105,8 +105,12 @@ def resolve_edits(patches: Sequence[Patch], weights: Sequence[float] | None,
         for edit in patch.affine_edits():
             if edit.A.shape[0]:  # every skill of the patch switched off leaves no rows
                 # Scaling A scales the whole edit ((h B^T + c) * m) A linearly, for any kind
-                edits.append(SlotEdit(slot_of[edit.layer], patch.positions, edit.where,
-                                      np.float32(weight) * edit.A, edit.B, edit.c))
+                with np.errstate(over="ignore"):
+                    scaled = np.float32(weight) * edit.A
+                if not np.isfinite(scaled).all():  # a finite weight can still overflow float32 times A
+                    raise UsageError(f"weight {weight:g} makes patch {patch.name!r}'s edit overflow float32; "
+                                     "give a smaller --weight (1.0 applies the patch as trained)")
+                edits.append(SlotEdit(slot_of[edit.layer], patch.positions, edit.where, scaled, edit.B, edit.c))
     return edits
 
 

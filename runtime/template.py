@@ -27,6 +27,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from reft_edge.errors import BundleError, UsageError
+from reft_edge.params import not_unicode
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -76,7 +77,13 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
         raise UsageError('messages must be a list of {"role": ..., "content": ...} dicts with string values')
     if not any(m["content"].strip() for m in messages):
         raise UsageError("the prompt is empty; give some text to answer")
+    for m in messages:
+        where = not_unicode(m["content"])
+        if where is not None:
+            raise UsageError(f"the {m['role']} message holds {where}, which is not valid Unicode text "
+                             "(undecodable bytes or a lone surrogate); pass UTF-8 text")
     return [dict(m) for m in messages]
+
 
 
 class ChatTemplate:
@@ -105,6 +112,10 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateError as exc:
             # raise_exception() in a template is how it rejects a conversation (e.g. roles out of order)
             raise UsageError(f"the chat template ({self._origin}) rejects these messages: {exc}") from None
+        except Exception as exc:  # the template's own bug ({{ 1/0 }}, a recursion): the bundle is at fault
+            reason = str(exc).splitlines()[0][:160] if str(exc) else ""
+            raise BundleError(f"{self._origin}: the chat template fails when rendered ({type(exc).__name__}"
+                              f"{': ' + reason if reason else ''}); fix the template or re-export the bundle") from None
 
 
 def template_variables(special_tokens: Mapping[str, Any]) -> dict[str, str]:

@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -89,6 +90,11 @@ def load_backbone(model: str | None = None, *, dtype: str = "float32") -> Backbo
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except pickle.UnpicklingError:
+        # torch's weights-only loader met a pickle that would build arbitrary objects: it ran nothing
+        raise ModelError(f"--model {source}: refused to load its weights: they are a pickle that would run code "
+                         "on loading, not plain tensors; convert them to safetensors or use a folder you trust "
+                         "that has model.safetensors") from None
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"--model {source}: cannot load ({first_line}); pass a local Hugging Face "

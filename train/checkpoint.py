@@ -64,6 +64,7 @@ def load_checkpoint(path: Path, *, parameters: list[torch.Tensor], optimizer: to
         changed = sorted(k for k in identity.keys() | saved_identity.keys() if identity.get(k) != saved_identity.get(k))
         raise UsageError(f"{path}: written by a run with different {', '.join(changed)}; resume with the same "
                          "options and data, or delete the checkpoint")
+    check_tensors(path, tensors, parameters, adam_steps, step)
     with torch.no_grad():
         for i, param in enumerate(parameters):
             param.copy_(tensors[f"param.{i}"])
@@ -71,3 +72,25 @@ def load_checkpoint(path: Path, *, parameters: list[torch.Tensor], optimizer: to
                                       "exp_avg": tensors[f"exp_avg.{i}"].to(param.device),
                                       "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].to(param.device)}
     return step, first_loss
+
+
+def check_tensors(path: Path, tensors: dict[str, torch.Tensor], parameters: list[torch.Tensor], adam_steps: Any,
+                  step: Any) -> None:
+    """Every parameter's tensors are there with its shape: a checkpoint whose identity matches can
+    still be damaged or edited by hand, and must fail with one line rather than a KeyError."""
+    def damaged(what: str) -> UsageError:
+        return UsageError(f"{path}: {what}; the checkpoint is damaged, delete it and train without --resume")
+
+    if type(step) is not int or step < 0:
+        raise damaged(f"step {step!r} is not a step count")
+    if not isinstance(adam_steps, list) or len(adam_steps) != len(parameters) or not all(
+            isinstance(n, (int, float)) for n in adam_steps):
+        raise damaged(f"adam_steps holds {len(adam_steps) if isinstance(adam_steps, list) else 'no'} counts "
+                      f"for {len(parameters)} parameters")
+    for i, param in enumerate(parameters):
+        for name in (f"param.{i}", f"exp_avg.{i}", f"exp_avg_sq.{i}"):
+            if name not in tensors:
+                raise damaged(f"tensor {name} is missing")
+            if tuple(tensors[name].shape) != tuple(param.shape) or not tensors[name].is_floating_point():
+                raise damaged(f"tensor {name} has shape {list(tensors[name].shape)} "
+                              f"({tensors[name].dtype}), expected {list(param.shape)}")

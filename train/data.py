@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from reft_edge.errors import DataError
+from reft_edge.params import not_unicode
 
 _FIX = 'each line must be {"prompt": "...", "response": "..."} or {"messages": [...]}'
+# A training example must fit the model's context (checked in tokens by tokenize); a line this
+# long could not fit any model's, and reading it into tokens alone would take minutes and gigabytes.
+MAX_LINE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ def read_jsonl(path: str | Path) -> list[Record]:
     records = []
     for number, line in enumerate(raw.split(b"\n"), start=1):
         where = f"{path}:{number}"
+        if len(line) > MAX_LINE_BYTES:
+            raise DataError(f"{where}: {len(line)} bytes, longer than any model's context ({MAX_LINE_BYTES} bytes "
+                            "per example at most); split the example or drop it")
         try:
             text = line.decode("utf-8").strip()
         except UnicodeDecodeError as exc:
@@ -91,6 +98,11 @@ def _parse_line(text: str, where: str) -> Record:
         raise DataError(f"{where}: the response is empty; give every example a non-empty answer")
     if not any(m["content"].strip() for m in prompt):
         raise DataError(f"{where}: the prompt is empty; give every example a question")
+    for text in (*(m["content"] for m in prompt), response, *(m["role"] for m in prompt)):
+        bad = not_unicode(text)
+        if bad is not None:
+            raise DataError(f"{where}: holds {bad}, which is not valid Unicode text (a lone surrogate escape "
+                            "such as \\ud800); fix or drop that example")
     return Record(prompt, response, where)
 
 
@@ -113,7 +125,10 @@ def _target_text(tokenizer: Any, record: Record, prompt: str, use_chat_template:
     return record.response + (tokenizer.eos_token or "")
 
 
-def tokenize(records: list[Record], tokenizer: Any, *, use_chat_template: bool) -> list[Example]:
+def tokenize(records: list[Record], tokenizer: Any, *, use_chat_template: bool,
+             max_tokens: int | None = None) -> list[Example]:
+    """Records -> token ids; with ``max_tokens`` (the model's context), an example longer than that
+    is a DataError naming its file:line (the rule: prompt and response tokens together must fit)."""
     if use_chat_template and not getattr(tokenizer, "chat_template", None):
         raise DataError("the model's tokenizer has no chat template; pass --no-chat-template to train on raw text")
     examples = []
@@ -124,5 +139,8 @@ def tokenize(records: list[Record], tokenizer: Any, *, use_chat_template: bool) 
         target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
         if not prompt_ids or not target_ids:
             raise DataError(f"{record.where}: the prompt or response tokenizes to nothing; give real text")
+        if max_tokens is not None and len(prompt_ids) + len(target_ids) > max_tokens:
+            raise DataError(f"{record.where}: {len(prompt_ids) + len(target_ids)} tokens, longer than the model's "
+                            f"context of {max_tokens}; shorten the example or split it in two")
         examples.append(Example(tuple(prompt_ids), tuple(target_ids)))
     return examples

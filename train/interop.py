@@ -35,6 +35,7 @@ import numpy as np
 
 from reft_edge import __version__
 from reft_edge.errors import ForeignPatchError
+from reft_edge.files import check_output_path
 from reft_edge.runtime.patch import Intervention, Patch
 from reft_edge.runtime.positions import Positions
 
@@ -59,6 +60,8 @@ def import_pyreft(folder: str | Path, *, positions: str, model: str | None = Non
     """Read a folder saved by pyreft's ``ReftModel.save`` and return (and write to ``out``) a patch."""
     folder = Path(folder)
     check_linear_act(act_fn)
+    if out is not None:
+        check_output_path(out)
     parsed = Positions.parse(positions)
     representations = read_pyvene_config(folder)
     items = [read_intervention(folder, rep) for rep in representations]
@@ -80,7 +83,9 @@ def import_pyreft(folder: str | Path, *, positions: str, model: str | None = Non
     patch = Patch(name=name or folder.resolve().name, kind=kind, positions=parsed, share_weights=share, rank=rank,
                   hidden_size=backbone.hidden_size, base_fingerprint=backbone.fingerprint,
                   interventions=tuple(interventions), training=training)
-    return patch.to_file(out) if out is not None else Patch.from_bytes(patch.to_bytes(), source=str(folder))
+    fix = "the pyreft weights are too large for float32; check the folder holds a trained intervention"
+    patch.check_finite(str(folder), fix)
+    return patch.to_file(out, fix=fix) if out is not None else Patch.from_bytes(patch.to_bytes(), source=str(folder))
 
 
 def check_linear_act(act_fn: str) -> None:
@@ -359,6 +364,8 @@ def import_control_vector(path: str | Path, *, scale: float = 1.0, layers: tuple
                           backbone: Any = None) -> Patch:
     """A llama.cpp control vector (GGUF, ``direction.N``) as an every-position rank-1 patch."""
     path = Path(path)
+    if out is not None:
+        check_output_path(out)
     directions, hint = read_control_vector(path)
     if layers is not None:
         directions = {n: v for n, v in directions.items() if layers[0] <= n <= layers[1]}
@@ -387,13 +394,16 @@ def import_control_vector(path: str | Path, *, scale: float = 1.0, layers: tuple
     patch = Patch(name=name or path.stem, kind="lobireft", positions=Positions.parse("all"), share_weights=True,
                   rank=1, hidden_size=backbone.hidden_size, base_fingerprint=backbone.fingerprint,
                   interventions=interventions, training=training)
-    return patch.to_file(out) if out is not None else Patch.from_bytes(patch.to_bytes(), source=str(path))
+    fix = f"--scale {scale} makes the steering vector too large for float32; give a smaller --scale"
+    patch.check_finite(str(path), fix)
+    return patch.to_file(out, fix=fix) if out is not None else Patch.from_bytes(patch.to_bytes(), source=str(path))
 
 
 def steering_params(vector: np.ndarray) -> dict[str, np.ndarray]:
     """h + v as a rank-1 LoBiReFT edit: R = v/|v| (orthonormal), b = |v|, so h + b R = h + v."""
     norm = float(np.linalg.norm(vector))
-    return {"R": (vector / norm)[None].astype(np.float32), "b": np.array([norm], np.float32)}
+    with np.errstate(over="ignore"):  # too large for float32: Patch.check_finite says so, naming --scale
+        return {"R": (vector / norm)[None].astype(np.float32), "b": np.array([norm], np.float32)}
 
 
 def read_control_vector(path: Path) -> tuple[dict[int, np.ndarray], str | None]:

@@ -14,6 +14,8 @@ import re
 
 import click
 
+from reft_edge.params import FLOAT32
+
 MODEL_HELP = "The model the patch was made for: Hugging Face folder or id; default: the embedded SmolLM2-135M-Instruct."
 
 
@@ -57,7 +59,7 @@ def parse_layer_range(text: str | None) -> tuple[int, int] | None:
 
 @import_command.command("control-vector")
 @click.argument("file", type=click.Path())
-@click.option("--scale", default=1.0, show_default=True, type=float,
+@click.option("--scale", default=1.0, show_default=True, type=FLOAT32,
               help="Strength, as llama.cpp's --control-vector-scaled.")
 @click.option("--layers", default=None, help="Layer range A-B (both included); default: every direction in the file.")
 @click.option("--model", default=None, help=MODEL_HELP)

@@ -28,6 +28,7 @@ close the patches come to ``reft-edge train``'s bytes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -42,7 +43,7 @@ from typing import Any, Iterator
 import torch
 
 from reft_edge.errors import PatchError, ReftEdgeError, UsageError
-from reft_edge.files import atomic_write_bytes
+from reft_edge.files import atomic_write_bytes, check_output_path
 from reft_edge.runtime.patch import Patch
 from reft_edge.runtime.positions import Positions
 from reft_edge.train.backbone import Backbone, load_backbone
@@ -102,8 +103,30 @@ def train_many(config: ManyConfig, *, progress: bool = True) -> list[Result]:
     """Train every job's person (this rank's share under torchrun); returns everyone's results."""
     if config.max_rows < 1:
         raise UsageError(f"--max-rows {config.max_rows} must be at least 1")
-    Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-    jobs = read_jobs(config)  # every rank reads every line, so a bad line stops all ranks alike
+    check_output_path(config.out_dir, "--out-dir", folder=True)  # before any work starts
+    with made_dir(Path(config.out_dir)):  # removed again, if still empty, when the job fails
+        jobs = read_jobs(config)  # every rank reads every line, so a bad line stops all ranks alike
+        return train_jobs(config, jobs, progress)
+
+
+@contextlib.contextmanager
+def made_dir(path: Path) -> Iterator[None]:
+    """Create ``path`` for the job; remove it again if the job fails and left nothing in it."""
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out-dir {path}: cannot create it ({exc.strerror}); choose another --out-dir") from None
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only an empty folder: a failed job leaves no trace, a partial one keeps its patches
+        raise
+
+
+def train_jobs(config: ManyConfig, jobs: list[Job], progress: bool) -> list[Result]:
     world = World.start(config.device)
     try:
         backbone = load_backbone(config.model)
@@ -341,8 +364,12 @@ def mixed_step(chunk: list[_Run], model: Any, replay: Any, slots: EditSlots, pos
 
 
 def finish(run: _Run, backbone: Backbone) -> Result:
+    """Write the person's patch; a patch that cannot be written (NaN after a huge lr) fails that person only."""
     fitted = run.learner.result()
-    patch = save_patch(run.job.config, run.prepared, fitted, time.perf_counter() - run.started, backbone)
+    try:
+        patch = save_patch(run.job.config, run.prepared, fitted, time.perf_counter() - run.started, backbone)
+    except ReftEdgeError as exc:
+        return Result(run.job.id, "failed", None, steps=fitted.steps_run, message=str(exc))
     return Result.from_patch(run.job, patch, "trained")
 
 

@@ -31,6 +31,8 @@ from torch import nn
 
 from reft_edge import __version__
 from reft_edge.errors import UsageError
+from reft_edge.files import check_output_path
+from reft_edge.params import check_seed
 from reft_edge.runtime.contract import position_rows, token_mask
 from reft_edge.runtime.patch import KIND_TENSORS, KINDS, SAVE_DTYPES, SKILL_NAME, Intervention, Patch
 from reft_edge.runtime.positions import Positions
@@ -46,6 +48,9 @@ from reft_edge.train.intervention import EditSlots, InterventionParams, attach_e
 # enthusiast+signoff pair: 96 kept 16 of 18 answers and 70 % of composed answers showed both
 # behaviours; 1.25x the longest training answer (43 tokens) kept 11 and gave 42 %.
 COMPOSE_MAX_TOKENS = 96
+# AdamW's first step divides lr by 1 - beta1 (0.1) in float32; far below that overflow, an lr
+# above 10 already only diverges.
+MAX_LR = 10.0
 _NOT_NUMERIC = {"checkpoint_every", "resume", "record_time"}  # options that cannot change the patch
 _NOT_RECIPE = _NOT_NUMERIC | {"data", "out", "name", "model", "device", "val_data", "skills", "compose_with"}
 
@@ -103,9 +108,10 @@ def prepare_sources(config: TrainConfig, positions: Positions, layers: list[int]
     already on ``device``)."""
     train_set = TrainSet.empty()
     for name, records in sources:
-        train_set += TrainSet.of(tokenize(records, backbone.tokenizer, use_chat_template=config.chat_template), name)
-    val_set = TrainSet.of(tokenize(val_records, backbone.tokenizer, use_chat_template=config.chat_template),
-                          sources[0][0])
+        train_set += TrainSet.of(tokenize(records, backbone.tokenizer, use_chat_template=config.chat_template,
+                                          max_tokens=model_context(backbone)), name)
+    val_set = TrainSet.of(tokenize(val_records, backbone.tokenizer, use_chat_template=config.chat_template,
+                                   max_tokens=model_context(backbone)), sources[0][0])
     torch.manual_seed(config.seed)
     skills = [(name, config.rank) for name, _ in sources]
     interventions = build_interventions(config, positions, layers, backbone.hidden_size, config.rank * len(skills))
@@ -141,6 +147,13 @@ def save_patch(config: TrainConfig, prepared: Prepared, fitted: "Fitted", second
     return patch
 
 
+def model_context(backbone: Backbone) -> int | None:
+    """The longest sequence the model takes (tokens), where its config says; None where it does not."""
+    config = getattr(backbone.model, "config", None)
+    length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(length) if isinstance(length, int) and length > 0 else None
+
+
 def recipe_summary(config: TrainConfig) -> dict[str, Any]:
     """The options that decide a patch besides its data and base, as JSON sees them."""
     chosen = {k: v for k, v in config.to_dict().items() if k not in _NOT_RECIPE}
@@ -162,8 +175,9 @@ def check_config(config: TrainConfig) -> Positions:
                           ("--checkpoint-every", config.checkpoint_every)):
         if value is not None and value < 1:
             raise UsageError(f"{option} {value} must be at least 1")
-    if not config.lr > 0:
-        raise UsageError(f"--lr {config.lr} must be positive (4e-3 is typical)")
+    if not (math.isfinite(config.lr) and 0 < config.lr <= MAX_LR):
+        raise UsageError(f"--lr {config.lr} must be a positive number up to {MAX_LR:g} (4e-3 is typical)")
+    check_seed(config.seed)
     if config.val_data and config.val_fraction:
         raise UsageError("--val-data and --val-fraction both given; hold out data one way")
     if config.val_fraction is not None and not 0 < config.val_fraction < 1:
@@ -184,9 +198,7 @@ def check_config(config: TrainConfig) -> Positions:
         raise UsageError("--val-data/--val-fraction work with --data only; validate each skill with reft-edge eval")
     if config.compose_steps < 1:
         raise UsageError(f"--compose-steps {config.compose_steps} must be at least 1")
-    out_dir = Path(config.out).parent
-    if not out_dir.is_dir():
-        raise UsageError(f"--out {config.out}: folder {out_dir} does not exist; create it or choose another path")
+    check_output_path(config.out)
     return positions
 
 

@@ -47,9 +47,28 @@ async function download(url, file, key, onProgress) {
   return { bytes, cached };
 }
 
+const isCount = (v) => Number.isInteger(v) && v >= 1;
+const isObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+/** The types of the fields this runtime reads, as Python's MANIFEST_TYPES checks them (runtime/bundle.py). */
+const MANIFEST_TYPES = [
+  ["base_fingerprint", (v) => typeof v === "string" && v.length >= 16, "a string of hex digits"],
+  ["hidden_size", isCount, "a positive whole number"],
+  ["context_length", isCount, "a positive whole number"],
+  ["slot_layers", (v) => Array.isArray(v) && v.every((x) => Number.isInteger(x) && x >= 0), "a list of layer numbers"],
+  ["kv", (v) => isObject(v) && ["num_layers", "num_kv_heads", "head_dim"].every((k) => isCount(v[k])),
+    "an object {num_layers, num_kv_heads, head_dim, dtype}"],
+  ["files", (v) => isObject(v) && Object.values(v).every((x) => typeof x === "string" && /^[^/\\]+$/.test(x)
+    && x !== "." && x !== ".."), "an object of role -> file name"],
+  ["special_tokens", (v) => isObject(v) && (v.eos_token_ids === undefined
+    || (Array.isArray(v.eos_token_ids) && v.eos_token_ids.every(Number.isInteger))),
+  "an object of token strings and whole-number ids"],
+  ["precision", (v) => typeof v === "string", "a string"],
+  ["size_bytes", (v) => Number.isInteger(v) && v >= 0, "a whole number"],
+];
+
 /** @param {any} manifest @param {string} url */
 export function checkManifest(manifest, url) {
-  if (manifest === null || typeof manifest !== "object") {
+  if (!isObject(manifest)) {
     throw new BundleError(`${url}: not a JSON object; serve the folder written by reft-edge export`);
   }
   if (manifest.schema_version !== SCHEMA_VERSION) {
@@ -58,6 +77,13 @@ export function checkManifest(manifest, url) {
   }
   for (const key of ["base_fingerprint", "hidden_size", "slot_layers", "graph", "kv", "files", "special_tokens"]) {
     if (!(key in manifest)) throw new BundleError(`${url}: lacks '${key}'; re-export the bundle`);
+  }
+  for (const [key, check, expected] of MANIFEST_TYPES) {
+    if (key in manifest && !check(manifest[key])) {
+      const shown = JSON.stringify(manifest[key]);
+      throw new BundleError(`${url}: ${key} is ${shown.length <= 80 ? shown : shown.slice(0, 80) + "..."}, expected `
+        + `${expected}; the manifest is damaged or hand-edited, re-export the bundle`);
+    }
   }
   if (!["fused", "traced"].includes(manifest.graph)) {
     throw new BundleError(`${url}: graph '${manifest.graph}', expected fused or traced; re-export the bundle`);

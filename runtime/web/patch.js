@@ -19,6 +19,42 @@ const SKILLS_FORMAT_VERSION = 3; // the first version with skill groups
 const SKILL_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
 export const MAX_PATCH_BYTES = 64 * 1024 * 1024;
 export const MAX_HEADER_BYTES = 1024 * 1024;
+/** Real metadata nests 4 levels at most; the bound keeps every reader and printer off deep recursion. */
+export const MAX_JSON_DEPTH = 64;
+const MAX_SHOWN_CHARS = 200; // of a bad metadata value quoted in an error message
+
+class TooDeep extends Error {}
+
+/** How deep arrays and objects nest in a parsed JSON value (iterative: safe on any depth). */
+export function jsonDepth(value) {
+  let deepest = 0;
+  const stack = [[value, 0]];
+  while (stack.length) {
+    const [item, depth] = stack.pop();
+    if (item !== null && typeof item === "object") {
+      deepest = Math.max(deepest, depth + 1);
+      for (const child of Object.values(item)) stack.push([child, depth + 1]);
+    }
+  }
+  return deepest;
+}
+
+/** JSON.parse that refuses (TooDeep) values nested deeper than MAX_JSON_DEPTH, as Python's reader does. */
+function parseBounded(text) {
+  let value;
+  try { value = JSON.parse(text); } catch (e) {
+    if (e instanceof RangeError) throw new TooDeep(); // a stack overflow on deep nesting
+    throw e;
+  }
+  if (jsonDepth(value) > MAX_JSON_DEPTH) throw new TooDeep();
+  return value;
+}
+
+/** pyRepr(v), cut to MAX_SHOWN_CHARS like Python's shown(): an error message stays one readable line. */
+function shown(v) {
+  const text = pyRepr(v);
+  return text.length <= MAX_SHOWN_CHARS ? text : text.slice(0, MAX_SHOWN_CHARS) + "...";
+}
 export const KIND_TENSORS = {
   loreft: ["R", "W", "b"], direft: ["R", "W", "b"], noreft: ["W1", "W2", "b"],
   nodireft: ["W1", "W2", "b"], consreft: ["R", "b"], lobireft: ["R", "b"],
@@ -119,8 +155,12 @@ function readMetadata(data, source) {
   }
   let header;
   try {
-    header = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(data.subarray(8, 8 + Number(headerLen))));
-  } catch {
+    header = parseBounded(new TextDecoder("utf-8", { fatal: true }).decode(data.subarray(8, 8 + Number(headerLen))));
+  } catch (e) {
+    if (e instanceof TooDeep) {
+      throw new PatchFormatError(`${source}: header nests deeper than ${MAX_JSON_DEPTH} levels; `
+        + "the file is damaged or not a patch");
+    }
     throw new PatchFormatError(`${source}: header is not valid JSON; the file is damaged or not a patch`);
   }
   const metadata = header !== null && typeof header === "object" && !Array.isArray(header) ? header.__metadata__ : undefined;
@@ -171,7 +211,7 @@ function isIntText(text) {
 }
 
 function parseMetadata(metadata, source) {
-  const bad = (key, expected) => new PatchFormatError(`${source}: metadata '${key}' is ${pyRepr(metadata[key])}, `
+  const bad = (key, expected) => new PatchFormatError(`${source}: metadata '${key}' is ${shown(metadata[key])}, `
     + `expected ${expected}; the file is damaged, re-train or copy it again`);
   const missing = REQUIRED_METADATA.filter((k) => !(k in metadata));
   if (missing.length) {
@@ -179,7 +219,9 @@ function parseMetadata(metadata, source) {
   }
   const v = {};
   for (const key of REQUIRED_METADATA) {
-    try { v[key] = JSON.parse(metadata[key]); } catch { throw bad(key, "a JSON value"); }
+    try { v[key] = parseBounded(metadata[key]); } catch (e) {
+      throw bad(key, e instanceof TooDeep ? `JSON nested at most ${MAX_JSON_DEPTH} levels deep` : "a JSON value");
+    }
   }
   if (v.format !== PATCH_FORMAT) throw bad("format", pyRepr(PATCH_FORMAT));
   if (!isIntText(metadata.format_version) || !(v.format_version >= 1 && v.format_version <= PATCH_FORMAT_VERSION)) {
@@ -223,7 +265,9 @@ function parseMetadata(metadata, source) {
 function parseSkills(metadata, v, bad) {
   if (!("skills" in metadata)) return [];
   let skills;
-  try { skills = JSON.parse(metadata.skills); } catch { throw bad("skills", "a JSON value"); }
+  try { skills = parseBounded(metadata.skills); } catch (e) {
+    throw bad("skills", e instanceof TooDeep ? `JSON nested at most ${MAX_JSON_DEPTH} levels deep` : "a JSON value");
+  }
   const expected = `a list of {name, rank} objects with distinct names whose ranks add up to rank ${v.rank}`;
   if (v.format_version < SKILLS_FORMAT_VERSION) throw bad("format_version", `${SKILLS_FORMAT_VERSION} (the file has skills)`);
   if (!Array.isArray(skills) || !skills.length || !skills.every((s) => s !== null && typeof s === "object"
