@@ -1,4 +1,4 @@
-"""Patch format v1: one safetensors file per person, read and written with numpy only.
+"""Patch format v3 (it reads v1 and v2 too): one safetensors file per person, read and written with numpy only.
 
 Example::
 
@@ -51,6 +51,8 @@ SAVE_DTYPES = ("float32", "float16")
 
 MAX_PATCH_BYTES = 64 * 1024 * 1024  # patches are kilobytes; anything this big is not one
 MAX_HEADER_BYTES = 1024 * 1024
+MAX_RANK = 1 << 16  # rank and hidden size are 1 .. MAX_RANK
+MAX_LAYER = 4096  # layers are 0 .. MAX_LAYER - 1
 _REQUIRED_METADATA = (
     "format", "format_version", "name", "kind", "layers", "positions", "share_weights",
     "rank", "hidden_size", "base_fingerprint", "dtype", "payload_sha256", "interventions",
@@ -397,8 +399,8 @@ def _parse_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
     if not isinstance(values["kind"], str) or values["kind"] not in KIND_TENSORS:
         raise bad("kind", f"one of {', '.join(KINDS)}")
     for key in ("rank", "hidden_size"):
-        if type(values[key]) is not int or not 1 <= values[key] <= 1 << 16:
-            raise bad(key, "a whole number from 1 to 65536")
+        if type(values[key]) is not int or not 1 <= values[key] <= MAX_RANK:
+            raise bad(key, f"a whole number from 1 to {MAX_RANK}")
     if values["rank"] > values["hidden_size"]:
         raise bad("rank", "at most hidden_size")
     for key in ("name", "base_fingerprint"):
@@ -423,7 +425,7 @@ def _parse_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
     entries = values["interventions"]
     if not isinstance(entries, list) or not entries or not all(
         isinstance(e, dict) and set(e) == {"layer", "where"} and type(e["layer"]) is int
-        and 0 <= e["layer"] < 4096 and e["where"] in WHERE for e in entries
+        and 0 <= e["layer"] < MAX_LAYER and e["where"] in WHERE for e in entries
     ):
         raise bad("interventions", "a non-empty list of {layer, where} objects")
     groups = ("both",) if values["share_weights"] else values["positions"].groups()

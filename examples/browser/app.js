@@ -12,6 +12,7 @@
 import * as ort from "onnxruntime-web";
 import { open } from "/web/index.js";
 import { positionsString } from "/web/positions.js";
+import SPEC from "/web/spec.js";
 
 ort.env.wasm.wasmPaths = "/web/node_modules/onnxruntime-web/dist/";
 const $ = (id) => document.getElementById(id);
@@ -68,8 +69,9 @@ async function generate(prompt, options = {}) {
 
 async function answer(target, patches) {
   $(target).textContent = "";
-  // greedy with the loop guard `reft-edge run` uses (no 6-gram of the answer repeats)
-  const out = await generate($("prompt").value, { patches, maxNewTokens: Number($("max").value), noRepeatNgram: 6,
+  // greedy with the loop guard `reft-edge run` uses (no n-gram of the answer repeats; n from spec.js)
+  const out = await generate($("prompt").value, { patches, maxNewTokens: Number($("max").value),
+    noRepeatNgram: SPEC.defaults.no_repeat_ngram,
     onText: (piece) => { $(target).textContent += piece; } });
   $(`${target}-speed`).textContent = `${out.timings.tokensPerS.toFixed(1)} tokens/s, first token after ${(out.timings.prefillS * 1000).toFixed(0)} ms`;
 }
