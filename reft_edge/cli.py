@@ -1,5 +1,6 @@
 """The ``reft-edge`` command. Each subcommand imports its stage only when it runs, so
-``reft-edge run`` never imports torch.
+``reft-edge run`` never imports torch, and ``reft-edge --help`` works with only click installed
+(nothing here imports numpy at module level; tests/test_cli.py checks it).
 
 Errors the user can cause print one line (what, where, fix) and exit 2; anything
 unexpected prints a short message and where the full traceback was written (exit 1);
@@ -18,8 +19,8 @@ from pathlib import Path
 import click
 
 from reft_edge import __version__
+from reft_edge.constants import KINDS, SAVE_DTYPES
 from reft_edge.errors import ReftEdgeError, UsageError
-from reft_edge.runtime.patch import KINDS, SAVE_DTYPES
 from reft_edge.train.config import DEFAULT_LAYERS_HELP, DEFAULT_STEPS, ManyConfig, TrainConfig
 
 

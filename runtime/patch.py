@@ -33,21 +33,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from reft_edge.constants import PATCH_FORMAT, PATCH_FORMAT_VERSION
+from reft_edge.constants import KIND_TENSORS, KINDS, PATCH_FORMAT, PATCH_FORMAT_VERSION, SAVE_DTYPES
 from reft_edge.errors import BackboneMismatchError, PatchCompatibilityError, PatchFormatError, UsageError
 from reft_edge.runtime.positions import WHERE, Positions
-
-# Each kind's tensors, in the order they are listed in the format spec.
-KIND_TENSORS: dict[str, tuple[str, ...]] = {
-    "loreft": ("R", "W", "b"),
-    "direft": ("R", "W", "b"),
-    "noreft": ("W1", "W2", "b"),
-    "nodireft": ("W1", "W2", "b"),
-    "consreft": ("R", "b"),
-    "lobireft": ("R", "b"),
-}
-KINDS = tuple(KIND_TENSORS)
-SAVE_DTYPES = ("float32", "float16")
 
 MAX_PATCH_BYTES = 64 * 1024 * 1024  # patches are kilobytes; anything this big is not one
 MAX_HEADER_BYTES = 1024 * 1024

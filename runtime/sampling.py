@@ -26,10 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from reft_edge.constants import CLI_NO_REPEAT_NGRAM as CLI_NO_REPEAT_NGRAM  # re-exported; the CLI reads it numpy-free
 from reft_edge.errors import UsageError
-
-
-CLI_NO_REPEAT_NGRAM = 6
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from reft_edge.runtime.patch import (
     format_version,
 )
 from reft_edge.runtime.positions import Positions
-from reft_edge.runtime.sampling import CLI_NO_REPEAT_NGRAM
+from reft_edge.constants import CLI_NO_REPEAT_NGRAM
 
 WEB = Path(__file__).resolve().parent / "web"
 JSON_FILE = WEB / "spec.json"
