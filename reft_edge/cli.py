@@ -136,10 +136,13 @@ def recipe_options(command):
               help="Steps of the composition phase (with several skills or --compose-with).")
 @click.option("--out", required=True, help="Patch file to write (e.g. alice.reft).")
 @recipe_options
-@click.option("--val-data", default=None, help="JSONL of held-out pairs: validation loss, early stopping, best step kept.")
+@click.option("--val-data", default=None,
+              help="JSONL of held-out pairs: validation loss, early stopping, best step kept.")
 @click.option("--name", default=None, help="Patch name stored in the file (default: the file's stem).")
-@click.option("--record-time", is_flag=True, help="Store training seconds in the patch (the bytes then differ run to run).")
-@click.option("--checkpoint-every", default=None, type=int, help="Write OUT.ckpt every N steps (optimizer state included).")
+@click.option("--record-time", is_flag=True,
+              help="Store training seconds in the patch (the bytes then differ run to run).")
+@click.option("--checkpoint-every", default=None, type=int,
+              help="Write OUT.ckpt every N steps (optimizer state included).")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt if a killed run left one.")
 @click.option("--auto", is_flag=True,
               help="Search layers, rank, positions and lr on a validation split (Optuna); keep the best patch.")
@@ -178,7 +181,8 @@ def train_many(jobs: str, out_dir: str, max_rows: int, model: str | None, device
                                   defaults=recipe))
     failed = [result for result in results if result.status == "failed"]
     if failed:
-        raise UsageError(f"{len(failed)} of {len(results)} people failed, the first {failed[0].id}: {failed[0].message} "
+        raise UsageError(f"{len(failed)} of {len(results)} people failed, the first {failed[0].id}: "
+                         f"{failed[0].message} "
                          f"(the others' patches are written; {out_dir}/summary.json lists all)")
 
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reft_edge.constants import BUNDLE_SCHEMA_VERSION, PATCH_FORMAT, PATCH_FORMAT_VERSION
+from reft_edge.constants import BUNDLE_SCHEMA_VERSION, CLI_NO_REPEAT_NGRAM, PATCH_FORMAT, PATCH_FORMAT_VERSION
 from reft_edge.runtime import contract
 from reft_edge.runtime.patch import (
     _REQUIRED_METADATA,
@@ -35,7 +35,6 @@ from reft_edge.runtime.patch import (
     format_version,
 )
 from reft_edge.runtime.positions import Positions
-from reft_edge.constants import CLI_NO_REPEAT_NGRAM
 
 WEB = Path(__file__).resolve().parent / "web"
 JSON_FILE = WEB / "spec.json"

@@ -16,8 +16,7 @@ from conftest import train_tiny_patch, train_tiny_patches, write_jsonl
 from reft_edge.cli import main
 from reft_edge.errors import UsageError
 from reft_edge.evaluate import evaluate
-from reft_edge.runtime import Patch, Runtime
-from reft_edge.runtime import evaluate as evaluate_module
+from reft_edge.runtime import Patch, Runtime, evaluate as evaluate_module
 from reft_edge.runtime.evaluate import FACT_TOKENS, RuntimeBackend, facts_cache_file
 from reft_edge.runtime.judges import Judge
 

@@ -98,14 +98,16 @@ def _inside(module: str, package: str) -> bool:
 
 
 def test_the_walk_sees_the_project():
-    assert {"reft_edge.cli", "reft_edge.runtime.patch", "reft_edge.train.recipe", "reft_edge.export.build"} <= set(MODULES)
+    expected = {"reft_edge.cli", "reft_edge.runtime.patch", "reft_edge.train.recipe", "reft_edge.export.build"}
+    assert expected <= set(MODULES)
     assert ("reft_edge.runtime.positions", True) in IMPORTS["reft_edge.runtime.contract"]
 
 
 def test_runtime_imports_neither_training_nor_export():
     wrong = sorted({f"{name} imports {module}{'' if top else ' (inside a function)'}"
                    for name, imports in IMPORTS.items() if _inside(name, "reft_edge.runtime")
-                   for module, top in imports if _inside(module, "reft_edge.train") or _inside(module, "reft_edge.export")})
+                   for module, top in imports
+                   if _inside(module, "reft_edge.train") or _inside(module, "reft_edge.export")})
     assert not wrong, "the torch-free runtime must not reach into training or export:\n" + "\n".join(wrong)
 
 
