@@ -84,7 +84,8 @@ def train_patches(pair: Pair, method: str, backbone: Any, folder: Path) -> tuple
             partners = [Patch.load(p).payload_sha256 for p in config.compose_with]
             if (cached.training.get("recipe") == recipe_summary(config)
                     and cached.training.get("data_sha256") == sources_digest(config)
-                    and [p["payload_sha256"] for p in cached.training.get("composition", {}).get("with", [])] == partners):
+                    and [p["payload_sha256"] for p in cached.training.get("composition", {}).get("with", [])]
+                    == partners):
                 return cached
         return train(config, backbone=backbone, progress=False)
 
@@ -99,7 +100,8 @@ def train_patches(pair: Pair, method: str, backbone: Any, folder: Path) -> tuple
         return {"a": [a], "b": [b], "ab": [a, b]}, time.perf_counter() - started
     started = time.perf_counter()
     if method == "compose-with":
-        with_a = fit(f"{pair.b.name}-with-{pair.a.name}.reft", data=data[pair.b.name], compose_with=(str(alone[pair.a.name]),))
+        with_a = fit(f"{pair.b.name}-with-{pair.a.name}.reft", data=data[pair.b.name],
+                     compose_with=(str(alone[pair.a.name]),))
         return {"a": [a], "b": [with_a], "ab": [a, with_a]}, time.perf_counter() - started
     skills = fit(f"{pair.name}.reft", skills=((pair.a.name, data[pair.a.name]), (pair.b.name, data[pair.b.name])))
     return ({"a": [skills.with_skills([pair.a.name])], "b": [skills.with_skills([pair.b.name])], "ab": [skills]},
@@ -201,12 +203,14 @@ def render(results: list[dict]) -> str:
         a, b, ab = f["a"], f["b"], f["ab"]
         lines.append(f"| {entry['pair']} | {entry['method']} | {pct(a['a'])} / {pct(a['facts_kept'])} | "
                      f"{pct(b['b'])} / {pct(b['facts_kept'])} | {pct(ab['a'])} / {pct(ab['b'])} / "
-                     f"**{pct(ab['both'])}** / {pct(ab['facts_kept'])} | {'met' if ab['both'] >= MIN_BOTH else 'not met'} "
+                     f"**{pct(ab['both'])}** / {pct(ab['facts_kept'])} | "
+                     f"{'met' if ab['both'] >= MIN_BOTH else 'not met'} "
                      f"| {entry['train_s'] or 'reused'} |")
     samples = ["", "Composed answers to the first unseen prompt of each persona (greedy, fp32):", ""]
     for entry in sorted(results, key=lambda r: (r["pair"], METHODS.index(r["method"]))):
         ab = entry["figures"]["ab"]
-        samples.append(f"- {entry['pair']}, {entry['method']}: {json.dumps(ab['sample'])} / {json.dumps(ab['sample_b'])}")
+        samples.append(f"- {entry['pair']}, {entry['method']}: {json.dumps(ab['sample'])} / "
+                       f"{json.dumps(ab['sample_b'])}")
     return "\n".join(lines + samples)
 
 

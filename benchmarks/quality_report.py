@@ -99,7 +99,8 @@ def render_targets(results: list[dict]) -> list[str]:
         f, g = figures(ours), figures(lora) if lora else None
         adherence_ok = f["adherence"] >= MIN_ADHERENCE and (g is None or f["adherence"] >= g["adherence"])
         keeps = ours.get("keeps_content", True)
-        facts_ok = (not keeps) or (f["facts_kept"] >= MIN_FACTS_SHARE and (g is None or f["facts_kept"] >= g["facts_kept"]))
+        facts_ok = (not keeps) or (f["facts_kept"] >= MIN_FACTS_SHARE
+                                   and (g is None or f["facts_kept"] >= g["facts_kept"]))
         lines.append(
             f"| {persona} | {pct(f['adherence'])} vs {pct(g['adherence'] if g else None)} {_mark(adherence_ok)} | "
             f"{pct(f['facts_kept'])} vs {pct(g['facts_kept'] if g else None)} "

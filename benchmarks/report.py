@@ -286,7 +286,8 @@ def ratios(r: Report) -> list[str]:
     for label, a, b in rows:
         if a in r.results and b in r.results:
             lines.append(f"| {label} | {ratio(r.paired(a, b, 'decode_tok_s', faster))} | "
-                         f"{ratio(r.paired(a, b, 'prefill_ms', faster))} | {ratio(r.paired(a, b, 'ttft_ms', faster))} |")
+                         f"{ratio(r.paired(a, b, 'prefill_ms', faster))} | "
+                         f"{ratio(r.paired(a, b, 'ttft_ms', faster))} |")
     return [*lines, ""]
 
 
@@ -302,7 +303,8 @@ def training(r: Report) -> list[str]:
             f"processes kept {t['foreign_cores']:.2f} of {r.env['cores']} cores busy on average meanwhile; "
             "torch slows down far more than in proportion when a core is taken.", "",
             "| training loop | seconds | s/step | final loss | speed-up |", "|---|---|---|---|---|",
-            f"| plain hook loop (reference) | {t['ref_s']:.1f} | {t['ref_s'] / steps:.2f} | {t['ref_loss']:.3f} | 1.00x |",
+            f"| plain hook loop (reference) | {t['ref_s']:.1f} | {t['ref_s'] / steps:.2f} | "
+            f"{t['ref_loss']:.3f} | 1.00x |",
             f"| reft-edge train | {t['ours_s']:.1f} | {t['ours_s'] / steps:.2f} | {t['ours_loss']:.3f} | "
             f"{t['ref_s'] / t['ours_s']:.2f}x |", ""]
 

@@ -1,6 +1,7 @@
 """Inference and training speed of reft-edge against its references, measured side by side in one run.
 
-    python -m benchmarks.run                      # 5 rounds, 128 new tokens: docs/benchmarks.md + docs/benchmark_decode.png
+    python -m benchmarks.run                      # 5 rounds, 128 new tokens: docs/benchmarks.md
+                                                  # and docs/benchmark_decode.png
     python -m benchmarks.run --quick              # 1 round, 32 new tokens, 10 training steps
     python -m benchmarks.run --repeats 5 --skip-genai --skip-train --out /tmp/bench.md
 

@@ -132,7 +132,8 @@ def main() -> None:
             alone_s = alone[count - 1]
             print(f"| {count} | {alone_s:.0f} | {many_s:.0f} | {per_hour(count, alone_s):.0f} | "
                   f"{per_hour(count, many_s):.0f} | {alone_s / many_s:.2f}x | {same['identical']}/{count} | "
-                  f"{same['max_param_diff']:.1e} | {same['max_loss_diff']:.1e} | {os.getloadavg()[0]:.1f} |", flush=True)
+                  f"{same['max_param_diff']:.1e} | {same['max_loss_diff']:.1e} | {os.getloadavg()[0]:.1f} |",
+                  flush=True)
         if args.rank_people:
             ranks_s, threads_s = ranks_vs_threads(root / "ranks", args.rank_people, args.steps)
             print(f"\n{args.rank_people} people: torchrun 2 gloo ranks x 1 thread {ranks_s:.0f} s "

@@ -27,8 +27,17 @@ import time
 from pathlib import Path
 
 from benchmarks.report import BROWSER_HEADING, put_section
-from benchmarks.run import (PROMPT, Config, CpuWindow, Setup, cpu_model, find_or_train_patch, memory_total,
-                            package_version, run_worker)
+from benchmarks.run import (
+    PROMPT,
+    Config,
+    CpuWindow,
+    Setup,
+    cpu_model,
+    find_or_train_patch,
+    memory_total,
+    package_version,
+    run_worker,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVE = ROOT / "runtime" / "web" / "test" / "drive.mjs"

@@ -62,7 +62,8 @@ def persona_patch(persona: str, backbone: Backbone, steps: int | None, work: Pat
                 and cached.training.get("recipe") == _recipe(config)
                 and partners == ([compose_with.payload_sha256] if compose_with else [])):
             return cached
-    print(f"training the {persona} patch (default recipe{', to compose with ' + compose_with.name if compose_with else ''})...")
+    composing = f", to compose with {compose_with.name}" if compose_with else ""
+    print(f"training the {persona} patch (default recipe{composing})...")
     return train(config, backbone=backbone)
 
 

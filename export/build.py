@@ -23,13 +23,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from reft_edge import __version__
-from reft_edge.constants import (
-    BUNDLE_SCHEMA_VERSION, CHAT_TEMPLATE_FILE, MODEL_DATA_FILE, MODEL_FILE, TOKENIZER_FILE,
-)
 from reft_edge.configs import config_from_dict
+from reft_edge.constants import (
+    BUNDLE_SCHEMA_VERSION,
+    CHAT_TEMPLATE_FILE,
+    MODEL_DATA_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+)
 from reft_edge.errors import BundleError, ExportError, UsageError
-from reft_edge.files import atomic_dir, check_output_path, remove_stale_temporaries
 from reft_edge.export.quantize import WEIGHT_RECIPES
+from reft_edge.files import atomic_dir, check_output_path, remove_stale_temporaries
 from reft_edge.runtime.bundle import PRECISIONS, KVLayout, Manifest
 
 # fp32 bundles must match torch this closely, with identical greedy tokens: 1e-4, or 4e-6 of the
@@ -250,7 +254,7 @@ def build_manifest(config: ExportConfig, backbone: Any, slot_layers: list[int], 
 
 
 def context_length(model_config: Any) -> int:
-    return int(getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions"))
+    return int(getattr(model_config, "max_position_embeddings", None) or model_config.n_positions)
 
 
 def pad_token_id(backbone: Any) -> int:

@@ -34,7 +34,13 @@ import torch
 from torch import nn
 
 from reft_edge.runtime.contract import (
-    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_LINES, past_names, present_names, slot_names,
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_LINES,
+    past_names,
+    present_names,
+    slot_names,
 )
 from reft_edge.train.backbone import decoder_layers
 

@@ -23,7 +23,14 @@ import torch
 from torch import nn
 
 from reft_edge.runtime.contract import (
-    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, POSITION_LINES, past_names, present_names, slot_names,
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    POSITION_LINES,
+    past_names,
+    present_names,
+    slot_names,
     token_mask,
 )
 from reft_edge.train.backbone import decoder_layers, eager_attention
@@ -42,7 +49,8 @@ def kv_shape(config: Any) -> tuple[int, int]:
 
 def input_names(num_layers: int, slot_layers: list[int]) -> list[str]:
     kv = [name for layer in range(num_layers) for name in past_names(layer)]
-    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *kv, *(name for layer in slot_layers for name in slot_names(layer))]
+    slots = (name for layer in slot_layers for name in slot_names(layer))
+    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *kv, *slots]
 
 
 def output_names(num_layers: int) -> list[str]:
@@ -161,6 +169,7 @@ def export_onnx(model: nn.Module, slot_layers: list[int], path: str | Path) -> N
         program = torch.onnx.export(
             wrapper, example_inputs(model, len(slot_layers)), dynamo=True, opset_version=OPSET,
             input_names=input_names(num_layers, slot_layers), output_names=output_names(num_layers),
-            dynamic_shapes=dynamic_shapes(num_layers, len(slot_layers)), external_data=True, optimize=True, verbose=False,
+            dynamic_shapes=dynamic_shapes(num_layers, len(slot_layers)), external_data=True, optimize=True,
+            verbose=False,
         )
     program.save(str(path), external_data=True)

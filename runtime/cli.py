@@ -31,7 +31,7 @@ def _sampling_options(function):
     """Sampling options shared by run and chat. Unset ones come from the bundle's generation
     config (the model's generation_config.json, recorded at export), else greedy; the loop
     guard is on unless --no-repeat-ngram 0."""
-    from reft_edge.runtime.sampling import NO_REPEAT_NGRAM
+    from reft_edge.constants import NO_REPEAT_NGRAM
 
     for option in reversed([
         click.option("--temperature", default=None, type=FINITE_FLOAT,

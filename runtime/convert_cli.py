@@ -1,9 +1,10 @@
-"""``reft-edge convert``: patches as an onnxruntime adapter file for onnxruntime-genai (docs/genai.md).
+r"""``reft-edge convert``: patches as an onnxruntime adapter file for onnxruntime-genai (docs/genai.md).
 
 Example::
 
     reft-edge convert alice.reft --bundle bundle-int4 --to onnx-adapter --out alice.onnx_adapter
-    reft-edge convert alice.reft bob.reft --weight 1 --weight 0.5 --bundle bundle-int4 --to onnx-adapter --out ab.onnx_adapter
+    reft-edge convert alice.reft bob.reft --weight 1 --weight 0.5 --bundle bundle-int4 --to onnx-adapter \
+        --out ab.onnx_adapter
     reft-edge convert --none --bundle bundle-int4 --to onnx-adapter --out base.onnx_adapter
 
 Only click is imported at module level; numpy and onnxruntime load when the command runs.

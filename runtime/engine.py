@@ -33,7 +33,14 @@ import numpy as np
 
 from reft_edge.runtime.bundle import KVLayout
 from reft_edge.runtime.contract import (
-    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, POSITION_LINES, past_names, present_names, slot_names,
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    POSITION_LINES,
+    past_names,
+    present_names,
+    slot_names,
 )
 from reft_edge.runtime.slots import SlotArrays
 

@@ -43,7 +43,7 @@ def eval_command(bundle: str | None, model: str | None, patches: tuple[str, ...]
                  threads: int | None, as_json: bool) -> None:
     """Evaluate patches on BUNDLE (or --model) with held-out --data: held-out loss, adherence to
     --judge, facts kept, and side-by-side samples."""
-    from reft_edge.runtime.evaluate import evaluate
+    from reft_edge.evaluate import evaluate  # picks training's torch backend for --model
 
     report = evaluate(bundle, data=data, model=model, patches=patches, weights=_weights(patches, weights),
                       judge=judge, max_new_tokens=max_new_tokens, facts=facts, facts_file=facts_file,

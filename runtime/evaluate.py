@@ -6,10 +6,13 @@ Example::
     report = evaluate("bundle-int8", data="heldout.jsonl", patches=["emoji.reft"], judge="no-letters")
     print(report.loss.patched, report.adherence.patched, report.retention.fraction)
     print(json.dumps(report.to_dict()))
-    evaluate(model="default", data="prompts.txt", patches=["emoji.reft"])   # the torch model instead
+
+    from reft_edge.evaluate import evaluate   # also a torch model (the training stage's backend)
+    evaluate(model="default", data="prompts.txt", patches=["emoji.reft"])
 
 A bundle is measured as devices run it, through the runtime (torch-free); ``model=``
-runs the Hugging Face model with the training stage's hooks (reft_edge.train.evaluate).
+runs the Hugging Face model with the training stage's hooks (reft_edge.train.evaluate),
+which reft_edge.evaluate passes in (``open_model``): the runtime never imports training.
 Both answer the same few questions (``Backend``), in batches, greedily:
 
 1. held-out loss: the mean negative log-likelihood per response token (the response and
@@ -41,19 +44,16 @@ import numpy as np
 
 from reft_edge.errors import DataError, UsageError
 from reft_edge.files import atomic_write_bytes, cache_dir
+from reft_edge.records import BATCH_SIZE, Example, Messages, Record, chunks, read_jsonl, tokenize
 from reft_edge.runtime.judges import Judge
 from reft_edge.runtime.loops import loop_share
 from reft_edge.runtime.patch import Patch
 from reft_edge.runtime.slots import check_weights
-from reft_edge.train.data import Example, Record, read_jsonl
 
 FACTS_FILE = Path(__file__).with_name("facts.jsonl")  # the development split: recipe choices and --auto look at it
 TEST_FACTS_FILE = Path(__file__).with_name("facts_test.jsonl")  # the test split: only ever reported
 FACT_TOKENS = 32  # greedy tokens per fact question
 FACTS_CACHE_VERSION = 1  # bump when what the cache holds, or how it is computed, changes
-BATCH_SIZE = 8
-
-Messages = Sequence[dict[str, str]]
 Say = Callable[[str], None]
 
 
@@ -159,8 +159,6 @@ class RuntimeBackend:
         return self.runtime.load_patches(list(patches))
 
     def examples(self, records: Sequence[Record]) -> list[Example]:
-        from reft_edge.train.data import tokenize
-
         rt = self.runtime
         examples = tokenize(list(records), _TrainingTokenizer(rt), use_chat_template=rt.template is not None)
         limit = rt.manifest.context_length
@@ -190,7 +188,7 @@ class RuntimeBackend:
 
 
 class _TrainingTokenizer:
-    """The runtime's tokenizer and chat template under the names train.data.tokenize calls, so
+    """The runtime's tokenizer and chat template under the names records.tokenize calls, so
     held-out examples are tokenized by the training code itself."""
 
     def __init__(self, runtime: Any):
@@ -233,10 +231,6 @@ def token_nll(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
     top = logits.max(-1, keepdims=True)
     log_norm = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
     return log_norm - logits[np.arange(len(targets)), np.asarray(targets, np.int64)]
-
-
-def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -376,9 +370,11 @@ def prompt_label(record: Record) -> str:
 def evaluate(bundle: Any = None, *, data: str | Path, model: Any = None, patches: Sequence[Patch | str | Path] = (),
              weights: Sequence[float] | None = None, judge: str | Judge | None = None, max_new_tokens: int = 48,
              facts: bool = True, facts_file: str | Path | None = None, samples: int = 3,
-             threads: int | None = None, progress: bool = False) -> EvalReport:
+             threads: int | None = None, progress: bool = False,
+             open_model: Callable[[Any, Say], Backend] | None = None) -> EvalReport:
     """Evaluate ``patches`` on ``bundle`` (a folder or a loaded Runtime) or ``model`` (a Hugging
-    Face folder or id, "default", or a loaded Backbone) with the held-out ``data``."""
+    Face folder or id, "default", or a loaded Backbone, opened by ``open_model``: reft_edge.evaluate
+    passes training's) with the held-out ``data``."""
     started = time.perf_counter()
     say = _say if progress else (lambda message: None)
     check_options(bundle, model, max_new_tokens, samples)
@@ -387,7 +383,7 @@ def evaluate(bundle: Any = None, *, data: str | Path, model: Any = None, patches
     facts_path = Path(facts_file) if facts_file else FACTS_FILE
     if facts and patches and not facts_path.is_file():
         raise UsageError(f"facts file {facts_path} does not exist; pass an existing one or --no-facts")
-    backend = open_backend(bundle, model, threads, say)
+    backend = open_backend(bundle, model, threads, say, open_model)
     loaded = backend.load_patches(patches)
     weights = check_weights(loaded, weights)  # one per patch, 1.0 unless given
 
@@ -423,14 +419,13 @@ def check_options(bundle: Any, model: Any, max_new_tokens: int, samples: int) ->
         raise UsageError(f"samples {samples!r} must be a whole number of at least 0")
 
 
-def open_backend(bundle: Any, model: Any, threads: int | None, say: Say) -> Backend:
+def open_backend(bundle: Any, model: Any, threads: int | None, say: Say,
+                 open_model: Callable[[Any, Say], Backend] | None = None) -> Backend:
     if model is not None:
-        from reft_edge.train.evaluate import TorchBackend  # torch loads only here
-
-        if isinstance(model, (str, Path)):
-            say(f"loading model {model}")
-            return TorchBackend.load(str(model))
-        return TorchBackend(model)
+        if open_model is None:
+            raise UsageError("the runtime evaluates bundles only (it has no torch); evaluate a torch model with "
+                             "reft_edge.evaluate.evaluate(model=...) or reft-edge eval --model")
+        return open_model(model, say)
     if isinstance(bundle, (str, Path)):
         from reft_edge.runtime.session import Runtime
 

@@ -15,7 +15,7 @@ True
 >>> Judge.parse("shout")
 Traceback (most recent call last):
 ...
-reft_edge.errors.UsageError: judge 'shout' is unknown: use regex:PATTERN, no-letters, all-caps, ends-with:TEXT, contains:TEXT or module:function
+reft_edge.errors.UsageError: judge 'shout' is unknown: use regex:PATTERN, no-letters, all-caps, ends-with:TEXT, ...
 
 ``module:function`` imports a Python callable that takes the answer text and returns
 whether it passes (the current folder is searched too, e.g.

@@ -11,8 +11,8 @@ False
 
 An answer loops when any of these holds (case-folded, on words of letters and digits):
 a word, or a run of two or three words, three times in a row ("là à là à là à"); a word
-trigram three times anywhere; a non-empty line three times. Lists and short repeated function words ("the ... the ... the") do not count: a
-trigram of words must repeat, or the same word back to back. Used by the quality and
+trigram three times anywhere; a non-empty line three times. Lists and short repeated
+function words ("the ... the ... the") do not count. Used by the quality and
 composition benchmarks (share of looping answers at 48 and 256 new tokens); torch-free.
 """
 

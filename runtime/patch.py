@@ -1,4 +1,4 @@
-"""Patch format v1: one safetensors file per person, read and written with numpy only.
+"""Patch format v3 (it reads v1 and v2 too): one safetensors file per person, read and written with numpy only.
 
 Example::
 
@@ -33,24 +33,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from reft_edge.constants import PATCH_FORMAT, PATCH_FORMAT_VERSION
+from reft_edge.constants import KIND_TENSORS, KINDS, PATCH_FORMAT, PATCH_FORMAT_VERSION, SAVE_DTYPES
 from reft_edge.errors import BackboneMismatchError, PatchCompatibilityError, PatchFormatError, UsageError
 from reft_edge.runtime.positions import WHERE, Positions
 
-# Each kind's tensors, in the order they are listed in the format spec.
-KIND_TENSORS: dict[str, tuple[str, ...]] = {
-    "loreft": ("R", "W", "b"),
-    "direft": ("R", "W", "b"),
-    "noreft": ("W1", "W2", "b"),
-    "nodireft": ("W1", "W2", "b"),
-    "consreft": ("R", "b"),
-    "lobireft": ("R", "b"),
-}
-KINDS = tuple(KIND_TENSORS)
-SAVE_DTYPES = ("float32", "float16")
-
 MAX_PATCH_BYTES = 64 * 1024 * 1024  # patches are kilobytes; anything this big is not one
 MAX_HEADER_BYTES = 1024 * 1024
+MAX_RANK = 1 << 16  # rank and hidden size are 1 .. MAX_RANK
+MAX_LAYER = 4096  # layers are 0 .. MAX_LAYER - 1
 _REQUIRED_METADATA = (
     "format", "format_version", "name", "kind", "layers", "positions", "share_weights",
     "rank", "hidden_size", "base_fingerprint", "dtype", "payload_sha256", "interventions",
@@ -450,8 +440,8 @@ def _parse_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
     if not isinstance(values["kind"], str) or values["kind"] not in KIND_TENSORS:
         raise bad("kind", f"one of {', '.join(KINDS)}")
     for key in ("rank", "hidden_size"):
-        if type(values[key]) is not int or not 1 <= values[key] <= 1 << 16:
-            raise bad(key, "a whole number from 1 to 65536")
+        if type(values[key]) is not int or not 1 <= values[key] <= MAX_RANK:
+            raise bad(key, f"a whole number from 1 to {MAX_RANK}")
     if values["rank"] > values["hidden_size"]:
         raise bad("rank", "at most hidden_size")
     for key in ("name", "base_fingerprint"):
@@ -476,7 +466,7 @@ def _parse_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
     entries = values["interventions"]
     if not isinstance(entries, list) or not entries or not all(
         isinstance(e, dict) and set(e) == {"layer", "where"} and type(e["layer"]) is int
-        and 0 <= e["layer"] < 4096 and e["where"] in WHERE for e in entries
+        and 0 <= e["layer"] < MAX_LAYER and e["where"] in WHERE for e in entries
     ):
         raise bad("interventions", "a non-empty list of {layer, where} objects")
     groups = ("both",) if values["share_weights"] else values["positions"].groups()

@@ -22,7 +22,7 @@ A positions string joins, with ``+`` and in this order, any of:
 >>> Positions.parse("g+f1")
 Traceback (most recent call last):
 ...
-reft_edge.errors.UsageError: positions 'g+f1' is malformed: expected parts f<p>, l<s>, p, g joined by '+' in that order (f and l exclude p), or 'all'; e.g. --positions f1+l1+g
+reft_edge.errors.UsageError: positions 'g+f1' is malformed: expected parts f<p>, l<s>, p, g joined by '+' ...
 """
 
 from __future__ import annotations

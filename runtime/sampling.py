@@ -33,11 +33,9 @@ from typing import Sequence
 
 import numpy as np
 
+from reft_edge.constants import NO_REPEAT_NGRAM as NO_REPEAT_NGRAM  # re-exported; the CLI reads it numpy-free
 from reft_edge.errors import UsageError
 from reft_edge.params import check_seed
-
-
-NO_REPEAT_NGRAM = 6
 
 
 @dataclass(frozen=True)

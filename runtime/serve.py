@@ -785,7 +785,8 @@ def build_app(service: Service) -> Any:
 
     async def not_found(request: Any, exc: Exception) -> Any:
         status = getattr(exc, "status_code", 404)
-        message = f"{request.method} {request.url.path}: " + ("no such route" if status == 404 else "method not allowed")
+        reason = "no such route" if status == 404 else "method not allowed"
+        message = f"{request.method} {request.url.path}: {reason}"
         return error_response(ApiError(status, message, code="not_found" if status == 404 else "method_not_allowed"))
 
     async def internal(request: Any, exc: Exception) -> Any:

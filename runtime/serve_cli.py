@@ -18,7 +18,8 @@ import click
 @click.argument("bundle", type=click.Path())
 @click.option("--patches", "patches", required=True, type=click.Path(),
               help="Folder of .reft patches; NAME.reft is served as model base+NAME (reloaded when files change).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (localhost only by default).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (localhost only by default).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option("--api-key", default=None, help="Require Authorization: Bearer KEY on /v1 routes.")
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Requests decoded together at most.")

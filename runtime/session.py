@@ -14,7 +14,8 @@ A string prompt becomes one user message formatted with the bundle's chat templa
 exactly as training formatted it (``raw=True`` sends the text as is). Patches edit the
 prompt positions each one was trained on, while the prompt is processed, and every
 generated token when their positions include ``g``; otherwise generated tokens read the
-edited keys and values from the cache but are not edited. Switching or composing patches only changes the slot inputs: the session stays.
+edited keys and values from the cache but are not edited. Switching or composing patches only
+changes the slot inputs: the session stays.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ import numpy as np
 from reft_edge.errors import BundleError, UsageError
 from reft_edge.runtime.bundle import Manifest
 from reft_edge.runtime.contract import (
-    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names, slot_names,
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    past_names,
+    present_names,
+    slot_names,
 )
 from reft_edge.runtime.engine import Engine
 from reft_edge.runtime.patch import Patch
@@ -134,8 +141,8 @@ class Runtime:
     def generate(self, prompt: str | Sequence[dict[str, str]], *, patches: Sequence[PatchLike] = (),
                  weights: Sequence[float] | None = None, raw: bool = False, **options: Any) -> Generation:
         """Answer one prompt. Options: max_new_tokens=128, temperature=0.0 (greedy), top_k, top_p,
-        repetition_penalty, no_repeat_ngram (loop guard, sampling.NO_REPEAT_NGRAM unless given; 0 is off), seed, stop (strings),
-        ignore_eos."""
+        repetition_penalty, no_repeat_ngram (loop guard, sampling.NO_REPEAT_NGRAM unless given; 0 is off), seed,
+        stop (strings), ignore_eos."""
         run = self._run([self._request(prompt, patches, weights, raw)], _options(**options))
         return _drain(run)[0]
 

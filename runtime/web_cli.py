@@ -9,7 +9,8 @@ Example::
         ...                                                   # (tests and benchmarks/web_speed.py)
 
 Checks the bundle's manifest and that each patch is a file (the page itself validates patches,
-and shows a damaged one's typed error, as the Python runtime would raise it), then becomes ``node runtime/web/serve.js``: a static server with the
+and shows a damaged one's typed error, as the Python runtime would raise it), then becomes
+``node runtime/web/serve.js``: a static server with the
 cross-origin-isolation headers onnxruntime-web's threads need, on localhost unless ``--host``
 says otherwise; each ``--patch`` file is offered at ``/patches/<its file name>``.
 """
@@ -73,9 +74,11 @@ def serving(bundle: str | Path, patches: Sequence[str | Path] = ()) -> Iterator[
 
 @click.command("serve-web")
 @click.argument("bundle", type=click.Path())
-@click.option("--patch", "patches", multiple=True, type=click.Path(), help="A .reft patch the page offers; repeat for several.")
+@click.option("--patch", "patches", multiple=True, type=click.Path(),
+              help="A .reft patch the page offers; repeat for several.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (localhost only by default).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (localhost only by default).")
 def serve_web_command(bundle: str, patches: tuple[str, ...], port: int, host: str) -> None:
     """Serve the browser demo for BUNDLE: generation runs in the visitor's browser."""
     args = web_command_line(bundle, patches, port, host)

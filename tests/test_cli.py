@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -35,3 +37,27 @@ def test_user_error_is_one_line_exit_2(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "missing.reft")])
     assert result.exit_code == 2
     assert result.output == f"error: {tmp_path / 'missing.reft'}: does not exist; pass the path of a .reft patch file\n"
+
+
+_ONLY_CLICK = """
+import sys
+
+class Blocked:  # the base install has click only: these must not be imported for --help
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"numpy", "onnxruntime", "torch", "transformers", "tokenizers", "safetensors",
+                                      "jinja2", "onnx", "onnxscript", "gguf"}:
+            raise ImportError(f"{name} is not installed (blocked by the test)")
+
+sys.meta_path.insert(0, Blocked())
+from reft_edge.cli import main
+for command in ([], ["train"], ["export"], ["run"], ["eval"], ["serve-web"]):
+    main([*command, "--help"], standalone_mode=False)
+"""
+
+
+def test_help_works_with_only_click_installed():
+    """`pip install .` (no extras) then `reft-edge --help`: nothing the CLI imports to list its
+    commands and options needs numpy, onnxruntime or torch."""
+    done = subprocess.run([sys.executable, "-c", _ONLY_CLICK], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "train-many" in done.stdout and "--no-repeat-ngram" in done.stdout and "--kind" in done.stdout

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from conftest import train_tiny_patch, train_tiny_patches, write_jsonl
 from reft_edge.cli import main
 from reft_edge.errors import UsageError
-from reft_edge.runtime import Patch, Runtime
-from reft_edge.runtime import evaluate as evaluate_module
-from reft_edge.runtime.evaluate import FACT_TOKENS, RuntimeBackend, evaluate, facts_cache_file
+from reft_edge.evaluate import evaluate
+from reft_edge.runtime import Patch, Runtime, evaluate as evaluate_module
+from reft_edge.runtime.evaluate import FACT_TOKENS, RuntimeBackend, facts_cache_file
 from reft_edge.runtime.judges import Judge
 
 QUESTIONS = ["What is the weather like today?", "How do I bake a cake?", "Tell me about your weekend.",
@@ -394,3 +394,13 @@ def test_default_model_emoji_patch(default_int8_bundle, emoji_patch_path, emoji_
         with capsys.disabled():
             print(source, loss)
         assert loss.patched < 1.0 < loss.base, (source, loss)
+
+
+def test_runtime_evaluation_leaves_torch_models_to_the_facade(tmp_path):
+    """runtime.evaluate never imports training: a torch model= goes through reft_edge.evaluate."""
+    from reft_edge.runtime.evaluate import evaluate as evaluate_bundles
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n")
+    with pytest.raises(UsageError, match="reft_edge.evaluate"):
+        evaluate_bundles(model="default", data=prompts, facts=False)

@@ -36,7 +36,6 @@ from reft_edge.train import TrainConfig, train
 from reft_edge.train.backbone import decoder_layers, load_backbone
 from reft_edge.train.intervention import low_rank_edit
 
-
 # -- fixtures and helpers -----------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

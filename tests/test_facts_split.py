@@ -3,7 +3,6 @@
 from reft_edge.runtime.evaluate import FACTS_FILE, TEST_FACTS_FILE, read_facts
 
 
-
 def test_the_splits_are_disjoint_and_large_enough():
     dev, test = read_facts(FACTS_FILE), read_facts(TEST_FACTS_FILE)
     assert len(dev) + len(test) >= 120 and len(test) >= 80

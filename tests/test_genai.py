@@ -24,7 +24,6 @@ from reft_edge.runtime.adapter import adapter_arrays, convert_patches
 from reft_edge.runtime.bundle import Manifest
 from reft_edge.train.backbone import load_backbone
 
-
 PROMPTS = ["What is the weather like today?", "How do I bake a cake?", "Tell me about your weekend.",
            "hello world", "The quick brown fox"]
 QUESTIONS = [*PROMPTS, "question answer"]
@@ -32,7 +31,8 @@ NEW_TOKENS = 10
 # The tiny random models repeat their last token; a strong penalty (applied alike by both,
 # over the prompt and the answer) makes the answers varied, so comparing them has teeth.
 PENALTY = 10.0
-CASES = {"none": ((), None), "one": (("fox",), None), "two": (("fox", "beach"), [1.0, 0.5]), "steer": (("steer",), None)}
+CASES = {"none": ((), None), "one": (("fox",), None), "two": (("fox", "beach"), [1.0, 0.5]),
+         "steer": (("steer",), None)}
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])  # a fused and a traced graph

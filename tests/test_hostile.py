@@ -25,8 +25,8 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
+from test_patch_fuzz import signed, valid_patch
 
 from conftest import write_jsonl
 from reft_edge.cli import main, printable
@@ -35,7 +35,6 @@ from reft_edge.errors import BundleError, DataError, ModelError, PatchError, Pat
 from reft_edge.files import atomic_dir, check_output_path, remove_stale_temporaries, writer_file
 from reft_edge.runtime.bundle import Manifest
 from reft_edge.runtime.patch import MAX_JSON_DEPTH, Intervention, Patch
-from test_patch_fuzz import signed, valid_patch
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB = ROOT / "runtime" / "web"
@@ -652,7 +651,7 @@ def test_raising_judge_names_judge_and_prompt(tmp_path, monkeypatch):
 # == 18. examples longer than the model's context ==========================================================
 
 def test_overlong_lines_are_refused_at_read(tmp_path):
-    from reft_edge.train.data import MAX_LINE_BYTES, read_jsonl
+    from reft_edge.records import MAX_LINE_BYTES, read_jsonl
 
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "Hi", "response": "Hello"}\n'

@@ -269,6 +269,8 @@ def test_composable_training_lowers_the_composed_loss(tiny_backbone, tmp_path):
 def test_a_composable_patch_writes_orthogonally_to_its_partner(tiny_backbone, tmp_path):
     """With --compose-with, the new patch's R rows are orthogonal to the partner's at each layer
     (neither reads back what the other writes there); without the option they are not."""
+    from reft_edge.train import TrainConfig, train
+
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"question {i}?", "response": f"answer {i}. Bye!"}) + "\n"
                             for i in range(6)))

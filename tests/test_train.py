@@ -195,7 +195,8 @@ def test_empty_dataset(tmp_path, tiny_model_dir):
 
 
 def test_non_utf8_line(tmp_path, tiny_model_dir):
-    (tmp_path / "latin.jsonl").write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    (tmp_path / "latin.jsonl").write_bytes(b'{"prompt": "a", "response": "b"}\n'
+                                           b'{"prompt": "caf\xe9", "response": "b"}\n')
     assert "latin.jsonl:2: not UTF-8" in _bad(tmp_path, tiny_model_dir, data=str(tmp_path / "latin.jsonl"))
 
 

@@ -61,8 +61,15 @@ def test_mixed_batches_give_each_person_its_own_gradient(tiny_backbone):
     from reft_edge.runtime.positions import Positions
     from reft_edge.train.data import read_jsonl, tokenize
     from reft_edge.train.intervention import EditSlots, attach_edits
-    from reft_edge.train.recipe import (Edits, build_interventions, cache_frozen_states, collate, forward_loss,
-                                        forward_losses, replay_frozen_layers)
+    from reft_edge.train.recipe import (
+        Edits,
+        build_interventions,
+        cache_frozen_states,
+        collate,
+        forward_loss,
+        forward_losses,
+        replay_frozen_layers,
+    )
 
     model, cpu, positions = tiny_backbone.model, torch.device("cpu"), Positions.parse("l1+g")
     people = []
@@ -84,7 +91,8 @@ def test_mixed_batches_give_each_person_its_own_gradient(tiny_backbone):
             alone.append([p.grad.clone() for p in edits.parameters()])
             for p in edits.parameters():
                 p.grad = None
-        batch = collate([e for _, examples, _ in people for e in examples], [s for *_, states in people for s in states],
+        batch = collate([e for _, examples, _ in people for e in examples],
+                        [s for *_, states in people for s in states],
                         [o for edits, examples, _ in people for o in owners(edits, examples)], cpu)
         losses = forward_losses(model, replay, slots, [(edits, len(ex)) for edits, ex, _ in people], positions, batch,
                                 cpu)

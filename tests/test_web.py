@@ -3,7 +3,8 @@
 A tiny random llama is exported (fused graph, fp32 and int4), and a tiny GPT-2 (traced graph), with
 random patches written by the Python API; `reft-edge serve-web` (runtime/web/serve.js) serves the demo
 page (examples/browser), the bundle and the patches with the cross-origin-isolation headers;
-runtime/web/test/drive.mjs drives Debian's chromium with playwright-core through ``window.reftEdge``. Greedy token ids (and prompt ids and text) must equal
+runtime/web/test/drive.mjs drives Debian's chromium with playwright-core through ``window.reftEdge``.
+Greedy token ids (and prompt ids and text) must equal
 ``Runtime.generate``'s for every prompt with no patch, one patch, two composed with weights, a
 patch that edits generated tokens (``l1+g``) and a float16 patch; damaged patches must raise the
 same error kinds, with the same messages, as ``Patch.from_file`` and ``Manifest.load_patches``.
@@ -91,7 +92,8 @@ def _write_patches(folder: Path, manifest: Manifest) -> dict[str, Path]:
         "half": _random_patch("half", "noreft", "p", (2,), 3, True, fp, hidden, 4, dtype="float16"),
     }
     folder.mkdir(parents=True, exist_ok=True)
-    return {name: (patch.to_file(folder / f"{name}.reft"), folder / f"{name}.reft")[1] for name, patch in patches.items()}
+    return {name: (patch.to_file(folder / f"{name}.reft"), folder / f"{name}.reft")[1]
+            for name, patch in patches.items()}
 
 
 def _damaged(folder: Path, good: Path, manifest: Manifest) -> dict[str, Path]:
@@ -387,7 +389,8 @@ def test_serve_web_refuses_what_cannot_be_served(tiny_bundle, tmp_path):
     twins = [tmp_path / "a" / "p.reft", tmp_path / "b" / "p.reft"]
     for twin in twins:
         twin.write_bytes(b"x")
-    clash = CliRunner().invoke(main, ["serve-web", str(tiny_bundle), "--patch", str(twins[0]), "--patch", str(twins[1])])
+    clash = CliRunner().invoke(main, ["serve-web", str(tiny_bundle), "--patch", str(twins[0]),
+                                      "--patch", str(twins[1])])
     assert clash.exit_code == 2 and "share a file name" in clash.output
 
 
@@ -398,7 +401,8 @@ const patch = await parsePatch(readFileSync(process.argv[3]), "skills.reft");
 const out = {};
 for (const [label, chosen] of JSON.parse(process.argv[4])) {
   const chosenPatch = chosen === null ? patch : withSkills(patch, chosen);
-  out[label] = affineEdits(chosenPatch).map((e) => ({rank: e.rank, A: Array.from(e.A), B: Array.from(e.B), c: Array.from(e.c)}));
+  out[label] = affineEdits(chosenPatch).map((e) => ({rank: e.rank, A: Array.from(e.A), B: Array.from(e.B),
+    c: Array.from(e.c)}));
 }
 try { withSkills(patch, ["nope"]); } catch (err) { out.error = `${err.name}: ${err.message}`; }
 console.log(JSON.stringify(out));

@@ -1,7 +1,8 @@
 """Training stage: learn a person's LoReFT patch on a frozen backbone (torch, transformers).
 
 ``train`` and ``TrainConfig`` load on first use, so the torch-free parts of this stage
-(``reft_edge.train.data``: reading JSONL examples) import without torch.
+(``reft_edge.train.config``, and ``reft_edge.train.data``, which re-exports reft_edge.records) import
+without torch.
 """
 
 import importlib

@@ -15,6 +15,7 @@ from typing import Any
 
 from reft_edge.configs import config_from_dict
 
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a patch. Same config + data + base on CPU = same bytes."""

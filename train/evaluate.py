@@ -3,7 +3,7 @@ training stage's edit hooks (train.intervention.attach_edits), attached per call
 
 Example::
 
-    from reft_edge.runtime.evaluate import evaluate
+    from reft_edge.evaluate import evaluate
     report = evaluate(model="default", data="heldout.jsonl", patches=["emoji.reft"], judge="no-letters")
 
 ``TorchBackend`` answers what runtime.evaluate asks of a base, the way the runtime answers
@@ -25,12 +25,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reft_edge.runtime.evaluate import BATCH_SIZE, Messages, chunks
+from reft_edge.records import BATCH_SIZE, Example, Messages, Record, chunks, prompt_text, tokenize
 from reft_edge.runtime.patch import Patch
 from reft_edge.runtime.slots import SlotArrays, SlotEdit, resolve_edits, slot_arrays
 from reft_edge.train.backbone import Backbone, decoder_layers, eager_attention, load_backbone
-from reft_edge.train.data import Example, Record, prompt_text, tokenize
 from reft_edge.train.intervention import EditSlots, attach_edits
+
+
+def open_model(model: Any, say: Any) -> "TorchBackend":
+    """The backend reft_edge.evaluate hands runtime.evaluate for ``model=``: a Hugging Face folder or
+    id, "default", or a loaded Backbone."""
+    if isinstance(model, (str, Path)):
+        say(f"loading model {model}")
+        return TorchBackend.load(str(model))
+    return TorchBackend(model)
 
 
 class TorchBackend:

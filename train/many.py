@@ -15,7 +15,8 @@ Scaled out, each rank trains every ``world_size``-th person (person i on rank i 
 TrainConfig option for that person only (``"val_data"``, ``"steps"``, ``"seed"``, ...); paths
 are relative to the jobs file. The job's own options (``ManyConfig.defaults``) apply to everyone
 else. Steps, top to bottom: read and check every job line, load the backbone once and check each
-line's layers against it (a bad line fails the whole job before any training), skip people whose finished patch matches, group people
+line's layers against it (a bad line fails the whole job before any training), skip people whose
+finished patch matches, group people
 by recipe, and per group prepare each person (data, tokens, frozen states: a bad data file fails
 that person only) and train them together in mixed batches, writing each patch the moment its
 person stops; gather the results on rank 0, which writes ``summary.json`` and prints the table.
@@ -50,9 +51,22 @@ from reft_edge.train.backbone import Backbone, load_backbone
 from reft_edge.train.config import ManyConfig, TrainConfig
 from reft_edge.train.data import Record, file_digest, read_jsonl
 from reft_edge.train.intervention import EditSlots, attach_edits
-from reft_edge.train.recipe import (Learner, Prepared, check_config, collate, count_steps, forward_loss,
-                                    forward_losses, pick_device, prepare, recipe_summary, replay_frozen_layers,
-                                    resolve_layers, save_patch, split_records)
+from reft_edge.train.recipe import (
+    Learner,
+    Prepared,
+    check_config,
+    collate,
+    count_steps,
+    forward_loss,
+    forward_losses,
+    pick_device,
+    prepare,
+    recipe_summary,
+    replay_frozen_layers,
+    resolve_layers,
+    save_patch,
+    split_records,
+)
 
 SUMMARY_FILE = "summary.json"
 _JOB_WIDE = {  # TrainConfig fields a job line may not set, and why

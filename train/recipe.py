@@ -38,11 +38,10 @@ from reft_edge.runtime.patch import KIND_TENSORS, KINDS, SAVE_DTYPES, SKILL_NAME
 from reft_edge.runtime.positions import Positions
 from reft_edge.runtime.slots import SlotEdit, resolve_edits
 from reft_edge.train.backbone import Backbone, decoder_layers, decoder_layers_owner, load_backbone
-from reft_edge.train.config import DEFAULT_LAYER_COUNT, DEFAULT_STEPS, TrainConfig, upper_layers
 from reft_edge.train.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from reft_edge.train.config import DEFAULT_LAYER_COUNT, DEFAULT_STEPS, TrainConfig, upper_layers
 from reft_edge.train.data import Example, Record, file_digest, read_jsonl, tokenize
 from reft_edge.train.intervention import EditSlots, InterventionParams, attach_edits
-
 
 # The longest composed answer kept as a target (longer ones are dropped). Measured on the
 # enthusiast+signoff pair: 96 kept 16 of 18 answers and 70 % of composed answers showed both
@@ -74,7 +73,8 @@ def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bo
     backbone.model.to("cpu")
     patch = save_patch(config, prepared, fitted, seconds, backbone, composed)
     if progress:
-        val = "" if fitted.val_loss is None else f", validation loss {fitted.val_loss:.4f} (best step {fitted.best_step})"
+        val = ("" if fitted.val_loss is None
+               else f", validation loss {fitted.val_loss:.4f} (best step {fitted.best_step})")
         together = "" if not composed else f", composed loss {composed['final_loss']:.4f}"
         print(f"trained {config.out}: final loss {fitted.final_loss:.4f}{val}{together}, {fitted.steps_run} steps, "
               f"{seconds:.1f} s, {patch.size_bytes} bytes")
@@ -207,7 +207,8 @@ def resolve_layers(config: TrainConfig, backbone: Backbone) -> list[int]:
     layers = sorted(set(config.layers)) if config.layers else list(upper_layers(n_layers, DEFAULT_LAYER_COUNT))
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
-        raise UsageError(f"--layers {bad[0]} is outside this model's layers 0..{n_layers - 1}; pick layers in that range")
+        raise UsageError(f"--layers {bad[0]} is outside this model's layers 0..{n_layers - 1}; "
+                         "pick layers in that range")
     if config.rank > hidden:
         raise UsageError(f"--rank {config.rank} exceeds the hidden size {hidden}; use a rank of at most {hidden}")
     return layers
@@ -348,19 +349,19 @@ class Edits:
 
     def layer_affine(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A, B [rank, hidden] and c [rank] of one layer: trainable interventions, then partners."""
-        parts = [params.affine() for l, _, params in self.interventions if l == layer]
+        parts = [params.affine() for at, _, params in self.interventions if at == layer]
         parts += [tuple(torch.from_numpy(x).to(device) for x in (e.A, e.B, e.c)) for _, e in self._partners(layer)]
         return tuple(torch.cat([part[i] for part in parts]) for i in range(3))
 
     def layer_rows(self, layer: int, positions: Positions) -> list[tuple[Positions, str, int]]:
         """(positions, where, rank) of each part of layer_affine, for contract.position_rows."""
-        return ([(positions, where, params.b.shape[0]) for l, where, params in self.interventions if l == layer]
+        return ([(positions, where, params.b.shape[0]) for at, where, params in self.interventions if at == layer]
                 + [(e.positions, e.where, e.A.shape[0]) for _, e in self._partners(layer)])
 
     def layer_owners(self, layer: int) -> list[str]:
         """The owner of each rank row of layer_affine."""
         per_intervention = [name for name, rank in self.skills for _ in range(rank)]
-        here = sum(1 for l, _, _ in self.interventions if l == layer)
+        here = sum(1 for at, _, _ in self.interventions if at == layer)
         return per_intervention * here + [owner for owner, e in self._partners(layer) for _ in range(e.A.shape[0])]
 
     def _partners(self, layer: int) -> list[tuple[str, SlotEdit]]:
@@ -372,7 +373,8 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def cache_frozen_states(model: nn.Module, examples: list[Example], lowest: int, device: torch.device) -> list[torch.Tensor]:
+def cache_frozen_states(model: nn.Module, examples: list[Example], lowest: int,
+                        device: torch.device) -> list[torch.Tensor]:
     """The output of block ``lowest`` for each example's full sequence (prompt + target[:-1]).
 
     The backbone is frozen and causal, so these never change during training; each
@@ -648,7 +650,8 @@ def fit_composition(backbone: Backbone, prepared: Prepared, config: TrainConfig,
     both = TrainSet(list(train_set.examples), list(train_set.active), list(train_set.states))
     both += composed
     phase = replace(config, checkpoint_every=None, resume=False, patience=None)
-    fitted = fit(backbone.model, replace(prepared, train_set=both, val_set=TrainSet.empty(), steps=config.compose_steps),
+    composing = replace(prepared, train_set=both, val_set=TrainSet.empty(), steps=config.compose_steps)
+    fitted = fit(backbone.model, composing,
                  phase, device, progress, desc="compose")
     return {
         "with": [{"name": p.name, "payload_sha256": p.payload_sha256} for p in partners],

@@ -12,6 +12,7 @@
 import * as ort from "onnxruntime-web";
 import { open } from "/web/index.js";
 import { positionsString } from "/web/positions.js";
+import SPEC from "/web/spec.js";
 
 ort.env.wasm.wasmPaths = "/web/node_modules/onnxruntime-web/dist/";
 const $ = (id) => document.getElementById(id);

@@ -10,8 +10,9 @@
  *   bundle.manifest.slot_layers; bundle.files.model;  // Uint8Array of model.onnx
  */
 import { BundleError } from "./errors.js";
+import SPEC from "./spec.js";
 
-export const SCHEMA_VERSION = 3;
+export const SCHEMA_VERSION = SPEC.bundle.schema_version; // from Python (spec.js, written by runtime/spec.py)
 const CACHE_NAME = "reft-edge-bundles";
 
 /** @typedef {{file: string, loaded: number, total: number, cached: boolean}} Progress */

@@ -1,5 +1,5 @@
 /**
- * Patch format v2 (`.reft`) in the browser: parse and validate a safetensors patch exactly as
+ * Patch format v3 (`.reft`, reading v1 and v2 too) in the browser: parse and validate a safetensors patch exactly as
  * reft_edge/runtime/patch.py does (docs/patch-format.md is the specification), with the same
  * error kinds and messages. Nothing is executed; the digest uses WebCrypto.
  *
@@ -13,14 +13,18 @@
 import { BackboneMismatchError, PatchCompatibilityError, PatchFormatError, UsageError } from "./errors.js";
 import { groups, parsePositions, positionsString, WHERE } from "./positions.js";
 
-export const PATCH_FORMAT = "reft-edge-patch";
-export const PATCH_FORMAT_VERSION = 3;
-const SKILLS_FORMAT_VERSION = 3; // the first version with skill groups
-const SKILL_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
-export const MAX_PATCH_BYTES = 64 * 1024 * 1024;
-export const MAX_HEADER_BYTES = 1024 * 1024;
+import SPEC from "./spec.js";
+
+// The format's facts come from Python (spec.js, written by runtime/spec.py)
+export const PATCH_FORMAT = SPEC.patch.format;
+export const PATCH_FORMAT_VERSION = SPEC.patch.format_version;
+const SKILLS_FORMAT_VERSION = SPEC.patch.skills_format_version; // the first version with skill groups
+const SKILL_NAME = new RegExp(`^(?:${SPEC.patch.skill_name})$`);
+export const MAX_PATCH_BYTES = SPEC.patch.max_patch_bytes;
+export const MAX_HEADER_BYTES = SPEC.patch.max_header_bytes;
+export const KIND_TENSORS = SPEC.patch.kinds;
 /** Real metadata nests 4 levels at most; the bound keeps every reader and printer off deep recursion. */
-export const MAX_JSON_DEPTH = 64;
+export const MAX_JSON_DEPTH = SPEC.patch.max_json_depth;
 const MAX_SHOWN_CHARS = 200; // of a bad metadata value quoted in an error message
 
 class TooDeep extends Error {}
@@ -55,14 +59,10 @@ function shown(v) {
   const text = pyRepr(v);
   return text.length <= MAX_SHOWN_CHARS ? text : text.slice(0, MAX_SHOWN_CHARS) + "...";
 }
-export const KIND_TENSORS = {
-  loreft: ["R", "W", "b"], direft: ["R", "W", "b"], noreft: ["W1", "W2", "b"],
-  nodireft: ["W1", "W2", "b"], consreft: ["R", "b"], lobireft: ["R", "b"],
-};
 const KINDS = Object.keys(KIND_TENSORS);
-const SAVE_DTYPES = ["float32", "float16"];
-const REQUIRED_METADATA = ["format", "format_version", "name", "kind", "layers", "positions", "share_weights",
-  "rank", "hidden_size", "base_fingerprint", "dtype", "payload_sha256", "interventions", "training"];
+const SAVE_DTYPES = SPEC.patch.save_dtypes;
+const REQUIRED_METADATA = SPEC.patch.required_metadata;
+const { max_rank: MAX_RANK, max_layer: MAX_LAYER } = SPEC.patch;
 // safetensors dtype -> [numpy name, bytes per element]; only F32 and F16 are valid in a patch
 const ST_DTYPES = { BOOL: ["bool", 1], U8: ["uint8", 1], I8: ["int8", 1], I16: ["int16", 2], U16: ["uint16", 2],
   F16: ["float16", 2], I32: ["int32", 4], U32: ["uint32", 4], F32: ["float32", 4], F64: ["float64", 8],
@@ -230,7 +230,7 @@ function parseMetadata(metadata, source) {
   }
   if (typeof v.kind !== "string" || !KINDS.includes(v.kind)) throw bad("kind", `one of ${KINDS.join(", ")}`);
   for (const key of ["rank", "hidden_size"]) {
-    if (!isIntText(metadata[key]) || !(v[key] >= 1 && v[key] <= 65536)) throw bad(key, "a whole number from 1 to 65536");
+    if (!isIntText(metadata[key]) || !(v[key] >= 1 && v[key] <= MAX_RANK)) throw bad(key, `a whole number from 1 to ${MAX_RANK}`);
   }
   if (v.rank > v.hidden_size) throw bad("rank", "at most hidden_size");
   for (const key of ["name", "base_fingerprint"]) if (typeof v[key] !== "string") throw bad(key, "a string");
@@ -240,12 +240,12 @@ function parseMetadata(metadata, source) {
   if (v.training === null || typeof v.training !== "object" || Array.isArray(v.training)) throw bad("training", "a JSON object");
   if (typeof v.positions !== "string") throw bad("positions", "a string like 'f1+l1'");
   try { v.positions = parsePositions(v.positions); } catch { throw bad("positions", "a string like 'f1+l1'"); }
-  const version = v.positions.prompt || v.positions.generated ? 2 : 1;
+  const version = v.positions.prompt || v.positions.generated ? SPEC.patch.prompt_or_generated_format_version : 1;
   if (version > v.format_version) throw bad("positions", `positions that format version ${v.format_version} can express`);
   const entries = v.interventions;
   if (!Array.isArray(entries) || !entries.length || !entries.every((e) => e !== null && typeof e === "object"
       && !Array.isArray(e) && Object.keys(e).length === 2 && "layer" in e && "where" in e
-      && Number.isInteger(e.layer) && e.layer >= 0 && e.layer < 4096 && WHERE.includes(e.where))) {
+      && Number.isInteger(e.layer) && e.layer >= 0 && e.layer < MAX_LAYER && WHERE.includes(e.where))) {
     throw bad("interventions", "a non-empty list of {layer, where} objects");
   }
   const allowed = v.share_weights ? ["both"] : groups(v.positions);

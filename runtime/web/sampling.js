@@ -9,14 +9,15 @@
  *   const next = pick(logits, sampling, seen, rng(sampling.seed));
  */
 import { UsageError } from "./errors.js";
+import SPEC from "./spec.js";
 
 /** @typedef {{temperature: number, topK: number|null, topP: number|null, repetitionPenalty: number|null,
  *   noRepeatNgram: number|null, seed: number|null}} Sampling */
 
-/** @param {Partial<Sampling>} options @returns {Sampling} */
-/** The loop guard's default, as runtime/sampling.py's NO_REPEAT_NGRAM (tests/test_web.py checks they agree). */
-export const NO_REPEAT_NGRAM = 6;
+/** The loop guard's default, from Python (spec.js): on in every runtime, 0 turns it off. */
+export const NO_REPEAT_NGRAM = SPEC.defaults.no_repeat_ngram;
 
+/** @param {Partial<Sampling>} options @returns {Sampling} */
 export function checkSampling({ temperature = 0, topK = null, topP = null, repetitionPenalty = null,
   noRepeatNgram = NO_REPEAT_NGRAM,
   seed = null } = {}) {

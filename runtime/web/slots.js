@@ -14,8 +14,12 @@
 import { UsageError } from "./errors.js";
 import { edits, groups } from "./positions.js";
 import { affineEdits } from "./patch.js";
+import SPEC from "./spec.js";
 
-export const EVERY_PROMPT_TOKEN = 2 ** 31 - 1;
+// The slot contract comes from Python (spec.js, written by runtime/spec.py from runtime/contract.py)
+export const EVERY_PROMPT_TOKEN = SPEC.slots.every_prompt_token;
+const LINES = SPEC.slots.position_lines; // the lines of slot.{l}.positions, per rank row
+const GENERATED = LINES.indexOf("generated");
 
 /** @typedef {{type: string, data: Float32Array|BigInt64Array, dims: number[]}} TensorSpec */
 
@@ -26,7 +30,9 @@ export function rowPositions(positions, where) {
   const prefix = (where === "both" || where === "prefix") && g.includes("prefix");
   const suffix = (where === "both" || where === "suffix") && g.includes("suffix");
   const first = positions.prompt ? EVERY_PROMPT_TOKEN : positions.first;
-  return [prefix ? first : 0, suffix ? positions.last : 0, suffix ? first : 0, edits(positions, where, "generated") ? 1 : 0];
+  const line = { first: prefix ? first : 0, last: suffix ? positions.last : 0, after: suffix ? first : 0,
+    generated: edits(positions, where, "generated") ? 1 : 0 };
+  return LINES.map((name) => line[name]);
 }
 
 /** @param {number[]|undefined} weights @param {number} count @returns {number[]} */
@@ -63,14 +69,14 @@ export function slotInputs(patches, weights, manifest) {
   let editsGenerated = false;
   for (const [layer, list] of perSlot) {
     const A = new Float32Array(rank * hidden), B = new Float32Array(rank * hidden), c = new Float32Array(rank);
-    const pos = new BigInt64Array(4 * rank);
+    const pos = new BigInt64Array(LINES.length * rank);
     let row = 0;
     for (const e of list) {
       A.set(e.A, row * hidden);
       B.set(e.B, row * hidden);
       c.set(e.c, row);
       const lines = rowPositions(e.positions, e.where);
-      editsGenerated ||= lines[3] === 1;
+      editsGenerated ||= lines[GENERATED] === 1;
       for (let r = row; r < row + e.rank; r++) lines.forEach((value, line) => { pos[line * rank + r] = BigInt(value); });
       row += e.rank;
     }
@@ -90,10 +96,12 @@ export function emptySlots(manifest) {
 }
 
 function slotTensors(layer, hidden, rank, A, B, c, positions) {
+  const { inputs, dtypes } = SPEC.slots;
+  const name = (part) => inputs[part].replace("{layer}", String(layer));
   return {
-    [`slot.${layer}.A`]: { type: "float32", data: A, dims: [1, rank, hidden] },
-    [`slot.${layer}.B`]: { type: "float32", data: B, dims: [1, rank, hidden] },
-    [`slot.${layer}.c`]: { type: "float32", data: c, dims: [1, 1, rank] },
-    [`slot.${layer}.positions`]: { type: "int64", data: positions, dims: [1, 4, rank] },
+    [name("A")]: { type: dtypes.A, data: A, dims: [1, rank, hidden] },
+    [name("B")]: { type: dtypes.B, data: B, dims: [1, rank, hidden] },
+    [name("c")]: { type: dtypes.c, data: c, dims: [1, 1, rank] },
+    [name("positions")]: { type: dtypes.positions, data: positions, dims: [1, LINES.length, rank] },
   };
 }
