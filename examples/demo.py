@@ -1,16 +1,18 @@
 """The demo behind ``make demo``: one frozen base, two people, kilobyte patches.
 
-    python -m examples.demo                       # the embedded SmolLM2-135M-Instruct, int8 bundle
+    python -m examples.demo                       # the embedded SmolLM2-135M-Instruct, int4 bundle
     python -m examples.demo --model DIR --steps 3 --precision fp32 --max-new-tokens 8   # fast mode
 
 Trains two personas of examples/personas with the default recipe (Alice: every answer
 opens with "Great question!"; Bob: every answer ends with "Stay curious!"), exports
-the base once into the cache (later runs reuse the bundle and the patches), then shows
-base vs personalised answers on prompts the patches never saw, measures each patch on
-its persona's 20 unseen prompts (adherence to its judge) and on the built-in facts
-(facts kept), and serves both people in one batch. Last, composition: Bob's closing
-phrase trained again with ``compose_with=(alice,)`` and applied together with Alice's
-patch, so one answer shows both, measured on the 40 unseen prompts of both personas.
+the base once into the cache as the int4 bundle devices run (its weights are the GGUF's
+own blocks; later runs reuse the bundle and the patches), then shows base vs
+personalised answers on prompts the patches never saw (with the runtimes' default loop
+guard), measures each patch on its persona's 20 unseen prompts (adherence to its judge,
+answers that loop) and on the held-out test facts (facts kept), and serves both people
+in one batch. Last, composition as a product ships it: Alice's opener as the house style
+every answer carries, and Bob's closing phrase trained with ``compose_with=(house,)``,
+applied together per request, measured on the 40 unseen prompts of both personas.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 from reft_edge.export import ExportConfig, export_bundle
 from reft_edge.files import cache_dir
 from reft_edge.runtime import Patch, Runtime
-from reft_edge.runtime.evaluate import evaluate
+from reft_edge.runtime.evaluate import TEST_FACTS_FILE, evaluate
+from reft_edge.runtime.loops import loops
 from reft_edge.train import TrainConfig, train
 from reft_edge.train.backbone import Backbone, load_backbone
 from reft_edge.train.data import file_digest
@@ -40,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="reft-edge end-to-end demo")
     parser.add_argument("--model", default=None, help="Hugging Face folder (default: the embedded SmolLM2)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the default recipe's)")
-    parser.add_argument("--precision", default="int8", choices=["fp32", "int8", "int4"])
+    parser.add_argument("--precision", default="int4", choices=["fp32", "int8", "int4"])
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--work", default=None, help="Folder for patches and bundle (default: the cache)")
     return parser.parse_args()
@@ -88,26 +91,26 @@ def show_side_by_side(runtime: Runtime, patches: dict[str, Patch], max_new_token
             speeds.append(mine.timings["tokens_per_s"])
             print(f"\n  {prompt}")
             print(_row("base", base.text))
-            print(_row(person, mine.text))
+            print(_row(person, mine.text + (" [loops]" if loops(mine.text) else "")))
     return sorted(speeds)[len(speeds) // 2]
 
 
 def show_quality(runtime: Runtime, patches: dict[str, Patch], max_new_tokens: int) -> None:
     """Each patch on all 20 unseen prompts of its persona (its judge) and on the built-in facts."""
     print("\n" + "=" * WIDTH)
-    print("Measured (reft-edge eval): unseen prompts that follow the persona, and facts the base knows that")
-    print("the patched model still answers correctly")
+    print("Measured (reft-edge eval, no loop guard): unseen prompts that follow the persona, answers that")
+    print("loop, and held-out test facts the base knows that the patched model still answers correctly")
     print("=" * WIDTH)
     for person, patch in patches.items():
         folder = PERSONAS / PEOPLE[person]
         judge = json.loads((folder / "persona.json").read_text())["judge"]
         report = evaluate(runtime, data=folder / "unseen.txt", patches=[patch], judge=judge,
-                          max_new_tokens=max_new_tokens, samples=0)
+                          max_new_tokens=max_new_tokens, samples=0, facts_file=TEST_FACTS_FILE)
         kept = report.retention
         facts = f"{kept.kept}/{kept.base_correct}" if kept and kept.base_correct else "n/a (the base knows none)"
         print(f"  {person:<6} ({PEOPLE[person]}, judge {judge}): follows the persona in "
-              f"{report.adherence.patched:.0%} of {report.prompts} unseen answers (base {report.adherence.base:.0%}); "
-              f"facts kept {facts}")
+              f"{report.adherence.patched:.0%} of {report.prompts} unseen answers (base {report.adherence.base:.0%}), "
+              f"{report.adherence.loops_patched:.0%} loop; test facts kept {facts}")
 
 
 def _unseen(persona: str) -> list[str]:
@@ -131,23 +134,26 @@ def show_batch(runtime: Runtime, patches: dict[str, Patch], max_new_tokens: int)
 
 
 def show_composition(runtime: Runtime, alice: Patch, bob_with_alice: Patch, bob: Patch, max_new_tokens: int) -> None:
-    """Alice's opener and Bob's closing phrase in one answer: Bob's patch trained to compose
-    with Alice's, against the two patches trained apart; both measured on 40 unseen prompts."""
+    """A house style (Alice's opener, shared by every user) and a person (Bob's closing phrase) in
+    one answer: Bob's patch trained to compose with the house patch, against the two patches
+    trained apart; both measured on 40 unseen prompts."""
     from reft_edge.runtime.judges import Judge
 
     print("\n" + "=" * WIDTH)
-    print("Composition: Alice's opener and Bob's closing phrase in one answer (both patches on one request)")
+    print("Composition: a house style (the opener) plus Bob's own closing phrase on one request")
     print("=" * WIDTH)
     prompts = _unseen(PEOPLE["alice"]) + _unseen(PEOPLE["bob"])
     judges = [Judge.parse(json.loads((PERSONAS / PEOPLE[p] / "persona.json").read_text())["judge"]) for p in PEOPLE]
     for label, patches in (("trained apart", [alice, bob]), ("trained to compose", [alice, bob_with_alice])):
         answers = runtime.generate_batch([(p, patches) for p in prompts], max_new_tokens=max_new_tokens)
         passed = [all(judge(a.text) for judge in judges) for a in answers]
+        looping = sum(loops(a.text) for a in answers)
         print(f"\n  {label}: {sum(passed)} of {len(prompts)} unseen answers open with 'Great question!' and end "
-              f"with 'Stay curious!'")
-        # the apart pair's first answer shows what goes wrong; the composable pair's answers that pass show the result
-        shown = [(p, a) for p, a, ok in zip(prompts, answers, passed) if ok][:2] if any(passed) else \
-            list(zip(prompts, answers))[:1]
+              f"with 'Stay curious!'; {looping} loop")
+        # the apart pair's first answer shows what goes wrong; the composable pair's answers that pass (and do
+        # not loop) show the result
+        shown = [(p, a) for p, a, ok in zip(prompts, answers, passed) if ok and not loops(a.text)][:2] \
+            if any(passed) else list(zip(prompts, answers))[:1]
         for prompt, answer in shown:
             print(f"  {prompt}")
             print(_row("both", answer.text))

@@ -189,15 +189,17 @@ def train(layers: str | None, skills: tuple[str, ...], compose_with: tuple[str, 
 @click.option("--out-dir", required=True, help="Folder for the patches (<id>.reft) and summary.json.")
 @click.option("--max-rows", default=_MANY_DEFAULTS["max_rows"], show_default=True, type=int,
               help="Rows per mixed batch (several people's batches together); bounds memory.")
+@click.option("--compose-with", "compose_with", multiple=True, type=click.Path(),
+              help="A shared patch (e.g. a house style) every person's patch must work beside; repeat for several.")
 @recipe_options
-def train_many(jobs: str, out_dir: str, max_rows: int, model: str | None, device: str, layers: str | None,
-               **options) -> None:
+def train_many(jobs: str, out_dir: str, max_rows: int, compose_with: tuple[str, ...], model: str | None, device: str,
+               layers: str | None, **options) -> None:
     """Train many people's patches in one job: one backbone, mixed batches (torchrun shards people)."""
     from reft_edge.train.many import ManyConfig, train_many as run_many
 
     recipe = {**options, "layers": parse_layers(layers)}
     results = run_many(ManyConfig(jobs=jobs, out_dir=out_dir, model=model, device=device, max_rows=max_rows,
-                                  defaults=recipe))
+                                  defaults=recipe, compose_with=compose_with))
     failed = [result for result in results if result.status == "failed"]
     if failed:
         raise UsageError(f"{len(failed)} of {len(results)} people failed, the first {failed[0].id}: "

@@ -215,3 +215,31 @@ def test_torchrun_two_gloo_ranks_write_every_patch_once(tiny_model_dir, tmp_path
         alone = _alone(person, model, tmp_path / f"{person['id']}.reft")
         for a, b in zip(_params(tmp_path / "out" / alone.name), _params(alone)):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_shared_partner_makes_the_same_bytes_as_train_compose_with(tiny_backbone, tmp_path):
+    """train-many --compose-with house.reft trains each person exactly as `reft-edge train
+    --compose-with house.reft` trains them alone: the same patch, byte for byte."""
+    from reft_edge.train import TrainConfig, train
+    from conftest import write_jsonl
+    from reft_edge.train.many import ManyConfig, train_many
+
+    recipe = dict(model=tiny_backbone.path, layers=(1, 2), rank=2, steps=6, compose_steps=2, lr=2e-2)
+    house_data = write_jsonl(tmp_path / "house.jsonl", [{"prompt": f"q{i}?", "response": f"Hello! a{i}."}
+                                                         for i in range(6)])
+    house = tmp_path / "house.reft"
+    train(TrainConfig(data=str(house_data), out=str(house), **recipe), backbone=tiny_backbone, progress=False)
+    alice = write_jsonl(tmp_path / "alice.jsonl", [{"prompt": f"q{i}?", "response": f"a{i}. Bye!"} for i in range(6)])
+    alone = train(TrainConfig(data=str(alice), out=str(tmp_path / "alone" / "alice.reft"), compose_with=(str(house),),
+                              **recipe), backbone=tiny_backbone, progress=False)
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", [{"id": "alice", "data": str(alice)}])
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items() if k != "model"}
+    results = train_many(ManyConfig(jobs=str(jobs), out_dir=str(tmp_path / "many"), model=tiny_backbone.path,
+                                    defaults=defaults, compose_with=(str(house),)), progress=False)
+    assert [r.status for r in results] == ["trained"]
+    assert (tmp_path / "many" / "alice.reft").read_bytes() == (tmp_path / "alone" / "alice.reft").read_bytes()
+    assert alone.training["composition"]["with"][0]["name"] == "house"
+    # a finished person is skipped only while the partner is the same
+    again = train_many(ManyConfig(jobs=str(jobs), out_dir=str(tmp_path / "many"), model=tiny_backbone.path,
+                                  defaults=defaults, compose_with=(str(house),)), progress=False)
+    assert [r.status for r in again] == ["skipped"]

@@ -76,13 +76,16 @@ class ManyConfig:
     device: str = "auto"
     max_rows: int = 32  # rows per mixed batch: several people's batches share one forward pass
     defaults: dict[str, Any] = field(default_factory=dict)  # TrainConfig options for every person
+    # Patches every person's patch must compose with (a shared house style): each person is then
+    # trained exactly as `reft-edge train --compose-with` trains them alone.
+    compose_with: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ManyConfig":
-        return config_from_dict(cls, values, what="train-many")
+        return config_from_dict(cls, values, what="train-many", tuple_fields=("compose_with",))
 
 
 # The default recipe, chosen by the study in docs/quality.md (benchmarks.quality): rank 2 at five

@@ -76,7 +76,7 @@ _JOB_WIDE = {  # TrainConfig fields a job line may not set, and why
     "resume": "finished people are skipped and unfinished ones start again by themselves",
     "checkpoint_every": "unfinished people start again from their first step",
     "skills": "a person is one skill here; train a patch of several skills with reft-edge train --skill",
-    "compose_with": "train patches meant to compose with reft-edge train --compose-with",
+    "compose_with": "a shared partner (a house style) is the job's: pass train-many --compose-with",
 }
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _EXAMPLE = '{"id": "alice", "data": "alice.jsonl"}'
@@ -210,7 +210,7 @@ def parse_job(line: str, index: int, where: str, config: ManyConfig, folder: Pat
         if isinstance(value.get(key), str):
             value[key] = str(folder / value[key])  # an absolute path stays as it is
     options = {**config.defaults, **value, "out": str(Path(config.out_dir) / f"{person}.reft"),
-               "model": config.model, "device": config.device}
+               "model": config.model, "device": config.device, "compose_with": config.compose_with}
     train_config = TrainConfig.from_dict(options)
     return Job(index, person, where, train_config, check_config(train_config))
 
@@ -278,6 +278,10 @@ def run_jobs(jobs: list[Job], layers: dict[str, list[int]], backbone: Backbone, 
             results[job.id] = Result.from_patch(job, finished, "skipped")
         else:
             pending.append((job, records))
+    composable = [(job, records) for job, records in pending if job.config.compose_with]
+    pending = [(job, records) for job, records in pending if not job.config.compose_with]
+    for job, _ in composable:
+        results[job.id] = train_composable(job, backbone, progress)
     total = sum(count_steps(job.config, len(records[0])) for job, records in pending)
     bar = tqdm(desc="train-many", total=total, disable=not progress, unit="step")
     for key in dict.fromkeys(recipe_key(job, layers[job.id]) for job, _ in pending):
@@ -285,6 +289,21 @@ def run_jobs(jobs: list[Job], layers: dict[str, list[int]], backbone: Backbone, 
         results.update(fit_group(group, layers[group[0][0].id], backbone, device, max_rows, bar))
     bar.close()
     return [results[job.id] for job in jobs]
+
+
+def train_composable(job: Job, backbone: Backbone, progress: bool) -> Result:
+    """A person who must compose with the job's shared patch, trained alone by the very recipe of
+    ``reft-edge train --compose-with`` (its composition phase needs that person's own teacher
+    answers, so it does not share mixed batches); the same bytes as that command."""
+    from reft_edge.train.recipe import train
+
+    if progress:
+        print(f"{job.id}: training to compose with {', '.join(job.config.compose_with)}")
+    try:
+        patch = train(job.config, backbone=backbone, progress=progress)
+    except ReftEdgeError as exc:
+        return Result(job.id, "failed", None, message=str(exc))
+    return Result.from_patch(job, patch, "trained")
 
 
 def recipe_key(job: Job, layers: list[int]) -> tuple:
@@ -308,6 +327,11 @@ def finished_patch(config: TrainConfig, records: tuple[list[Record], list[Record
         "val_examples": len(records[1]), "steps": count_steps(config, len(records[0])), "model": backbone.source,
     }
     matches = all(patch.training.get(key) == value for key, value in expected.items())
+    partners = [entry.get("payload_sha256") for entry in patch.training.get("composition", {}).get("with", [])]
+    try:
+        matches = matches and partners == [Patch.from_file(path).payload_sha256 for path in config.compose_with]
+    except PatchError:
+        return None  # a damaged partner fails when the person trains, with its own message
     same_base = patch.base_fingerprint == backbone.fingerprint and patch.name == (config.name or path.stem)
     return patch if matches and same_base else None
 
