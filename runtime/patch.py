@@ -434,7 +434,7 @@ def _parse_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
         raise bad("format", repr(PATCH_FORMAT))
     if type(values["format_version"]) is not int or not 1 <= values["format_version"] <= PATCH_FORMAT_VERSION:
         raise PatchFormatError(
-            f"{source}: format version {values['format_version']!r}, this reft-edge reads version "
+            f"{source}: format version {shown(values['format_version'])}, this reft-edge reads version "
             f"{PATCH_FORMAT_VERSION}; upgrade reft-edge or re-train the patch"
         )
     if not isinstance(values["kind"], str) or values["kind"] not in KIND_TENSORS:

@@ -220,8 +220,8 @@ def test_torchrun_two_gloo_ranks_write_every_patch_once(tiny_model_dir, tmp_path
 def test_a_shared_partner_makes_the_same_bytes_as_train_compose_with(tiny_backbone, tmp_path):
     """train-many --compose-with house.reft trains each person exactly as `reft-edge train
     --compose-with house.reft` trains them alone: the same patch, byte for byte."""
-    from reft_edge.train import TrainConfig, train
     from conftest import write_jsonl
+    from reft_edge.train import TrainConfig, train
     from reft_edge.train.many import ManyConfig, train_many
 
     recipe = dict(model=tiny_backbone.path, layers=(1, 2), rank=2, steps=6, compose_steps=2, lr=2e-2)
@@ -230,6 +230,7 @@ def test_a_shared_partner_makes_the_same_bytes_as_train_compose_with(tiny_backbo
     house = tmp_path / "house.reft"
     train(TrainConfig(data=str(house_data), out=str(house), **recipe), backbone=tiny_backbone, progress=False)
     alice = write_jsonl(tmp_path / "alice.jsonl", [{"prompt": f"q{i}?", "response": f"a{i}. Bye!"} for i in range(6)])
+    (tmp_path / "alone").mkdir()
     alone = train(TrainConfig(data=str(alice), out=str(tmp_path / "alone" / "alice.reft"), compose_with=(str(house),),
                               **recipe), backbone=tiny_backbone, progress=False)
     jobs = write_jsonl(tmp_path / "jobs.jsonl", [{"id": "alice", "data": str(alice)}])

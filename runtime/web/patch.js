@@ -225,7 +225,7 @@ function parseMetadata(metadata, source) {
   }
   if (v.format !== PATCH_FORMAT) throw bad("format", pyRepr(PATCH_FORMAT));
   if (!isIntText(metadata.format_version) || !(v.format_version >= 1 && v.format_version <= PATCH_FORMAT_VERSION)) {
-    throw new PatchFormatError(`${source}: format version ${pyRepr(v.format_version)}, this reft-edge reads version `
+    throw new PatchFormatError(`${source}: format version ${shown(v.format_version)}, this reft-edge reads version `
       + `${PATCH_FORMAT_VERSION}; upgrade reft-edge or re-train the patch`);
   }
   if (typeof v.kind !== "string" || !KINDS.includes(v.kind)) throw bad("kind", `one of ${KINDS.join(", ")}`);
