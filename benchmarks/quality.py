@@ -49,6 +49,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "last+gen-20": {"layers": SPREAD, "rank": 2, "positions": "l1+g", "steps": 20, "lr": 2e-3},
     "one-layer-gen": {"layers": (15,), "rank": 4, "positions": "l1+g", "steps": 60, "lr": 2e-3},
     "all-layers-r1": {"layers": tuple(range(0, 30, 2)), "rank": 1, "positions": "l1+g", "steps": 60, "lr": 2e-3},
+    # retention: the base's own answers to general prompts trained with the patch on (TrainConfig.retain_weight)
+    "retain-0.5": {"retain_weight": 0.5},
+    "retain-1": {"retain_weight": 1.0},
+    "retain-2": {"retain_weight": 2.0},
 }
 LORA = "lora-anchor"
 
@@ -102,16 +106,20 @@ def train_patch(persona: Persona, recipe: str, backbone: Any, folder: Path) -> t
 
 
 def measure(runtime: Any, persona: Persona, patches: list[Path]) -> dict[str, Any]:
-    from reft_edge.runtime.evaluate import TEST_FACTS_FILE, evaluate
+    from reft_edge.runtime.evaluate import FACTS_FILE, TEST_FACTS_FILE, evaluate
 
     # facts kept on the test split, which no recipe choice looks at
     unseen = evaluate(runtime, data=persona.folder / "unseen.txt", patches=patches, judge=persona.judge,
                       max_new_tokens=MAX_NEW_TOKENS, facts=True, facts_file=TEST_FACTS_FILE, samples=3).to_dict()
     heldout = evaluate(runtime, data=persona.folder / "val.jsonl", patches=patches, facts=False, samples=0,
                        max_new_tokens=1).to_dict()
+    # the development split: what recipe choices look at (the test split above is only reported)
+    dev = evaluate(runtime, data=persona.folder / "unseen.txt", patches=patches, facts=True, facts_file=FACTS_FILE,
+                   samples=0, max_new_tokens=1).to_dict()["retention"]
     return {"adherence": unseen["adherence"]["patched"], "base_adherence": unseen["adherence"]["base"],
             "facts_kept": unseen["retention"]["fraction"], "facts_base": unseen["retention"]["base_correct"],
             "facts_file": "test", "loops": unseen["adherence"]["loops_patched"],
+            "facts_kept_dev": dev["fraction"], "facts_base_dev": dev["base_correct"],
             "val_loss": heldout["loss"]["patched"], "val_loss_base": heldout["loss"]["base"],
             "samples": unseen["samples"]}
 

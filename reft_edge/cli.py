@@ -123,6 +123,9 @@ def recipe_options(command):
         click.option("--epochs", default=_default("epochs"), type=int),
         click.option("--lr", default=_default("lr"), show_default=True, type=FINITE_FLOAT),
         click.option("--batch-size", default=_default("batch_size"), show_default=True, type=int),
+        click.option("--retain-weight", default=_default("retain_weight"), show_default=True, type=FINITE_FLOAT,
+                     help="Keep the base's knowledge: weight of the base's own answers to general prompts, "
+                          "trained with the patch on (0 is off)."),
         click.option("--seed", default=_default("seed"), show_default=True, type=SEED),
         click.option("--val-fraction", default=_default("val_fraction"), type=FINITE_FLOAT,
                      help="Hold out this share of the data for validation (seeded)."),

@@ -348,3 +348,27 @@ def test_auto_refuses_fixed_layers(tiny_model_dir, emoji_data, tmp_path):
 
     with pytest.raises(UsageError, match="--auto chooses the layers"):
         train_auto(TrainConfig(data=str(emoji_data), out=str(tmp_path / "a.reft"), layers=(1,)), progress=False)
+
+
+def test_the_retention_term_keeps_the_base_answers_to_general_prompts(tiny_backbone, tmp_path):
+    """--retain-weight trains the base model's own greedy answers to the anchor prompts with the
+    patch on: the patched model then gives those answers a lower loss than a patch trained without."""
+    from conftest import write_jsonl
+    from reft_edge.train import TrainConfig, train
+    from reft_edge.train.evaluate import TorchBackend
+    from reft_edge.train.recipe import anchor_examples
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Tell me about {i}.", "response": "WOOF WOOF WOOF!"}
+                                              for i in range(8)])
+    common = dict(data=str(data), model=tiny_backbone.path, layers=(1, 2), rank=2, steps=25, lr=5e-2)
+    config = TrainConfig(out=str(tmp_path / "p.reft"), **common)
+    anchors = anchor_examples(tiny_backbone, config)
+    assert len(anchors) > 20 and anchors == anchor_examples(tiny_backbone, config)  # the second read is cached
+    backend = TorchBackend(tiny_backbone)
+
+    def anchor_nll(**options) -> float:
+        patch = train(TrainConfig(out=str(tmp_path / "p.reft"), **common, **options), backbone=tiny_backbone,
+                      progress=False)
+        return backend.response_nll(anchors, [patch], None) / sum(len(e.target_ids) for e in anchors)
+
+    assert anchor_nll(retain_weight=2.0) < anchor_nll() - 0.05

@@ -32,6 +32,9 @@ class TrainConfig:
     # so neither reads back what the other writes there (kinds with R only). Off by default: on the
     # tiny opener + closing test pair it kept the pair from reproducing its teacher's answers.
     orthogonal_to_partners: bool = False
+    # Retention: weight of the cross-entropy, with the patch on, of the base model's own greedy answers
+    # to general prompts (train/anchor_prompts.txt), added to every step's loss; 0 turns it off.
+    retain_weight: float = 0.0
     model: str | None = None  # None or "default": the embedded SmolLM2-135M-Instruct
     layers: tuple[int, ...] | None = None  # None: DEFAULT_LAYER_COUNT layers of the upper half (upper_layers)
     rank: int = 2

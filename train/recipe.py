@@ -92,6 +92,7 @@ class Prepared:
     steps: int
     data_sha256: str
     identity: dict[str, Any]  # what a checkpoint must match to be resumed
+    anchor_set: "TrainSet | None" = None  # the retention term's examples (config.retain_weight > 0)
 
 
 def prepare(config: TrainConfig, positions: Positions, layers: list[int], records: tuple[list[Record], list[Record]],
@@ -125,7 +126,38 @@ def prepare_sources(config: TrainConfig, positions: Positions, layers: list[int]
     identity = json.loads(json.dumps({  # as JSON sees it, so it compares equal after a round trip
         **{k: v for k, v in config.to_dict().items() if k not in _NOT_NUMERIC}, "steps": steps,
         "data_sha256": data_sha256, "base_fingerprint": backbone.fingerprint}))
-    return Prepared(positions, edits, train_set, val_set, steps, data_sha256, identity)
+    anchor_set = None
+    if config.retain_weight > 0:
+        anchor_set = TrainSet.of(anchor_examples(backbone, config), *(name for name, _ in sources))
+        anchor_set.states = cache_frozen_states(backbone.model, anchor_set.examples, edits.lowest_layer(), device)
+    return Prepared(positions, edits, train_set, val_set, steps, data_sha256, identity, anchor_set)
+
+
+ANCHOR_PROMPTS = Path(__file__).with_name("anchor_prompts.txt")
+ANCHOR_TOKENS = 48  # the base's greedy answer to each anchor prompt, at most this long
+
+
+def anchor_examples(backbone: Backbone, config: TrainConfig) -> list[Example]:
+    """The base model's own greedy answers to the general anchor prompts, as training examples
+    (computed once per base and cached: about a minute on a CPU for the default model)."""
+    from reft_edge.files import atomic_write_bytes, cache_dir
+
+    prompts = [line for line in ANCHOR_PROMPTS.read_text().splitlines() if line.strip()]
+    key = hashlib.sha256(json.dumps([backbone.fingerprint, prompts, ANCHOR_TOKENS, config.chat_template]).encode())
+    cached = cache_dir() / "anchors" / f"{key.hexdigest()[:32]}.json"
+    if cached.is_file():
+        answers = json.loads(cached.read_text())
+    else:
+        from reft_edge.train.evaluate import TorchBackend
+
+        messages = [[{"role": "user", "content": prompt}] for prompt in prompts]
+        answers = TorchBackend(backbone).answers(messages, [], None, ANCHOR_TOKENS)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cached, json.dumps(answers).encode())
+    # an empty answer (the base stops at once) is kept: its target is the end-of-text token alone
+    records = [Record(({"role": "user", "content": p},), a.strip(), f"{ANCHOR_PROMPTS.name}:{i + 1}")
+               for i, (p, a) in enumerate(zip(prompts, answers))]
+    return tokenize(records, backbone.tokenizer, use_chat_template=config.chat_template)
 
 
 def save_patch(config: TrainConfig, prepared: Prepared, fitted: "Fitted", seconds: float, backbone: Backbone,
@@ -175,6 +207,8 @@ def check_config(config: TrainConfig) -> Positions:
                           ("--checkpoint-every", config.checkpoint_every)):
         if value is not None and value < 1:
             raise UsageError(f"{option} {value} must be at least 1")
+    if not (math.isfinite(config.retain_weight) and 0 <= config.retain_weight <= 100):
+        raise UsageError(f"--retain-weight {config.retain_weight} must be between 0 (off) and 100")
     if not (math.isfinite(config.lr) and 0 < config.lr <= MAX_LR):
         raise UsageError(f"--lr {config.lr} must be a positive number up to {MAX_LR:g} (4e-3 is typical)")
     check_seed(config.seed)
@@ -542,17 +576,38 @@ def fit(model: nn.Module, prepared: Prepared, config: TrainConfig, device: torch
     with replay_frozen_layers(model, edits.lowest_layer()) as (replay, layers), \
             attach_edits({layer: layers[layer] for layer in edits.layers()}, slots):
         batch_loss = partial(forward_loss, model, replay, slots, edits, prepared.positions, device=device)
+        anchors = (Anchors(prepared.anchor_set, config, prepared.steps)
+                   if prepared.anchor_set and config.retain_weight > 0 else None)
         bar = tqdm(desc=desc, total=prepared.steps, initial=learner.step, disable=not progress, unit="step")
         while not learner.done:
-            step_loss = batch_loss(collate(*learner.next_batch(), device))
+            batch = learner.next_batch()
+            if anchors is None:
+                step_loss = total = batch_loss(collate(*batch, device))
+            else:  # the persona's loss plus the weighted retention loss, in one forward pass
+                extra = anchors.pick(learner.step)
+                both = collate(*(a + b for a, b in zip(batch, extra)), device)
+                step_loss, kept = forward_losses(model, replay, slots, [(edits, len(batch[0])), (edits, len(extra[0]))],
+                                                 prepared.positions, both, device)
+                total = step_loss + config.retain_weight * kept
             learner.optimizer.zero_grad(set_to_none=True)
-            step_loss.backward()
+            total.backward()
             learner.update(step_loss.item(), batch_loss)
             bar.update()
             val = {"val": f"{learner.best.loss:.4f}"} if learner.best.step else {}
             bar.set_postfix(loss=f"{learner.loss:.4f}", **val)
         bar.close()
     return learner.result()
+
+
+class Anchors:
+    """The retention examples' batches: half a batch each step, in a seeded order of their own."""
+
+    def __init__(self, anchor_set: "TrainSet", config: TrainConfig, steps: int) -> None:
+        self.anchor_set = anchor_set
+        self.order = batch_order(len(anchor_set.examples), max(1, config.batch_size // 2), steps, config.seed + 1)
+
+    def pick(self, step: int) -> tuple[list[Example], list[torch.Tensor], list[frozenset[str]]]:
+        return self.anchor_set.pick(self.order[step % len(self.order)])
 
 
 class Learner:
