@@ -15,6 +15,7 @@ Methods, all on the default recipe (TrainConfig defaults):
 
 - apart: a and b trained alone, applied together (their rank rows concatenated);
 - compose-with: b trained with ``compose_with=(a,)``, applied with a;
+- compose-orthogonal: the same, with b's R rows kept orthogonal to a's (``orthogonal_to_partners``);
 - skills: one patch with skills a and b (``skills=``), each skill alone and both on;
 - lora: PEFT LoRA r=8 q/v adapters (benchmarks.lora_anchor), composed as PEFT composes
   several active adapters: the sum of their weight deltas, measured on the torch model.
@@ -38,7 +39,7 @@ from benchmarks.quality import DOC, MAX_NEW_TOKENS, ROOT, Persona, export_bundle
 
 RESULTS = ROOT / "benchmarks" / "results" / "composition.json"
 PAIRS = ("enthusiast+signoff", "lowercase+bullets")
-METHODS = ("apart", "compose-with", "skills", "lora")
+METHODS = ("apart", "compose-with", "compose-orthogonal", "skills", "lora")
 START, END = "<!-- composition:start (written by python -m benchmarks.composition) -->", "<!-- composition:end -->"
 MIN_BOTH = 0.80  # the target: share of unseen answers that show both behaviours
 
@@ -99,9 +100,11 @@ def train_patches(pair: Pair, method: str, backbone: Any, folder: Path) -> tuple
     if method == "apart":
         return {"a": [a], "b": [b], "ab": [a, b]}, time.perf_counter() - started
     started = time.perf_counter()
-    if method == "compose-with":
-        with_a = fit(f"{pair.b.name}-with-{pair.a.name}.reft", data=data[pair.b.name],
-                     compose_with=(str(alone[pair.a.name]),))
+    if method in ("compose-with", "compose-orthogonal"):
+        orthogonal = method == "compose-orthogonal"
+        with_a = fit(f"{pair.b.name}-with-{pair.a.name}{'-orthogonal' if orthogonal else ''}.reft",
+                     data=data[pair.b.name], compose_with=(str(alone[pair.a.name]),),
+                     orthogonal_to_partners=orthogonal)
         return {"a": [a], "b": [with_a], "ab": [a, with_a]}, time.perf_counter() - started
     skills = fit(f"{pair.name}.reft", skills=((pair.a.name, data[pair.a.name]), (pair.b.name, data[pair.b.name])))
     return ({"a": [skills.with_skills([pair.a.name])], "b": [skills.with_skills([pair.b.name])], "ab": [skills]},
@@ -120,14 +123,17 @@ def judged(pair: Pair, answers: list[str]) -> dict[str, float]:
 
 
 def measure_patches(pair: Pair, runtime: Any, uses: dict[str, list[Any]]) -> dict[str, Any]:
-    from reft_edge.runtime.evaluate import RuntimeBackend, evaluate
+    from reft_edge.runtime.evaluate import TEST_FACTS_FILE, RuntimeBackend, evaluate
+    from reft_edge.runtime.loops import loop_share
 
     backend, prompts, figures = RuntimeBackend(runtime), pair.prompts(), {}
     facts_txt = _prompts_file(prompts)
     for use, patches in uses.items():
         answers = backend.answers(prompts, patches, None, MAX_NEW_TOKENS)
-        kept = evaluate(runtime, data=facts_txt, patches=patches, facts=True, samples=0).retention
+        kept = evaluate(runtime, data=facts_txt, patches=patches, facts=True, samples=0,
+                        facts_file=TEST_FACTS_FILE).retention  # the test split: no choice looks at it
         figures[use] = {**judged(pair, answers), "facts_kept": kept.fraction, "facts_base": kept.base_correct,
+                        "facts_file": "test", "loops": loop_share(answers),
                         "sample": answers[0], "sample_b": answers[len(prompts) // 2]}
     base = backend.answers(prompts, [], None, MAX_NEW_TOKENS)
     figures["base"] = {**judged(pair, base), "facts_kept": None, "facts_base": None, "sample": base[0],
@@ -188,7 +194,8 @@ def load_results() -> list[dict]:
 def save(results: list[dict], entry: dict) -> list[dict]:
     from reft_edge.files import atomic_write_bytes
 
-    results = [r for r in results if (r["pair"], r["method"]) != (entry["pair"], entry["method"])] + [entry]
+    key = lambda r: (r["pair"], r["method"], r.get("precision", "fp32"))  # noqa: E731
+    results = [r for r in results if key(r) != key(entry)] + [entry]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(RESULTS, (json.dumps(results, indent=1, sort_keys=True) + "\n").encode())
     return results
@@ -197,19 +204,23 @@ def save(results: list[dict], entry: dict) -> list[dict]:
 def render(results: list[dict]) -> str:
     pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
     lines = ["| pair | method | a alone: a / facts | b alone: b / facts | composed: a / b / **both** / facts | "
-             f"both ≥ {MIN_BOTH:.0%} | train s (this run) |", "|---|---|---|---|---|---|---|"]
-    for entry in sorted(results, key=lambda r: (r["pair"], METHODS.index(r["method"]))):
+             f"both ≥ {MIN_BOTH:.0%} | loops composed | train s (this run) |", "|---|---|---|---|---|---|---|---|"]
+    order = lambda r: (r["pair"], METHODS.index(r["method"]), r.get("precision", "fp32"))  # noqa: E731
+    for entry in sorted(results, key=order):
         f = entry["figures"]
         a, b, ab = f["a"], f["b"], f["ab"]
-        lines.append(f"| {entry['pair']} | {entry['method']} | {pct(a['a'])} / {pct(a['facts_kept'])} | "
+        facts = "" if ab.get("facts_file") == "test" else " (dev facts)"
+        lines.append(f"| {entry['pair']} | {entry['method']}, {entry.get('precision', 'fp32')}{facts} | "
+                     f"{pct(a['a'])} / {pct(a['facts_kept'])} | "
                      f"{pct(b['b'])} / {pct(b['facts_kept'])} | {pct(ab['a'])} / {pct(ab['b'])} / "
                      f"**{pct(ab['both'])}** / {pct(ab['facts_kept'])} | "
-                     f"{'met' if ab['both'] >= MIN_BOTH else 'not met'} "
+                     f"{'met' if ab['both'] >= MIN_BOTH else 'not met'} | {pct(ab.get('loops'))} "
                      f"| {entry['train_s'] or 'reused'} |")
-    samples = ["", "Composed answers to the first unseen prompt of each persona (greedy, fp32):", ""]
-    for entry in sorted(results, key=lambda r: (r["pair"], METHODS.index(r["method"]))):
+    samples = ["", "Composed answers to the first unseen prompt of each persona (greedy):", ""]
+    for entry in sorted(results, key=order):
         ab = entry["figures"]["ab"]
-        samples.append(f"- {entry['pair']}, {entry['method']}: {json.dumps(ab['sample'])} / "
+        samples.append(f"- {entry['pair']}, {entry['method']}, {entry.get('precision', 'fp32')}: "
+                       f"{json.dumps(ab['sample'])} / "
                        f"{json.dumps(ab['sample_b'])}")
     return "\n".join(lines + samples)
 
@@ -229,16 +240,18 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--no-lora", dest="lora", action="store_false", help="skip the LoRA adapters (minutes each)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "reft-edge-quality"))
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"], help="bundle measured")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     if not args.report_only:
         run_study(load_pairs(args.pairs.split(",")), [m for m in args.methods.split(",") if args.lora or m != "lora"],
-                  Path(args.cache), print)
+                  Path(args.cache), print, args.precision)
     write_report(load_results())
     print(f"wrote {DOC.relative_to(ROOT)}")
 
 
-def run_study(pairs: list[Pair], methods: list[str], cache: Path, say: Callable[[str], None]) -> None:
+def run_study(pairs: list[Pair], methods: list[str], cache: Path, say: Callable[[str], None],
+              precision: str = "fp32") -> None:
     from reft_edge.runtime import Runtime
     from reft_edge.train.backbone import load_backbone
 
@@ -246,7 +259,7 @@ def run_study(pairs: list[Pair], methods: list[str], cache: Path, say: Callable[
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
     cache.mkdir(parents=True, exist_ok=True)
-    runtime = Runtime.load(export_bundles(["fp32"], cache)["fp32"], threads=2)
+    runtime = Runtime.load(export_bundles([precision], cache)[precision], threads=2)
     backbone = load_backbone()
     results = load_results()
     for pair in pairs:
@@ -259,7 +272,7 @@ def run_study(pairs: list[Pair], methods: list[str], cache: Path, say: Callable[
                 uses, seconds = train_patches(pair, method, backbone, folder)
                 figures = measure_patches(pair, runtime, uses)
             results = save(results, {"pair": pair.name, "method": method, "train_s": round(seconds, 1),
-                                     "figures": figures})
+                                     "figures": figures, "precision": precision})
             ab = figures["ab"]
             say(f"{pair.name:22s} {method:12s} composed: a {ab['a']:.0%} b {ab['b']:.0%} both {ab['both']:.0%} "
                 f"facts {ab['facts_kept'] if ab['facts_kept'] is None else format(ab['facts_kept'], '.0%')}")
