@@ -47,6 +47,9 @@ class Record:
 class Example:
     prompt_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
+    # target tokens [loss_from, loss_to) count in the loss; the others are fed but not learned
+    loss_from: int = 0
+    loss_to: int | None = None
 
 
 def file_digest(path: str | Path) -> str:
