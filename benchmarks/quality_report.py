@@ -70,7 +70,27 @@ def render_tables(results: list[dict]) -> str:
     lines += ["", "Base model without a patch, same judges: " + ", ".join(
         f"{p} {pct(_base(results, p))}" for p in personas) + "."]
     lines += ["", *render_precisions(results), "", *render_targets(results), "", *render_samples(results)]
-    return "\n".join(lines)
+    return "\n".join(render_test_split(results) + ["", *lines])
+
+
+def render_test_split(results: list[dict]) -> list[str]:
+    """The runs measured on the held-out facts split (facts_test.jsonl), with dev facts and loops."""
+    rows = [(r, precision, m) for r in results for precision, m in r.get("by_precision", {}).items()
+            if m.get("facts_file") == "test"]
+    if not rows:
+        return []
+    lines = ["## Facts on the held-out test split, loops (this round's runs; exact-block int4)", "",
+             "Facts kept: of the test facts (87) the base answers at that precision, the share the patched "
+             "model still answers; dev: the same on the development split (60), which recipe choices read. "
+             "Loops: answers among the 20 unseen that loop (runtime.loops), 48 tokens, no guard.", "",
+             "| persona | recipe | bundle | adherence | facts kept (test) | facts kept (dev) | loops |",
+             "|---|---|---|---|---|---|---|"]
+    order = ["fp32", "int8", "int4"]
+    for r, precision, m in sorted(rows, key=lambda x: (x[0]["persona"], x[0]["recipe"], order.index(x[1]))):
+        lines.append(f"| {r['persona']} | {r['recipe']} | {precision} | {pct(m['adherence'])} | "
+                     f"{pct(m['facts_kept'])} of {m['facts_base']} | {pct(m.get('facts_kept_dev'))} | "
+                     f"{pct(m.get('loops'))} |")
+    return lines
 
 
 def render_precisions(results: list[dict]) -> list[str]:
