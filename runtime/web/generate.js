@@ -21,6 +21,7 @@
 import { Template } from "@huggingface/jinja";
 import { Tokenizer } from "@huggingface/tokenizers";
 
+import { dequantizeModel } from "./dequantize.js";
 import { BundleError, UsageError } from "./errors.js";
 import { checkCompatible, parsePatch } from "./patch.js";
 import { checkSampling, pick, rng } from "./sampling.js";
@@ -49,15 +50,24 @@ export class Model {
    * @param {any} ort @param {import("./bundle.js").Bundle} bundle
    * @param {{threads?: number}} [options] wasm threads (need a cross-origin-isolated page)
    */
-  static async create(ort, bundle, { threads } = {}) {
+  static async create(ort, bundle, { threads, dequantize = true, onProgress = () => {} } = {}) {
     const isolated = globalThis.crossOriginIsolated === true;
     ort.env.wasm.numThreads = isolated ? (threads ?? Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
     const options = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
-    if (bundle.files.modelData) {
-      options.externalData = [{ path: bundle.manifest.files.model_data, data: bundle.files.modelData }];
-    }
-    let session;
+    const data = bundle.files.modelData ? [{ path: bundle.manifest.files.model_data, data: bundle.files.modelData }] : [];
     let model = bundle.files.model;
+    let weights = null;
+    if (dequantize) {
+      // wasm's 4-bit kernel is slow, its float MatMul fast: float32 weights once, here (dequantize.js)
+      onProgress({ stage: "dequantize" });
+      const rewritten = dequantizeModel(model, data);
+      model = rewritten.model;
+      data.push(...rewritten.externalData);
+      weights = rewritten.stats;
+    }
+    if (data.length) options.externalData = data;
+    onProgress({ stage: "session" });
+    let session;
     for (let attempt = 0; !session; attempt++) {
       try {
         session = await ort.InferenceSession.create(model, options);
@@ -72,7 +82,9 @@ export class Model {
         throw new BundleError(`${bundle.manifest.files.model}: onnxruntime-web cannot load it (${reason}); re-export the bundle`);
       }
     }
-    return new Model(ort, session, bundle);
+    const created = new Model(ort, session, bundle);
+    created.weights = weights;
+    return created;
   }
 
   /** The text the model sees before its answer: one user message through the chat template. @param {string} prompt */
