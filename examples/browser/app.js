@@ -9,11 +9,9 @@
  *   const alice = await window.reftEdge.loadPatch("/patches/alice.reft");
  *   const {text, tokenIds} = await window.reftEdge.generate("Hi", {patches: [alice], maxNewTokens: 16});
  */
-import * as ort from "onnxruntime-web";
 import { open } from "/web/index.js";
 import { positionsString } from "/web/positions.js";
 
-ort.env.wasm.wasmPaths = "/web/node_modules/onnxruntime-web/dist/";
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 let current = null;
@@ -22,18 +20,41 @@ function showError(error) {
   $("error").textContent = error ? `${error.name}: ${error.message}` : "";
 }
 
-const ready = open(ort, params.get("bundle") ?? "/bundle/", {
-  threads: params.has("threads") ? Number(params.get("threads")) : undefined,
-  onProgress: ({ file, loaded, total, cached }) => {
-    $("status").textContent = `${cached ? "cache" : "downloading"} ${file}: ${(loaded / 1e6).toFixed(1)} / ${(total / 1e6).toFixed(1)} MB`;
-  },
-}).then((model) => {
+/** WebGPU when the browser has an adapter (or ?backend=webgpu), else wasm (or ?backend=wasm). */
+async function chooseBackend() {
+  const asked = params.get("backend");
+  if (asked) return asked;
+  try { return navigator.gpu && (await navigator.gpu.requestAdapter()) ? "webgpu" : "wasm"; } catch { return "wasm"; }
+}
+
+const MB = (n) => (n / 1e6).toFixed(1);
+let ort = null;
+let backend = null;
+const ready = (async () => {
+  backend = await chooseBackend();
+  // the WebGPU build also runs wasm, but is larger: a page without WebGPU loads the wasm build only
+  ort = backend === "webgpu" ? await import("onnxruntime-web/webgpu") : await import("onnxruntime-web");
+  ort.env.wasm.wasmPaths = "/web/node_modules/onnxruntime-web/dist/";
+  const shown = { download: "downloading", cache: "caching" };
+  const model = await open(ort, params.get("bundle") ?? "/bundle/", {
+    threads: params.has("threads") ? Number(params.get("threads")) : undefined,
+    backend,
+    dequantize: params.has("dequantize") ? params.get("dequantize") !== "0" : undefined,
+    onProgress: ({ stage, file, loaded, total, cached }) => {
+      $("status").textContent = stage === "download" || stage === "cache"
+        ? `${cached ? "from the cache" : shown[stage]} ${file}: ${MB(loaded)} / ${MB(total)} MB`
+        : stage === "dequantize" ? "unpacking the 4/8-bit weights to float32 for the CPU…"
+          : `creating the ${backend} session…`;
+    },
+  });
   const m = model.manifest;
-  $("status").textContent = `ready: ${m.source_model} (${m.precision}, ${m.graph} graph), ${(model.downloadedBytes / 1e6).toFixed(1)} MB downloaded, `
-    + `${ort.env.wasm.numThreads} thread(s)${crossOriginIsolated ? "" : ", not cross-origin isolated"}`;
+  const where = backend === "webgpu" ? "WebGPU" : `CPU (wasm, ${ort.env.wasm.numThreads} thread(s)${crossOriginIsolated ? "" : ", not cross-origin isolated"})`;
+  $("status").textContent = `ready on ${where}: ${m.source_model} (${m.precision}, ${m.graph} graph), `
+    + `${MB(model.downloadedBytes)} MB downloaded${model.cacheError ? " (not cached: the browser refused)" : ""}`
+    + (model.weights?.floatBytes ? `, weights as float32: ${MB(model.weights.floatBytes)} MB` : "");
   $("go").disabled = false;
   return model;
-});
+})();
 ready.catch(showError);
 
 async function usePatch(promise) {
@@ -71,7 +92,8 @@ async function answer(target, patches) {
   // greedy with the runtimes' default loop guard (no 6-gram of the answer repeats)
   const out = await generate($("prompt").value, { patches, maxNewTokens: Number($("max").value),
     onText: (piece) => { $(target).textContent += piece; } });
-  $(`${target}-speed`).textContent = `${out.timings.tokensPerS.toFixed(1)} tokens/s, first token after ${(out.timings.prefillS * 1000).toFixed(0)} ms`;
+  $(`${target}-speed`).textContent = `${out.timings.tokensPerS.toFixed(1)} tokens/s on ${backend === "webgpu" ? "WebGPU" : "wasm"}, `
+    + `first token after ${(out.timings.prefillS * 1000).toFixed(0)} ms`;
 }
 
 $("go").onclick = async () => {
@@ -99,4 +121,4 @@ fetch("/patches/index.json").then((r) => (r.ok ? r.json() : [])).then((names) =>
 }).catch(() => {});
 
 window.reftEdge = { ready, loadPatch, generate, encode: async (prompt) => (await ready).encode(prompt),
-  get threads() { return ort.env.wasm.numThreads; } };
+  get threads() { return ort?.env.wasm.numThreads; }, get backend() { return backend; } };

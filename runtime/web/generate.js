@@ -50,15 +50,23 @@ export class Model {
    * @param {any} ort @param {import("./bundle.js").Bundle} bundle
    * @param {{threads?: number}} [options] wasm threads (need a cross-origin-isolated page)
    */
-  static async create(ort, bundle, { threads, dequantize = true, onProgress = () => {} } = {}) {
+  static async create(ort, bundle, { threads, backend = "wasm", dequantize, onProgress = () => {} } = {}) {
+    if (!["wasm", "webgpu"].includes(backend)) throw new UsageError(`backend ${backend}: use wasm or webgpu`);
     const isolated = globalThis.crossOriginIsolated === true;
-    ort.env.wasm.numThreads = isolated ? (threads ?? Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
-    const options = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
+    ort.env.wasm.numThreads = isolated ? (threads ?? Math.min(4, globalThis.navigator?.hardwareConcurrency || 1)) : 1;
+    const options = { executionProviders: backend === "webgpu" ? ["webgpu", "wasm"] : ["wasm"], graphOptimizationLevel: "all" };
+    if (backend === "webgpu") {
+      // the KV cache stays on the GPU between steps: each step's present is the next step's past
+      const kv = bundle.manifest.kv;
+      options.preferredOutputLocation = Object.fromEntries(Array.from({ length: kv.num_layers }, (_, i) =>
+        ["key", "value"].map((part) => [`present.${i}.${part}`, "gpu-buffer"])).flat());
+    }
     const data = bundle.files.modelData ? [{ path: bundle.manifest.files.model_data, data: bundle.files.modelData }] : [];
     let model = bundle.files.model;
     let weights = null;
-    if (dequantize) {
-      // wasm's 4-bit kernel is slow, its float MatMul fast: float32 weights once, here (dequantize.js)
+    // wasm: its 4-bit kernel is slow, its float MatMul fast, so float32 weights once, here (dequantize.js);
+    // WebGPU runs the 4-bit weights as they are
+    if (dequantize ?? backend === "wasm") {
       onProgress({ stage: "dequantize" });
       const rewritten = dequantizeModel(model, data);
       model = rewritten.model;
@@ -84,6 +92,7 @@ export class Model {
     }
     const created = new Model(ort, session, bundle);
     created.weights = weights;
+    created.backend = backend;
     return created;
   }
 
