@@ -39,11 +39,11 @@ const ready = (async () => {
   const model = await open(ort, params.get("bundle") ?? "/bundle/", {
     threads: params.has("threads") ? Number(params.get("threads")) : undefined,
     backend,
-    dequantize: params.has("dequantize") ? params.get("dequantize") !== "0" : undefined,
+    weights: params.get("weights") ?? undefined,
     onProgress: ({ stage, file, loaded, total, cached }) => {
       $("status").textContent = stage === "download" || stage === "cache"
         ? `${cached ? "from the cache" : shown[stage]} ${file}: ${MB(loaded)} / ${MB(total)} MB`
-        : stage === "dequantize" ? "unpacking the 4/8-bit weights to float32 for the CPU…"
+        : stage === "dequantize" ? "unpacking the 4/8-bit weights for the CPU…"
           : `creating the ${backend} session…`;
     },
   });
@@ -51,7 +51,7 @@ const ready = (async () => {
   const where = backend === "webgpu" ? "WebGPU" : `CPU (wasm, ${ort.env.wasm.numThreads} thread(s)${crossOriginIsolated ? "" : ", not cross-origin isolated"})`;
   $("status").textContent = `ready on ${where}: ${m.source_model} (${m.precision}, ${m.graph} graph), `
     + `${MB(model.downloadedBytes)} MB downloaded${model.cacheError ? " (not cached: the browser refused)" : ""}`
-    + (model.weights?.floatBytes ? `, weights as float32: ${MB(model.weights.floatBytes)} MB` : "");
+    + (model.unpacked ? `, weights unpacked to ${model.unpacked.form}: ${MB(model.unpacked.unpackedBytes)} MB` : "");
   $("go").disabled = false;
   return model;
 })();

@@ -16,7 +16,7 @@
  *   const { model, externalData, stats } = dequantizeModel(bundle.files.model,
  *     [{ path: "model.onnx.data", data: bundle.files.modelData }]);
  *   await ort.InferenceSession.create(model, { externalData: [...originalData, ...externalData] });
- *   stats.weights; stats.floatBytes;
+ *   stats.weights; stats.unpackedBytes;
  */
 
 export const FLOAT_FILE = "reft-edge-float-weights.bin";
@@ -95,7 +95,7 @@ class Writer {
 // ModelProto.graph 7; GraphProto.node 1, initializer 5, output 12; NodeProto input 1, output 2, name 3,
 // op_type 4, attribute 5, domain 7; AttributeProto name 1, f 2, i 3, g 6, graphs 11;
 // TensorProto dims 1, data_type 2, float_data 4, name 8, raw_data 9, external_data 13, data_location 14.
-const FLOAT = 1, UINT8 = 2, FLOAT16 = 10;
+const FLOAT = 1, UINT8 = 2, INT8 = 3, FLOAT16 = 10;
 
 function parseNode(bytes) {
   const node = { input: [], output: [], name: "", opType: "", domain: "", attributes: [], bytes };
@@ -160,17 +160,18 @@ function encodeNode(node, rewriteGraph) {
   return w.finish();
 }
 
-function encodeMatMul(name, inputs, output) {
+function encodeNodeOf(opType, domain, name, inputs, output) {
   const w = new Writer();
   for (const i of inputs) w.stringField(1, i);
-  w.stringField(2, output).stringField(3, name).stringField(4, "MatMul");
+  w.stringField(2, output).stringField(3, name).stringField(4, opType);
+  if (domain) w.stringField(7, domain);
   return w.finish();
 }
 
-function encodeExternalTensor(name, dims, offset, length) {
+function encodeExternalTensor(name, dims, offset, length, dataType) {
   const w = new Writer();
   for (const d of dims) w.varintField(1, d);
-  w.varintField(2, FLOAT).stringField(8, name);
+  w.varintField(2, dataType).stringField(8, name);
   for (const [key, value] of [["location", FLOAT_FILE], ["offset", String(offset)], ["length", String(length)]]) {
     w.bytesField(13, new Writer().stringField(1, key).stringField(2, value).finish());
   }
@@ -185,10 +186,12 @@ const attr = (node, name, fallback) => node.attributes.find((a) => a.name === na
  * @param {Uint8Array} modelBytes model.onnx
  * @param {{path: string, data: Uint8Array}[]} externalData the bundle's external data files
  * @returns {{model: Uint8Array, externalData: {path: string, data: Uint8Array}[],
- *   stats: {weights: number, floatBytes: number, quantizedBytes: number, seconds: number}}}
+ *   stats: {weights: number, unpackedBytes: number, quantizedBytes: number, seconds: number}}}
  *   model unchanged (and externalData empty) when nothing could be rewritten
  */
-export function dequantizeModel(modelBytes, externalData = []) {
+export function dequantizeModel(modelBytes, externalData = [], { form = "float32" } = {}) {
+  if (!["float32", "int8"].includes(form)) throw new Error(`weight form ${form}: float32 or int8`);
+  const int8 = form === "int8";
   const started = globalThis.performance?.now() ?? Date.now();
   const files = new Map(externalData.map((e) => [e.path, e.data]));
   const top = fields(modelBytes);
@@ -261,12 +264,21 @@ export function dequantizeModel(modelBytes, externalData = []) {
   }
   if (!weights.size) return { model: modelBytes, externalData: [], stats: emptyStats(started) };
 
-  // the float weights, one buffer
+  // the new weights, one buffer: float32 [K, N] each, or (int8) int8 [K, N] then float32 scales [N]
   let total = 0;
   const offsets = new Map();
-  for (const [key, w] of weights) { offsets.set(key, total); total += w.K * w.N * 4; }
-  const buffer = new Float32Array(total / 4);
-  for (const [key, w] of weights) w.make(buffer.subarray(offsets.get(key) / 4, offsets.get(key) / 4 + w.K * w.N));
+  for (const [key, w] of weights) {
+    offsets.set(key, total);
+    total += int8 ? Math.ceil((w.K * w.N + w.N * 4) / 4) * 4 : w.K * w.N * 4;
+  }
+  const buffer = new ArrayBuffer(total);
+  for (const [key, w] of weights) {
+    const at = offsets.get(key);
+    if (!int8) { w.make(new Float32Array(buffer, at, w.K * w.N)); continue; }
+    const floats = new Float32Array(w.K * w.N);
+    w.make(floats);
+    quantizeColumns(floats, w.K, w.N, new Int8Array(buffer, at, w.K * w.N), new Float32Array(buffer, at + Math.ceil(w.K * w.N / 4) * 4, w.N));
+  }
 
   const dropped = new Set();
   for (const r of replaced.values()) for (const n of r.drop) dropped.add(n);
@@ -298,7 +310,10 @@ export function dequantizeModel(modelBytes, externalData = []) {
         const original = byOutput.get(node.output[0]); // nodes are matched by their first output (unique in a valid graph)
         if (dropped.has(original)) continue;
         const r = replaced.get(original);
-        if (r) w.bytesField(1, encodeMatMul(node.name || `${node.output[0]}/MatMul`, [node.input[0], r.weight], r.output));
+        if (r && int8) {
+          w.bytesField(1, encodeNodeOf("DynamicQuantizeMatMul", "com.microsoft", node.name || `${node.output[0]}/DQMatMul`,
+            [node.input[0], r.weight, `${r.weight}/scales`], r.output));
+        } else if (r) w.bytesField(1, encodeNodeOf("MatMul", "", node.name || `${node.output[0]}/MatMul`, [node.input[0], r.weight], r.output));
         else w.bytesField(1, node.attributes.some((a) => a.graphs.length) ? encodeNode(node, (g) => rewriteGraph(g, false)) : f.value);
       } else if (f.field === 5 && main) {
         if (used.has(parseTensorName(f.value)) || !isQuantizedInput(parseTensorName(f.value))) w.push(f.raw);
@@ -306,7 +321,11 @@ export function dequantizeModel(modelBytes, externalData = []) {
     }
     if (main) {
       for (const [key, weight] of weights) {
-        w.bytesField(5, encodeExternalTensor(weight.name, [weight.K, weight.N], offsets.get(key), weight.K * weight.N * 4));
+        const at = offsets.get(key), size = weight.K * weight.N;
+        if (int8) {
+          w.bytesField(5, encodeExternalTensor(weight.name, [weight.K, weight.N], at, size, INT8));
+          w.bytesField(5, encodeExternalTensor(`${weight.name}/scales`, [weight.N], at + Math.ceil(size / 4) * 4, weight.N * 4, FLOAT));
+        } else w.bytesField(5, encodeExternalTensor(weight.name, [weight.K, weight.N], at, size * 4, FLOAT));
       }
     }
     return w.finish();
@@ -321,13 +340,22 @@ export function dequantizeModel(modelBytes, externalData = []) {
   const seconds = ((globalThis.performance?.now() ?? Date.now()) - started) / 1000;
   return {
     model: model.finish(),
-    externalData: [{ path: FLOAT_FILE, data: new Uint8Array(buffer.buffer) }],
-    stats: { weights: weights.size, floatBytes: total, quantizedBytes, seconds },
+    externalData: [{ path: FLOAT_FILE, data: new Uint8Array(buffer) }],
+    stats: { form, weights: weights.size, unpackedBytes: total, quantizedBytes, seconds },
   };
 }
 
+/** Symmetric int8 per column: scale = max |w| / 127, q = round(w / scale). */
+function quantizeColumns(w, K, N, q, scales) {
+  const max = new Float32Array(N);
+  for (let k = 0; k < K; k++) for (let n = 0, row = k * N; n < N; n++) { const a = Math.abs(w[row + n]); if (a > max[n]) max[n] = a; }
+  for (let n = 0; n < N; n++) scales[n] = max[n] > 0 ? max[n] / 127 : 1;
+  const inverse = Float32Array.from(scales, (s) => 1 / s);
+  for (let k = 0; k < K; k++) for (let n = 0, row = k * N; n < N; n++) q[row + n] = Math.round(w[row + n] * inverse[n]);
+}
+
 function emptyStats(started) {
-  return { weights: 0, floatBytes: 0, quantizedBytes: 0, seconds: started ? ((globalThis.performance?.now() ?? Date.now()) - started) / 1000 : 0 };
+  return { weights: 0, unpackedBytes: 0, quantizedBytes: 0, seconds: started ? ((globalThis.performance?.now() ?? Date.now()) - started) / 1000 : 0 };
 }
 
 function parseTensorName(bytes) {

@@ -48,9 +48,13 @@ export class Model {
 
   /**
    * @param {any} ort @param {import("./bundle.js").Bundle} bundle
-   * @param {{threads?: number}} [options] wasm threads (need a cross-origin-isolated page)
+   * @param {{threads?: number, backend?: "wasm"|"webgpu", weights?: "float32"|"int8"|"shipped",
+   *   onProgress?: (p: import("./bundle.js").Progress) => void}} [options] threads: wasm threads (need a
+   *   cross-origin-isolated page); backend: the execution provider (webgpu needs ort from onnxruntime-web/webgpu);
+   *   weights: how MatMulNBits runs: float32 (default on wasm: unpacked once here, dequantize.js), int8 (per-column
+   *   int8 with dynamically quantized activations) or shipped (the bundle's 4/8-bit nodes; default on webgpu)
    */
-  static async create(ort, bundle, { threads, backend = "wasm", dequantize, onProgress = () => {} } = {}) {
+  static async create(ort, bundle, { threads, backend = "wasm", weights: form, onProgress = () => {} } = {}) {
     if (!["wasm", "webgpu"].includes(backend)) throw new UsageError(`backend ${backend}: use wasm or webgpu`);
     const isolated = globalThis.crossOriginIsolated === true;
     ort.env.wasm.numThreads = isolated ? (threads ?? Math.min(4, globalThis.navigator?.hardwareConcurrency || 1)) : 1;
@@ -66,9 +70,11 @@ export class Model {
     let weights = null;
     // wasm: its 4-bit kernel is slow, its float MatMul fast, so float32 weights once, here (dequantize.js);
     // WebGPU runs the 4-bit weights as they are
-    if (dequantize ?? backend === "wasm") {
+    form ??= backend === "wasm" ? "float32" : "shipped";
+    if (!["float32", "int8", "shipped"].includes(form)) throw new UsageError(`weights ${form}: use float32, int8 or shipped`);
+    if (form !== "shipped") {
       onProgress({ stage: "dequantize" });
-      const rewritten = dequantizeModel(model, data);
+      const rewritten = dequantizeModel(model, data, { form });
       model = rewritten.model;
       data.push(...rewritten.externalData);
       weights = rewritten.stats;
@@ -91,7 +97,7 @@ export class Model {
       }
     }
     const created = new Model(ort, session, bundle);
-    created.weights = weights;
+    created.unpacked = weights; // what dequantize.js did (null: the shipped nodes run)
     created.backend = backend;
     return created;
   }

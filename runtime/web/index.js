@@ -21,13 +21,12 @@ export { slotInputs } from "./slots.js";
 /**
  * Download (or take from the cache) a bundle and open it.
  * @param {any} ort onnxruntime-web @param {string} bundleUrl
- * @param {{threads?: number, backend?: "wasm"|"webgpu", dequantize?: boolean, onProgress?: (p: import("./bundle.js").Progress) => void}} [options]
- *   backend: wasm (default) or webgpu (needs onnxruntime-web/webgpu as ort); dequantize (default: on wasm):
- *   float32 weights at load for wasm's fast float kernels (dequantize.js)
+ * @param {{threads?: number, backend?: "wasm"|"webgpu", weights?: "float32"|"int8"|"shipped", onProgress?: (p: import("./bundle.js").Progress) => void}} [options]
+ *   as Model.create
  */
-export async function open(ort, bundleUrl, { threads, backend, dequantize, onProgress } = {}) {
+export async function open(ort, bundleUrl, { threads, backend, weights, onProgress } = {}) {
   const bundle = await loadBundle(bundleUrl, { onProgress });
-  const model = await Model.create(ort, bundle, { threads, backend, dequantize, onProgress });
+  const model = await Model.create(ort, bundle, { threads, backend, weights, onProgress });
   model.downloadedBytes = bundle.downloadedBytes;
   model.cacheError = bundle.cacheError;
   return model;
