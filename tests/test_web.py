@@ -137,10 +137,10 @@ def _python_error(manifest: Manifest, path: Path) -> dict[str, str]:
 
 # -- serving and driving ----------------------------------------------------------------------
 
-def _drive(bundle: Path, patches: list[Path], cases: list[dict], tmp_path: Path, **plan) -> dict:
+def _drive(bundle: Path, patches: list[Path], cases: list[dict], tmp_path: Path, query: str = "", **plan) -> dict:
     with serving(bundle, patches) as url:
         plan_file, out_file = tmp_path / "plan.json", tmp_path / "results.json"
-        plan_file.write_text(json.dumps({"url": url, "cases": cases, **plan}))
+        plan_file.write_text(json.dumps({"url": url + query, "cases": cases, **plan}))
         done = subprocess.run(["node", str(WEB / "test" / "drive.mjs"), str(plan_file), str(out_file)],
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -427,3 +427,116 @@ def test_skills_in_javascript_equal_python(tmp_path):
     with pytest.raises(Exception) as python_error:
         patch.with_skills(["nope"])
     assert got["error"] == f"UsageError: {python_error.value}"
+
+
+# -- every bundle loads; WebGPU --------------------------------------------------------------------
+
+# What Chromium says when it will not store a large entry (the int8 bundle in a fresh profile did this)
+REFUSING_CACHE = ("Cache.prototype.put = function () { return Promise.reject(new TypeError("
+                  "\"Failed to execute 'put' on 'Cache': Unexpected internal error.\")); };")
+
+
+def _refusals(results: dict) -> list[str]:
+    return [line for line in results["console"] if "refused to cache the bundle" in line]
+
+
+def test_returning_visitor_downloads_nothing_and_a_refusing_cache_still_loads(tiny_bundle, tmp_path):
+    """Cache Storage keeps the bundle for the next visit; when the browser refuses to store it, the
+    page says so once, loads, answers as Python does, and the next visit downloads it again."""
+    size = sum(f.stat().st_size for f in tiny_bundle.iterdir() if f.is_file() and f.name != "genai_config.json")
+    rt = Runtime.load(tiny_bundle, threads=1)
+    want = rt.generate(PROMPTS[0], max_new_tokens=MAX_NEW_TOKENS, repetition_penalty=PENALTY).token_ids
+    case = _generate_case("a", PROMPTS[0], [], {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY})
+    cached = _drive(tiny_bundle, [], [case], tmp_path, revisit=True)
+    assert cached["cacheError"] is None and not _refusals(cached)
+    assert cached["bundleBytes"] <= 1.05 * size and cached["revisitBundleBytes"] == 0
+    assert cached["cases"]["a"]["tokenIds"] == want
+    refused = _drive(tiny_bundle, [], [case], tmp_path, revisit=True, initScript=REFUSING_CACHE)
+    assert "Failed to execute 'put' on 'Cache'" in refused["cacheError"]
+    assert len(_refusals(refused)) == 2, refused["console"]  # once per visit, not once per file
+    assert refused["cases"]["a"]["tokenIds"] == want
+    assert refused["revisitBundleBytes"] == refused["bundleBytes"] > 0
+    assert "not cached" in refused["status"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_default_model_bundles_load_in_a_fresh_profile_when_the_cache_refuses(precision, request, tmp_path,
+                                                                               monkeypatch, capsys):
+    """The default model's int4 and int8 bundles (the int8 one once failed with "Failed to execute 'put'
+    on 'Cache'") load and generate in a fresh Chromium profile whose Cache Storage refuses every file.
+    The page runs float32 weights unpacked from the bundle's GGUF blocks (dequantize.js): its tokens
+    must equal Python's on the bundle with float arithmetic (accuracy_level 0), up to near-ties of
+    that float arithmetic's different rounding order."""
+    bundle = request.getfixturevalue(f"default_{precision}_bundle")
+    margins = _record_margins(monkeypatch)
+    shipped = Runtime.load(bundle, threads=2)
+    twin = Runtime.load(_float_arithmetic_twin(bundle, tmp_path / "twin"), threads=2)
+    cases, exact, native = [], {}, {}
+    for p, prompt in enumerate(DEFAULT_PROMPTS):
+        exact[str(p)] = _expect(twin, margins, prompt, 1e-3, max_new_tokens=DEFAULT_NEW_TOKENS)
+        native[str(p)] = _expect(shipped, margins, prompt, DEFAULT_INT4_TIE, max_new_tokens=DEFAULT_NEW_TOKENS)
+        cases.append(_generate_case(str(p), prompt, [], {"maxNewTokens": DEFAULT_NEW_TOKENS}))
+    results = _drive(bundle, [], cases, tmp_path, initScript=REFUSING_CACHE)
+    size = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file() and f.name != "genai_config.json")
+    assert results["backend"] == "wasm" and results["unpacked"]["form"] == "float32"
+    assert len(_refusals(results)) == 1 and results["bundleBytes"] <= 1.05 * size
+    assert _check_agreement(exact, results) >= len(exact) - 1
+    same = sum(_common_prefix(results["cases"][i]["tokenIds"], want["tokenIds"]) for i, want in native.items())
+    total = sum(len(want["tokenIds"]) for want in native.values())
+    _check_agreement(native, results)
+    with capsys.disabled():
+        print(f"\ndefault model {precision}, cache refused: loaded ({results['bundleBytes'] / 1e6:.1f} MB downloaded, "
+              f"{results['unpacked']['unpackedBytes'] / 1e6:.0f} MB of float32 weights); {same} of {total} tokens equal "
+              f"the shipped bundle's in Python")
+
+
+def _webgpu_missing() -> str | None:
+    """None when Chromium here offers a WebGPU adapter (SwiftShader, software) to a page on 127.0.0.1."""
+    script = """
+import { chromium } from "playwright-core";
+const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", headless: true,
+  args: ["--no-sandbox", "--enable-unsafe-webgpu"] });
+const page = await browser.newPage();
+// a secure context, as the served page is (navigator.gpu exists only there)
+await page.route("http://127.0.0.1/", (route) => route.fulfill({ body: "<html></html>", contentType: "text/html" }));
+await page.goto("http://127.0.0.1/");
+console.log(await page.evaluate(async () => !!(navigator.gpu && await navigator.gpu.requestAdapter())));
+await browser.close();
+"""
+    done = subprocess.run(["node", "--input-type=module", "-e", script], cwd=WEB, capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode != 0:
+        return f"chromium would not start for the WebGPU check: {done.stderr.strip()[-300:]}"
+    return None if done.stdout.strip() == "true" else "this Chromium offers no WebGPU adapter (--enable-unsafe-webgpu)"
+
+
+def test_webgpu_tokens_equal_python(web_bundle, tmp_path, monkeypatch, capsys):
+    """The page on onnxruntime-web's WebGPU execution provider (the bundle's 4-bit nodes as shipped, the
+    KV cache kept on the GPU), on Chromium's software adapter: greedy tokens as Python's up to near-ties
+    (GPU float sums run in another order; int4 as the wasm test)."""
+    manifest = Manifest.from_dir(web_bundle)
+    if manifest.graph != "fused":
+        pytest.skip("the traced graph runs the same ops; one WebGPU run per fused form keeps this short")
+    missing = _webgpu_missing()
+    if missing:
+        pytest.skip(missing)
+    tie = 1e-3 if manifest.precision == "fp32" else INT4_TIE
+    margins = _record_margins(monkeypatch)
+    files = _write_patches(tmp_path / "patches", manifest)
+    rt = Runtime.load(web_bundle, threads=1)
+    cases, expected = [], {}
+    for p, prompt in enumerate(PROMPTS[:3]):
+        for combo, names, weights in COMBOS[:3]:
+            case_id = f"{p}/{combo}"
+            expected[case_id] = _expect(rt, margins, prompt, tie, patches=[files[n.removesuffix(".reft")] for n in names],
+                                        weights=weights, max_new_tokens=MAX_NEW_TOKENS, repetition_penalty=PENALTY)
+            cases.append(_generate_case(case_id, prompt, [f"/patches/{n}" for n in names],
+                                        {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY}, weights))
+    results = _drive(web_bundle, list(files.values()), cases, tmp_path, query="?backend=webgpu",
+                     chromiumArgs=["--enable-unsafe-webgpu"])
+    assert results["backend"] == "webgpu" and "WebGPU" in results["status"], results["status"]
+    whole = _check_agreement(expected, results)
+    with capsys.disabled():
+        print(f"\nWebGPU (software adapter), {manifest.precision}: {whole} of {len(expected)} answers equal Python's")
+    assert whole >= 0.5 * len(expected), f"{whole} of {len(expected)} answers identical on WebGPU"
