@@ -358,7 +358,7 @@ function quantizeColumns(w, K, N, q, scales) {
 }
 
 function emptyStats(started) {
-  return { weights: 0, unpackedBytes: 0, quantizedBytes: 0, seconds: started ? ((globalThis.performance?.now() ?? Date.now()) - started) / 1000 : 0 };
+  return { form: "float32", weights: 0, unpackedBytes: 0, quantizedBytes: 0, seconds: started ? ((globalThis.performance?.now() ?? Date.now()) - started) / 1000 : 0 };
 }
 
 function parseTensorName(bytes) {

@@ -77,7 +77,7 @@ export class Model {
       const rewritten = dequantizeModel(model, data, { form });
       model = rewritten.model;
       data.push(...rewritten.externalData);
-      weights = rewritten.stats;
+      weights = rewritten.stats.weights ? rewritten.stats : null; // null: nothing to unpack (an fp32 bundle)
     }
     if (data.length) options.externalData = data;
     onProgress({ stage: "session" });
