@@ -517,7 +517,7 @@ def test_webgpu_tokens_equal_python(web_bundle, tmp_path, monkeypatch, capsys):
     (GPU float sums run in another order; int4 as the wasm test)."""
     manifest = Manifest.from_dir(web_bundle)
     if manifest.graph != "fused":
-        pytest.skip("the traced graph runs the same ops; one WebGPU run per fused form keeps this short")
+        pytest.skip("WebGPU runs the fused graphs (fp32, int4) only, to keep the software-adapter test short")
     missing = _webgpu_missing()
     if missing:
         pytest.skip(missing)
