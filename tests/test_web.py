@@ -540,3 +540,31 @@ def test_webgpu_tokens_equal_python(web_bundle, tmp_path, monkeypatch, capsys):
     with capsys.disabled():
         print(f"\nWebGPU (software adapter), {manifest.precision}: {whole} of {len(expected)} answers equal Python's")
     assert whole >= 0.5 * len(expected), f"{whole} of {len(expected)} answers identical on WebGPU"
+
+
+def test_skills_in_the_page_equal_python(tiny_bundle, tmp_path):
+    """A patch with two skills: the page shows a tick per skill, and answers with one skill off, or
+    weighted, as Python's Patch.with_skills does."""
+    manifest = Manifest.from_dir(tiny_bundle)
+    base = _random_patch("duo", "loreft", "f1+l1", (1,), 4, True, manifest.base_fingerprint, manifest.hidden_size, 5,
+                         scale=1.0)
+    patch = dataclasses.replace(base, skills=(("caps", 2), ("meow", 2)))
+    path = tmp_path / "duo.reft"
+    patch.to_file(path)
+    rt = Runtime.load(tiny_bundle, threads=1)
+    choices = {"all": None, "caps": {"caps": 1, "meow": 0}, "weighted": {"caps": 0.5, "meow": 2.0}}
+    cases, want = [], {}
+    for label, chosen in choices.items():
+        chosen_patch = Patch.load(path) if chosen is None else Patch.load(path).with_skills(chosen)
+        want[label] = rt.generate(PROMPTS[1], patches=[chosen_patch], max_new_tokens=MAX_NEW_TOKENS,
+                                  repetition_penalty=PENALTY).token_ids
+        cases.append({**_generate_case(label, PROMPTS[1], ["/patches/duo.reft"],
+                                       {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY}),
+                      **({"skills": chosen} if chosen else {})})
+    results = _drive(tiny_bundle, [path], cases, tmp_path)
+    for label in choices:
+        got = results["cases"][label]
+        assert "error" not in got, got
+        assert got["tokenIds"] == want[label], label
+        assert got["skillBoxes"] == 2, "a tick per skill"
+    assert len({tuple(w) for w in want.values()}) > 1, "the skills change the answer"

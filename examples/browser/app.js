@@ -9,7 +9,7 @@
  *   const alice = await window.reftEdge.loadPatch("/patches/alice.reft");
  *   const {text, tokenIds} = await window.reftEdge.generate("Hi", {patches: [alice], maxNewTokens: 16});
  */
-import { open } from "/web/index.js";
+import { open, withSkills } from "/web/index.js";
 import { positionsString } from "/web/positions.js";
 
 const $ = (id) => document.getElementById(id);
@@ -36,7 +36,7 @@ const ready = (async () => {
   ort = backend === "webgpu" ? await import("onnxruntime-web/webgpu") : await import("onnxruntime-web");
   ort.env.wasm.wasmPaths = "/web/node_modules/onnxruntime-web/dist/";
   const shown = { download: "downloading", cache: "caching" };
-  const model = await open(ort, params.get("bundle") ?? "/bundle/", {
+  const load = () => open(ort, params.get("bundle") ?? "/bundle/", {
     threads: params.has("threads") ? Number(params.get("threads")) : undefined,
     backend,
     weights: params.get("weights") ?? undefined,
@@ -47,6 +47,16 @@ const ready = (async () => {
           : `creating the ${backend} session…`;
     },
   });
+  let model;
+  try {
+    model = await load();
+  } catch (e) {
+    if (backend !== "webgpu" || params.get("backend") === "webgpu") throw e;
+    // a GPU that cannot run the graph: the same build runs it on wasm (the bundle comes from the cache)
+    console.warn(`reft-edge: WebGPU failed (${e.message}); running on wasm`);
+    backend = "wasm";
+    model = await load();
+  }
   const m = model.manifest;
   const where = backend === "webgpu" ? "WebGPU" : `CPU (wasm, ${ort.env.wasm.numThreads} thread(s)${crossOriginIsolated ? "" : ", not cross-origin isolated"})`;
   $("status").textContent = `ready on ${where}: ${m.source_model} (${m.precision}, ${m.graph} graph), `
@@ -63,13 +73,36 @@ async function usePatch(promise) {
     current = await promise;
     $("patch").textContent = `${current.name}: ${current.kind}, layers ${current.layers.join(",")}, rank ${current.rank}, `
       + `${positionsString(current.positions)}, ${(current.sizeBytes / 1024).toFixed(1)} KiB`;
+    showSkills(current);
     return current;
   } catch (e) {
     current = null;
     $("patch").textContent = "no patch loaded";
+    showSkills(null);
     showError(e);
     throw e;
   }
+}
+
+/** A checkbox per skill of the patch (patch format v3), all on: the personalised answer uses the ticked ones. */
+function showSkills(patch) {
+  const box = $("skills");
+  box.replaceChildren();
+  for (const [name] of patch?.skills ?? []) {
+    const label = document.createElement("label");
+    const tick = Object.assign(document.createElement("input"), { type: "checkbox", checked: true, value: name });
+    label.append(tick, ` ${name} `);
+    box.append(label);
+  }
+  box.hidden = !patch?.skills?.length;
+}
+
+/** The loaded patch with the ticked skills only (all ticked: the patch as trained). */
+function chosenPatch() {
+  if (!current?.skills?.length) return current;
+  const ticks = [...$("skills").querySelectorAll("input")];
+  if (ticks.every((t) => t.checked)) return current;
+  return withSkills(current, Object.fromEntries(ticks.map((t) => [t.value, t.checked ? 1 : 0])));
 }
 
 async function loadPatch(url) {
@@ -99,7 +132,9 @@ async function answer(target, patches) {
 $("go").onclick = async () => {
   showError(null);
   await answer("base", []);
-  if (current) await answer("personal", [current]);
+  if (current) {
+    try { await answer("personal", [chosenPatch()]); } catch (e) { showError(e); }
+  }
 };
 $("file").onchange = async (event) => {
   const file = event.target.files[0];
@@ -120,5 +155,5 @@ fetch("/patches/index.json").then((r) => (r.ok ? r.json() : [])).then((names) =>
   for (const name of names) $("offered").add(new Option(name, name));
 }).catch(() => {});
 
-window.reftEdge = { ready, loadPatch, generate, encode: async (prompt) => (await ready).encode(prompt),
+window.reftEdge = { ready, loadPatch, generate, withSkills, encode: async (prompt) => (await ready).encode(prompt),
   get threads() { return ort?.env.wasm.numThreads; }, get backend() { return backend; } };

@@ -96,6 +96,9 @@ export class Model {
         throw new BundleError(`${bundle.manifest.files.model}: onnxruntime-web cannot load it (${reason}); re-export the bundle`);
       }
     }
+    // the session holds the weights now: drop the downloaded graph and data (the bundle's largest buffers)
+    bundle.files.model = null;
+    bundle.files.modelData = null;
     const created = new Model(ort, session, bundle);
     created.unpacked = weights; // what dequantize.js did (null: the shipped nodes run)
     created.backend = backend;

@@ -7,7 +7,7 @@
  * @example
  *   node runtime/web/test/drive.mjs plan.json results.json
  *   // plan: {url, timeoutMs?, chromiumArgs? (default ["--disable-gpu"]), initScript?, revisit?, screenshot?, screenshotPrompt?, screenshotPatch?, screenshotMaxNewTokens?,
- *   //        cases: [{id, op: "generate", prompt, patches: [url], weights?, options}, {id, op: "patch", url}]}
+ *   //        cases: [{id, op: "generate", prompt, patches: [url], weights?, skills?, options}, {id, op: "patch", url}]}
  *   // results: {cases: {id: {tokenIds, text, promptIds, timings} | {error: {name, message}, shown}}, console: [...],
  *   //           isolated, threads, backend, cacheError, unpacked, status, revisitBundleBytes, loadS (page open to model ready), bundleBytes (the bundle's downloads),
  *   //           pageBytes (every response body: page, modules, wasm, bundle, patches)}
@@ -57,10 +57,12 @@ try {
         }
         const patches = [];
         for (const url of c.patches) patches.push(await api.loadPatch(url));
+        const skillBoxes = document.querySelectorAll("#skills input").length; // the page's ticks for the last patch
+        if (c.skills) patches.splice(0, patches.length, ...patches.map((p) => api.withSkills(p, c.skills)));
         const pieces = [];
         const out = await api.generate(c.prompt, { patches, weights: c.weights, ...c.options,
           onText: (piece) => pieces.push(piece) });
-        return { text: out.text, tokenIds: out.tokenIds, promptIds: await api.encode(c.prompt), pieces,
+        return { text: out.text, tokenIds: out.tokenIds, promptIds: await api.encode(c.prompt), pieces, skillBoxes,
                  finishReason: out.finishReason, timings: out.timings };
       } catch (e) {
         return { error: { name: e.name, message: e.message }, shown: document.getElementById("error").textContent };
