@@ -568,3 +568,92 @@ def test_skills_in_the_page_equal_python(tiny_bundle, tmp_path):
         assert got["tokenIds"] == want[label], label
         assert got["skillBoxes"] == 2, "a tick per skill"
     assert len({tuple(w) for w in want.values()}) > 1, "the skills change the answer"
+
+
+def _nbits_model(folder: Path, name: str, weight: np.ndarray, bits: int, zero_points: bool) -> tuple[Path, np.ndarray]:
+    """y = x @ weight as one MatMulNBits (block 32, float scales, optional uint8 zero points); returns the
+    model and the float weight it stands for."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    blocks = k // 32
+    w = weight.T.reshape(n, blocks, 32)
+    levels = 1 << bits
+    low, high = w.min(axis=2), w.max(axis=2)
+    scales = ((high - low) / (levels - 1)).astype(np.float32) if zero_points else \
+        (np.abs(w).max(axis=2) / (levels // 2 - 1)).astype(np.float32)
+    scales[scales == 0] = 1
+    zero = np.clip(np.round(-low / scales), 0, levels - 1).astype(np.uint8) if zero_points else \
+        np.full((n, blocks), levels // 2, np.uint8)
+    q = np.clip(np.round(w / scales[..., None]) + zero[..., None], 0, levels - 1).astype(np.uint8)
+    dequantized = ((q.astype(np.float32) - zero[..., None]) * scales[..., None]).reshape(n, k).T.copy()
+    packed = q if bits == 8 else (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales")]
+    inputs = ["x", "B", "scales"]
+    if zero_points:
+        zp = zero if bits == 8 else (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
+        inits.append(numpy_helper.from_array(zp, "zero_points"))
+        inputs.append("zero_points")
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=32,
+                            accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    path = folder / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return path, dequantized
+
+
+def _q4_1_model(folder: Path, rng) -> tuple[Path, np.ndarray]:
+    """A MatMul whose weight is exact GGUF Q4_1 blocks, stored by the export's own rewrite (MatMulNBits +
+    block sums @ minimums + Add), weights in an external data file as bundles keep them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.gguf_blocks import store_exact_blocks
+
+    k, n = 96, 40
+    d = rng.uniform(0.01, 0.05, (k // 32, 1, n)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.3, 0.0, (k // 32, 1, n)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (k // 32, 32, n)).astype(np.float32)
+    q[:, 0], q[:, 1] = 0, 15  # as a GGUF quantizer writes them: each block's minimum and maximum are levels 0 and 15
+    weight = (d * q + m).astype(np.float32).reshape(k, n)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+                              [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    assert store_exact_blocks(model, accuracy_level=0) == {"Q4_1": 1}
+    path = folder / "q4_1.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="q4_1.onnx.data", size_threshold=0)
+    return path, weight
+
+
+def test_dequantized_weights_equal_the_blocks(tmp_path):
+    """dequantize.js (run under Node's onnxruntime-web) turns 4- and 8-bit MatMulNBits, with and without
+    zero points, and the export's Q4_1 form (minimums folded in, read from external data), into float
+    MatMuls that compute x @ W with W the weight the blocks stand for; int8 stays close."""
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed (Node 20+ runs the web runtime)")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    cases = {f"{bits}bit{'-zp' if zp else ''}": _nbits_model(tmp_path, f"m{bits}{zp}", rng.standard_normal((96, 40))
+                                                             .astype(np.float32), bits, zp)
+             for bits in (4, 8) for zp in (False, True)}
+    cases["q4_1"] = _q4_1_model(tmp_path, rng)
+    script = WEB / "test" / "dequantize_check.mjs"
+    for label, (path, weight) in cases.items():
+        want = x.astype(np.float64) @ weight.astype(np.float64)
+        for form, tolerance in (("float32", 1e-5), ("int8", 0.03)):
+            done = subprocess.run(["node", str(script), str(path), json.dumps({"x": x.tolist()}), form],
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, (label, done.stderr[-2000:])
+            got = json.loads(done.stdout)
+            assert got["stats"]["weights"] == 1 and got["stats"]["form"] == form, (label, got["stats"])
+            y = np.array(got["y"]).reshape(want.shape)
+            error = np.abs(y - want).max() / np.abs(want).max()
+            assert error < tolerance, (label, form, error)
