@@ -8,7 +8,10 @@ runtime/web/test/drive.mjs drives Debian's chromium with playwright-core through
 patch that edits generated tokens (``l1+g``) and a float16 patch; damaged patches must raise the
 same error kinds, with the same messages, as ``Patch.from_file`` and ``Manifest.load_patches``.
 The slow test does the same on the default model's int4 bundle with two persona patches trained with
-the default recipe, and saves a screenshot of the page (docs/web-demo.png is one).
+the default recipe, and saves a screenshot of the page (docs/web-demo.png is one). Also: Cache Storage
+(a returning visitor downloads nothing; a refusing cache still loads, for the tiny bundle and, slow, the
+default model's int4 and int8 bundles in a fresh profile), skills in the page, dequantize.js's
+float weights, and the page on WebGPU with Chromium's software adapter (skipped when there is none).
 
 ``make test`` installs what this needs (``npm ci`` in runtime/web, chromium with apt-get when
 /usr/bin/chromium is missing); without node or chromium the tests skip and say which is missing.

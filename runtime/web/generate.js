@@ -52,10 +52,15 @@ export class Model {
    *   onProgress?: (p: import("./bundle.js").Progress) => void}} [options] threads: wasm threads (need a
    *   cross-origin-isolated page); backend: the execution provider (webgpu needs ort from onnxruntime-web/webgpu);
    *   weights: how MatMulNBits runs: float32 (default on wasm: unpacked once here, dequantize.js), int8 (per-column
-   *   int8 with dynamically quantized activations) or shipped (the bundle's 4/8-bit nodes; default on webgpu)
+   *   int8 with dynamically quantized activations) or shipped (the bundle's 4/8-bit nodes; default on webgpu).
+   *   The session takes the bundle's graph and data buffers (bundle.files.model and modelData become null).
    */
   static async create(ort, bundle, { threads, backend = "wasm", weights: form, onProgress = () => {} } = {}) {
     if (!["wasm", "webgpu"].includes(backend)) throw new UsageError(`backend ${backend}: use wasm or webgpu`);
+    if (!bundle.files.model) {
+      throw new UsageError("this bundle's graph went to a session already (create drops it to save memory); "
+        + "load the bundle again with loadBundle for another session");
+    }
     const isolated = globalThis.crossOriginIsolated === true;
     ort.env.wasm.numThreads = isolated ? (threads ?? Math.min(4, globalThis.navigator?.hardwareConcurrency || 1)) : 1;
     const options = { executionProviders: backend === "webgpu" ? ["webgpu", "wasm"] : ["wasm"], graphOptimizationLevel: "all" };
