@@ -127,6 +127,7 @@ def page_round(engine: str, bundle: Path, patch: str, args: argparse.Namespace) 
     return {"decode_tok_s": full["timings"]["tokensPerS"], "ttft_ms": first["timings"]["totalS"] * 1000,
             "startup_s": page["loadS"], "bundle_bytes": page["bundleBytes"], "page_bytes": page["pageBytes"],
             "threads": page["threads"], "isolated": page["isolated"], "backend": page["backend"],
+            "adapter": page.get("adapter"),
             "unpacked_bytes": (page.get("unpacked") or {}).get("unpackedBytes", 0), "tokens": full["tokenIds"]}
 
 
@@ -222,12 +223,15 @@ def section(runs: dict[str, dict[str, list[dict]]], load: dict, load_before: tup
             if any("error" in r for r in rs):
                 lines.append(f"| {precision} | {labels[engine]} | failed: {rs[0].get('error', '')[:120]} | | | | |")
                 continue
+            label = labels[engine]
+            if engine == "page-webgpu":
+                label += f" (adapter: {rs[0]['adapter']}{'; software, on the CPU' if 'swiftshader' in str(rs[0]['adapter']) else ''})"
             if engine.startswith("page"):
                 down = f"{rs[0]['bundle_bytes'] / 1e6:.1f} bundle, {rs[0]['page_bytes'] / 1e6:.1f} in all"
                 memory = f"{rs[0]['unpacked_bytes'] / 1e6:.0f} unpacked" if rs[0]["unpacked_bytes"] else f"{size / 1e6:.0f}"
             else:
                 down, memory = "— (reads from disk)", "—" if engine == "stock" else f"{size / 1e6:.0f}"
-            lines.append(f"| {precision} | {labels[engine]} | {spread([r['decode_tok_s'] for r in rs])} "
+            lines.append(f"| {precision} | {label} | {spread([r['decode_tok_s'] for r in rs])} "
                          f"| {spread([r['ttft_ms'] for r in rs], 0)} | {spread([r['startup_s'] for r in rs], 2)} "
                          f"| {down} | {memory} |")
     lines.append("")

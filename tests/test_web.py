@@ -660,3 +660,26 @@ def test_dequantized_weights_equal_the_blocks(tmp_path):
             y = np.array(got["y"]).reshape(want.shape)
             error = np.abs(y - want).max() / np.abs(want).max()
             assert error < tolerance, (label, form, error)
+
+
+@pytest.mark.slow
+def test_webgpu_default_model_prompt_lengths(default_int4_bundle, tmp_path):
+    """The default model on WebGPU (software adapter) against wasm, first token of a 44- and a 52-token
+    prompt. Known: on SwiftShader the 52-token prompt's first token differs (shipped or float32 weights
+    alike, so not the 4-bit kernel); recorded as an expected failure until a real GPU says whether it is
+    SwiftShader's or onnxruntime-web's (benchmarks/web_speed.py --webgpu reports agreement there)."""
+    missing = _webgpu_missing()
+    if missing:
+        pytest.skip(missing)
+    prompts = {"44": "Tell me a story about a cat who lives in a small house.",
+               "52": "I am planning a week-long trip to the mountains next month with two friends. What should we pack?"}
+    cases = [_generate_case(k, p, [], {"maxNewTokens": 1}) for k, p in prompts.items()]
+    cpu = _drive(default_int4_bundle, [], cases, tmp_path, query="?backend=wasm")
+    gpu = _drive(default_int4_bundle, [], cases, tmp_path, query="?backend=webgpu",
+                 chromiumArgs=["--enable-unsafe-webgpu"], timeoutMs=600_000)
+    assert gpu["backend"] == "webgpu"
+    for key in prompts:
+        assert len(gpu["cases"][key]["promptIds"]) == int(key), key
+    assert gpu["cases"]["44"]["tokenIds"] == cpu["cases"]["44"]["tokenIds"]
+    if gpu["cases"]["52"]["tokenIds"] != cpu["cases"]["52"]["tokenIds"]:
+        pytest.xfail("WebGPU on the software adapter: a 52-token prompt's first token differs from wasm's")

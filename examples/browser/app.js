@@ -20,11 +20,23 @@ function showError(error) {
   $("error").textContent = error ? `${error.name}: ${error.message}` : "";
 }
 
-/** WebGPU when the browser has an adapter (or ?backend=webgpu), else wasm (or ?backend=wasm). */
+let adapter = null; // the WebGPU adapter's vendor and architecture, when there is one
+
+/**
+ * WebGPU when the browser has a hardware adapter, else wasm; ?backend=wasm or ?backend=webgpu decides
+ * instead. A software adapter (SwiftShader, a fallback adapter) runs on the CPU some 200 times slower
+ * than wasm, so it is only used when asked for.
+ */
 async function chooseBackend() {
-  const asked = params.get("backend");
-  if (asked) return asked;
-  try { return navigator.gpu && (await navigator.gpu.requestAdapter()) ? "webgpu" : "wasm"; } catch { return "wasm"; }
+  let hardware = false;
+  try {
+    const found = navigator.gpu ? await navigator.gpu.requestAdapter() : null;
+    if (found) {
+      adapter = `${found.info?.vendor || "unknown vendor"} ${found.info?.architecture || ""}`.trim();
+      hardware = !found.isFallbackAdapter && !found.info?.isFallbackAdapter && !/swiftshader/i.test(adapter);
+    }
+  } catch { adapter = null; }
+  return params.get("backend") ?? (hardware ? "webgpu" : "wasm");
 }
 
 const MB = (n) => (n / 1e6).toFixed(1);
@@ -58,7 +70,7 @@ const ready = (async () => {
     model = await load();
   }
   const m = model.manifest;
-  const where = backend === "webgpu" ? "WebGPU" : `CPU (wasm, ${ort.env.wasm.numThreads} thread(s)${crossOriginIsolated ? "" : ", not cross-origin isolated"})`;
+  const where = backend === "webgpu" ? `WebGPU (${adapter})` : `CPU (wasm, ${ort.env.wasm.numThreads} thread(s)${crossOriginIsolated ? "" : ", not cross-origin isolated"})`;
   $("status").textContent = `ready on ${where}: ${m.source_model} (${m.precision}, ${m.graph} graph), `
     + `${MB(model.downloadedBytes)} MB downloaded${model.cacheError ? " (not cached: the browser refused)" : ""}`
     + (model.unpacked ? `, weights unpacked to ${model.unpacked.form}: ${MB(model.unpacked.unpackedBytes)} MB` : "");
@@ -156,4 +168,4 @@ fetch("/patches/index.json").then((r) => (r.ok ? r.json() : [])).then((names) =>
 }).catch(() => {});
 
 window.reftEdge = { ready, loadPatch, generate, withSkills, encode: async (prompt) => (await ready).encode(prompt),
-  get threads() { return ort?.env.wasm.numThreads; }, get backend() { return backend; } };
+  get threads() { return ort?.env.wasm.numThreads; }, get backend() { return backend; }, get adapter() { return adapter; } };

@@ -9,7 +9,7 @@
  *   // plan: {url, timeoutMs?, chromiumArgs? (default ["--disable-gpu"]), initScript?, revisit?, screenshot?, screenshotPrompt?, screenshotPatch?, screenshotMaxNewTokens?,
  *   //        cases: [{id, op: "generate", prompt, patches: [url], weights?, skills?, options}, {id, op: "patch", url}]}
  *   // results: {cases: {id: {tokenIds, text, promptIds, timings} | {error: {name, message}, shown}}, console: [...],
- *   //           isolated, threads, backend, cacheError, unpacked, status, revisitBundleBytes, loadS (page open to model ready), bundleBytes (the bundle's downloads),
+ *   //           isolated, threads, backend, adapter, cacheError, unpacked, status, revisitBundleBytes, loadS (page open to model ready), bundleBytes (the bundle's downloads),
  *   //           pageBytes (every response body: page, modules, wasm, bundle, patches)}
  */
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -44,7 +44,7 @@ try {
   results.threads = await page.evaluate(() => window.reftEdge.threads);
   Object.assign(results, await page.evaluate(async () => {
     const model = await window.reftEdge.ready;
-    return { backend: window.reftEdge.backend, cacheError: model.cacheError, unpacked: model.unpacked,
+    return { backend: window.reftEdge.backend, adapter: window.reftEdge.adapter, cacheError: model.cacheError, unpacked: model.unpacked,
              status: document.getElementById("status").textContent };
   }));
   for (const c of plan.cases) {
