@@ -9,7 +9,10 @@ Greedy token ids (and prompt ids and text) must equal
 patch that edits generated tokens (``l1+g``) and a float16 patch; damaged patches must raise the
 same error kinds, with the same messages, as ``Patch.from_file`` and ``Manifest.load_patches``.
 The slow test does the same on the default model's int4 bundle with two persona patches trained with
-the default recipe, and saves a screenshot of the page (docs/web-demo.png is one).
+the default recipe, and saves a screenshot of the page (docs/web-demo.png is one). Also: Cache Storage
+(a returning visitor downloads nothing; a refusing cache still loads, for the tiny bundle and, slow, the
+default model's int4 and int8 bundles in a fresh profile), skills in the page, dequantize.js's
+float weights, and the page on WebGPU with Chromium's software adapter (skipped when there is none).
 
 ``make test`` installs what this needs (``npm ci`` in runtime/web, chromium with apt-get when
 /usr/bin/chromium is missing); without node or chromium the tests skip and say which is missing.
@@ -139,10 +142,10 @@ def _python_error(manifest: Manifest, path: Path) -> dict[str, str]:
 
 # -- serving and driving ----------------------------------------------------------------------
 
-def _drive(bundle: Path, patches: list[Path], cases: list[dict], tmp_path: Path, **plan) -> dict:
+def _drive(bundle: Path, patches: list[Path], cases: list[dict], tmp_path: Path, query: str = "", **plan) -> dict:
     with serving(bundle, patches) as url:
         plan_file, out_file = tmp_path / "plan.json", tmp_path / "results.json"
-        plan_file.write_text(json.dumps({"url": url, "cases": cases, **plan}))
+        plan_file.write_text(json.dumps({"url": url + query, "cases": cases, **plan}))
         done = subprocess.run(["node", str(WEB / "test" / "drive.mjs"), str(plan_file), str(out_file)],
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -431,3 +434,260 @@ def test_skills_in_javascript_equal_python(tmp_path):
     with pytest.raises(Exception) as python_error:
         patch.with_skills(["nope"])
     assert got["error"] == f"UsageError: {python_error.value}"
+
+
+# -- every bundle loads; WebGPU --------------------------------------------------------------------
+
+# What Chromium says when it will not store a large entry (the int8 bundle in a fresh profile did this)
+REFUSING_CACHE = ("Cache.prototype.put = function () { return Promise.reject(new TypeError("
+                  "\"Failed to execute 'put' on 'Cache': Unexpected internal error.\")); };")
+
+
+def _refusals(results: dict) -> list[str]:
+    return [line for line in results["console"] if "refused to cache the bundle" in line]
+
+
+def test_returning_visitor_downloads_nothing_and_a_refusing_cache_still_loads(tiny_bundle, tmp_path):
+    """Cache Storage keeps the bundle for the next visit; when the browser refuses to store it, the
+    page says so once, loads, answers as Python does, and the next visit downloads it again."""
+    size = sum(f.stat().st_size for f in tiny_bundle.iterdir() if f.is_file() and f.name != "genai_config.json")
+    rt = Runtime.load(tiny_bundle, threads=1)
+    want = rt.generate(PROMPTS[0], max_new_tokens=MAX_NEW_TOKENS, repetition_penalty=PENALTY).token_ids
+    case = _generate_case("a", PROMPTS[0], [], {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY})
+    cached = _drive(tiny_bundle, [], [case], tmp_path, revisit=True)
+    assert cached["cacheError"] is None and not _refusals(cached)
+    assert cached["bundleBytes"] <= 1.05 * size and cached["revisitBundleBytes"] == 0
+    assert cached["cases"]["a"]["tokenIds"] == want
+    refused = _drive(tiny_bundle, [], [case], tmp_path, revisit=True, initScript=REFUSING_CACHE)
+    assert "Failed to execute 'put' on 'Cache'" in refused["cacheError"]
+    assert len(_refusals(refused)) == 2, refused["console"]  # once per visit, not once per file
+    assert refused["cases"]["a"]["tokenIds"] == want
+    assert refused["revisitBundleBytes"] == refused["bundleBytes"] > 0
+    assert "not cached" in refused["status"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_default_model_bundles_load_in_a_fresh_profile_when_the_cache_refuses(precision, request, tmp_path,
+                                                                               monkeypatch, capsys):
+    """The default model's int4 and int8 bundles (the int8 one once failed with "Failed to execute 'put'
+    on 'Cache'") load and generate in a fresh Chromium profile whose Cache Storage refuses every file.
+    The page runs float32 weights unpacked from the bundle's GGUF blocks (dequantize.js): its tokens
+    must equal Python's on the bundle with float arithmetic (accuracy_level 0), up to near-ties of
+    that float arithmetic's different rounding order."""
+    bundle = request.getfixturevalue(f"default_{precision}_bundle")
+    margins = _record_margins(monkeypatch)
+    shipped = Runtime.load(bundle, threads=2)
+    twin = Runtime.load(_float_arithmetic_twin(bundle, tmp_path / "twin"), threads=2)
+    cases, exact, native = [], {}, {}
+    for p, prompt in enumerate(DEFAULT_PROMPTS):
+        exact[str(p)] = _expect(twin, margins, prompt, 1e-3, max_new_tokens=DEFAULT_NEW_TOKENS)
+        native[str(p)] = _expect(shipped, margins, prompt, DEFAULT_INT4_TIE, max_new_tokens=DEFAULT_NEW_TOKENS)
+        cases.append(_generate_case(str(p), prompt, [], {"maxNewTokens": DEFAULT_NEW_TOKENS}))
+    results = _drive(bundle, [], cases, tmp_path, initScript=REFUSING_CACHE)
+    size = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file() and f.name != "genai_config.json")
+    assert results["backend"] == "wasm" and results["unpacked"]["form"] == "float32"
+    assert len(_refusals(results)) == 1 and results["bundleBytes"] <= 1.05 * size
+    assert _check_agreement(exact, results) >= len(exact) - 1
+    same = sum(_common_prefix(results["cases"][i]["tokenIds"], want["tokenIds"]) for i, want in native.items())
+    total = sum(len(want["tokenIds"]) for want in native.values())
+    _check_agreement(native, results)
+    with capsys.disabled():
+        print(f"\ndefault model {precision}, cache refused: loaded ({results['bundleBytes'] / 1e6:.1f} MB downloaded, "
+              f"{results['unpacked']['unpackedBytes'] / 1e6:.0f} MB of float32 weights); {same} of {total} "
+              "tokens equal the shipped bundle's in Python")
+
+
+def _webgpu_missing() -> str | None:
+    """None when Chromium here offers a WebGPU adapter (SwiftShader, software) to a page on 127.0.0.1."""
+    script = """
+import { chromium } from "playwright-core";
+const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", headless: true,
+  args: ["--no-sandbox", "--enable-unsafe-webgpu"] });
+const page = await browser.newPage();
+// a secure context, as the served page is (navigator.gpu exists only there)
+await page.route("http://127.0.0.1/", (route) => route.fulfill({ body: "<html></html>", contentType: "text/html" }));
+await page.goto("http://127.0.0.1/");
+console.log(await page.evaluate(async () => !!(navigator.gpu && await navigator.gpu.requestAdapter())));
+await browser.close();
+"""
+    done = subprocess.run(["node", "--input-type=module", "-e", script], cwd=WEB, capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode != 0:
+        return f"chromium would not start for the WebGPU check: {done.stderr.strip()[-300:]}"
+    return None if done.stdout.strip() == "true" else "this Chromium offers no WebGPU adapter (--enable-unsafe-webgpu)"
+
+
+def test_webgpu_tokens_equal_python(web_bundle, tmp_path, monkeypatch, capsys):
+    """The page on onnxruntime-web's WebGPU execution provider (the bundle's 4-bit nodes as shipped, the
+    KV cache kept on the GPU), on Chromium's software adapter: greedy tokens as Python's up to near-ties
+    (GPU float sums run in another order; int4 as the wasm test)."""
+    manifest = Manifest.from_dir(web_bundle)
+    if manifest.graph != "fused":
+        pytest.skip("WebGPU runs the fused graphs (fp32, int4) only, to keep the software-adapter test short")
+    missing = _webgpu_missing()
+    if missing:
+        pytest.skip(missing)
+    tie = 1e-3 if manifest.precision == "fp32" else INT4_TIE
+    margins = _record_margins(monkeypatch)
+    files = _write_patches(tmp_path / "patches", manifest)
+    rt = Runtime.load(web_bundle, threads=1)
+    cases, expected = [], {}
+    for p, prompt in enumerate(PROMPTS[:3]):
+        for combo, names, weights in COMBOS[:3]:
+            case_id = f"{p}/{combo}"
+            chosen = [files[n.removesuffix(".reft")] for n in names]
+            expected[case_id] = _expect(rt, margins, prompt, tie, patches=chosen, weights=weights,
+                                        max_new_tokens=MAX_NEW_TOKENS, repetition_penalty=PENALTY)
+            cases.append(_generate_case(case_id, prompt, [f"/patches/{n}" for n in names],
+                                        {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY}, weights))
+    results = _drive(web_bundle, list(files.values()), cases, tmp_path, query="?backend=webgpu",
+                     chromiumArgs=["--enable-unsafe-webgpu"])
+    assert results["backend"] == "webgpu" and "WebGPU" in results["status"], results["status"]
+    whole = _check_agreement(expected, results)
+    with capsys.disabled():
+        print(f"\nWebGPU (software adapter), {manifest.precision}: {whole} of {len(expected)} answers equal Python's")
+    assert whole >= 0.5 * len(expected), f"{whole} of {len(expected)} answers identical on WebGPU"
+
+
+def test_skills_in_the_page_equal_python(tiny_bundle, tmp_path):
+    """A patch with two skills: the page shows a tick per skill, and answers with one skill off, or
+    weighted, as Python's Patch.with_skills does."""
+    manifest = Manifest.from_dir(tiny_bundle)
+    base = _random_patch("duo", "loreft", "f1+l1", (1,), 4, True, manifest.base_fingerprint, manifest.hidden_size, 5,
+                         scale=1.0)
+    patch = dataclasses.replace(base, skills=(("caps", 2), ("meow", 2)))
+    path = tmp_path / "duo.reft"
+    patch.to_file(path)
+    rt = Runtime.load(tiny_bundle, threads=1)
+    choices = {"all": None, "caps": {"caps": 1, "meow": 0}, "weighted": {"caps": 0.5, "meow": 2.0}}
+    cases, want = [], {}
+    for label, chosen in choices.items():
+        chosen_patch = Patch.load(path) if chosen is None else Patch.load(path).with_skills(chosen)
+        want[label] = rt.generate(PROMPTS[1], patches=[chosen_patch], max_new_tokens=MAX_NEW_TOKENS,
+                                  repetition_penalty=PENALTY).token_ids
+        cases.append({**_generate_case(label, PROMPTS[1], ["/patches/duo.reft"],
+                                       {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY}),
+                      **({"skills": chosen} if chosen else {})})
+    results = _drive(tiny_bundle, [path], cases, tmp_path)
+    for label in choices:
+        got = results["cases"][label]
+        assert "error" not in got, got
+        assert got["tokenIds"] == want[label], label
+        assert got["skillBoxes"] == 2, "a tick per skill"
+    assert len({tuple(w) for w in want.values()}) > 1, "the skills change the answer"
+
+
+def _nbits_model(folder: Path, name: str, weight: np.ndarray, bits: int, zero_points: bool) -> tuple[Path, np.ndarray]:
+    """y = x @ weight as one MatMulNBits (block 32, float scales, optional uint8 zero points); returns the
+    model and the float weight it stands for."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    blocks = k // 32
+    w = weight.T.reshape(n, blocks, 32)
+    levels = 1 << bits
+    low, high = w.min(axis=2), w.max(axis=2)
+    scales = ((high - low) / (levels - 1)).astype(np.float32) if zero_points else \
+        (np.abs(w).max(axis=2) / (levels // 2 - 1)).astype(np.float32)
+    scales[scales == 0] = 1
+    zero = np.clip(np.round(-low / scales), 0, levels - 1).astype(np.uint8) if zero_points else \
+        np.full((n, blocks), levels // 2, np.uint8)
+    q = np.clip(np.round(w / scales[..., None]) + zero[..., None], 0, levels - 1).astype(np.uint8)
+    dequantized = ((q.astype(np.float32) - zero[..., None]) * scales[..., None]).reshape(n, k).T.copy()
+    packed = q if bits == 8 else (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales")]
+    inputs = ["x", "B", "scales"]
+    if zero_points:
+        zp = zero if bits == 8 else (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
+        inits.append(numpy_helper.from_array(zp, "zero_points"))
+        inputs.append("zero_points")
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=32,
+                            accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    path = folder / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return path, dequantized
+
+
+def _q4_1_model(folder: Path, rng) -> tuple[Path, np.ndarray]:
+    """A MatMul whose weight is exact GGUF Q4_1 blocks, stored by the export's own rewrite (MatMulNBits +
+    block sums @ minimums + Add), weights in an external data file as bundles keep them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.gguf_blocks import store_exact_blocks
+
+    k, n = 96, 40
+    d = rng.uniform(0.01, 0.05, (k // 32, 1, n)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.3, 0.0, (k // 32, 1, n)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (k // 32, 32, n)).astype(np.float32)
+    q[:, 0], q[:, 1] = 0, 15  # as a GGUF quantizer writes them: each block's minimum and maximum are levels 0 and 15
+    weight = (d * q + m).astype(np.float32).reshape(k, n)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+                              [numpy_helper.from_array(weight, "W")])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    assert store_exact_blocks(model, accuracy_level=0) == {"Q4_1": 1}
+    path = folder / "q4_1.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="q4_1.onnx.data", size_threshold=0)
+    return path, weight
+
+
+def test_dequantized_weights_equal_the_blocks(tmp_path):
+    """dequantize.js (run under Node's onnxruntime-web) turns 4- and 8-bit MatMulNBits, with and without
+    zero points, and the export's Q4_1 form (minimums folded in, read from external data), into float
+    MatMuls that compute x @ W with W the weight the blocks stand for; int8 stays close."""
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed (Node 20+ runs the web runtime)")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    cases = {f"{bits}bit{'-zp' if zp else ''}": _nbits_model(tmp_path, f"m{bits}{zp}", rng.standard_normal((96, 40))
+                                                             .astype(np.float32), bits, zp)
+             for bits in (4, 8) for zp in (False, True)}
+    cases["q4_1"] = _q4_1_model(tmp_path, rng)
+    script = WEB / "test" / "dequantize_check.mjs"
+    for label, (path, weight) in cases.items():
+        want = x.astype(np.float64) @ weight.astype(np.float64)
+        for form, tolerance in (("float32", 1e-5), ("int8", 0.03)):
+            done = subprocess.run(["node", str(script), str(path), json.dumps({"x": x.tolist()}), form],
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, (label, done.stderr[-2000:])
+            got = json.loads(done.stdout)
+            assert got["stats"]["weights"] == 1 and got["stats"]["form"] == form, (label, got["stats"])
+            y = np.array(got["y"]).reshape(want.shape)
+            error = np.abs(y - want).max() / np.abs(want).max()
+            assert error < tolerance, (label, form, error)
+
+
+@pytest.mark.slow
+def test_webgpu_default_model_prompt_lengths(default_int4_bundle, tmp_path):
+    """The default model on WebGPU (software adapter) against wasm, first token of a 44- and a 52-token
+    prompt. Known: on SwiftShader the 52-token prompt's first token differs (shipped or float32 weights
+    alike, so not the 4-bit kernel); recorded as an expected failure until a real GPU says whether it is
+    SwiftShader's or onnxruntime-web's (benchmarks/web_speed.py --webgpu reports agreement there)."""
+    missing = _webgpu_missing()
+    if missing:
+        pytest.skip(missing)
+    prompts = {"44": "Tell me a story about a cat who lives in a small house.",
+               "52": "I am planning a week-long trip to the mountains next month with two friends. "
+                     "What should we pack?"}
+    cases = [_generate_case(k, p, [], {"maxNewTokens": 1}) for k, p in prompts.items()]
+    cpu = _drive(default_int4_bundle, [], cases, tmp_path, query="?backend=wasm")
+    gpu = _drive(default_int4_bundle, [], cases, tmp_path, query="?backend=webgpu",
+                 chromiumArgs=["--enable-unsafe-webgpu"], timeoutMs=600_000)
+    assert gpu["backend"] == "webgpu"
+    for key in prompts:
+        assert len(gpu["cases"][key]["promptIds"]) == int(key), key
+    assert gpu["cases"]["44"]["tokenIds"] == cpu["cases"]["44"]["tokenIds"]
+    if gpu["cases"]["52"]["tokenIds"] != cpu["cases"]["52"]["tokenIds"]:
+        pytest.xfail("WebGPU on the software adapter: a 52-token prompt's first token differs from wasm's")

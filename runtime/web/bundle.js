@@ -2,11 +2,12 @@
  * Load a bundle over HTTP (docs/bundle-format.md): manifest.json first, then the graph and its
  * external data, tokenizer.json, tokenizer_config.json and the chat template. Downloads report
  * progress and go through the Cache Storage API (keyed by URL and the base fingerprint), so a
- * returning visitor downloads nothing; the browser's HTTP cache is the fallback.
+ * returning visitor downloads nothing; when the browser refuses to store (private mode, quota,
+ * size), that is logged once and the bundle loads without the cache.
  *
  * @example
  *   import { loadBundle } from "./bundle.js";
- *   const bundle = await loadBundle("/bundle/", {onProgress: ({file, loaded, total}) => console.log(file, loaded, total)});
+ *   const bundle = await loadBundle("/bundle/", {onProgress: ({stage, file, loaded, total}) => console.log(stage, file, loaded, total)});
  *   bundle.manifest.slot_layers; bundle.files.model;  // Uint8Array of model.onnx
  */
 import { BundleError } from "./errors.js";
@@ -15,21 +16,69 @@ import SPEC from "./spec.js";
 export const SCHEMA_VERSION = SPEC.bundle.schema_version; // from Python (spec.js, written by runtime/spec.py)
 const CACHE_NAME = "reft-edge-bundles";
 
-/** @typedef {{file: string, loaded: number, total: number, cached: boolean}} Progress */
+/** @typedef {{stage: "download"|"cache"|"dequantize"|"session", file?: string, loaded?: number, total?: number,
+ *   cached?: boolean}} Progress download: bytes of a file so far (cached: read from Cache Storage); cache: a
+ *   downloaded file being stored; dequantize and session: Model.create's steps */
 /** @typedef {{manifest: any, url: string, files: {model: Uint8Array, modelData: Uint8Array|null,
- *   tokenizer: any, tokenizerConfig: any, chatTemplate: string|null}, downloadedBytes: number}} Bundle */
+ *   tokenizer: any, tokenizerConfig: any, chatTemplate: string|null}, downloadedBytes: number,
+ *   cacheError: string|null}} Bundle */
 
-/** @param {string} url @param {string} file @param {string} key @param {(p: Progress) => void} onProgress
+/**
+ * Cache Storage when the browser gives it; any refusal (no secure context, private mode, quota,
+ * an entry too large: "Failed to execute 'put' on 'Cache'") is logged once and the bundle loads
+ * without it.
+ */
+class BundleCache {
+  constructor() {
+    /** @type {string|null} why files are not cached */ this.error = null;
+    this.opened = null;
+  }
+
+  refuse(what, e) {
+    if (this.error) return;
+    this.error = `${what}: ${String(e?.message ?? e).split("\n")[0]}`;
+    console.warn(`reft-edge: the browser refused to cache the bundle (${this.error}); loading without the cache, `
+      + "so a later visit downloads it again");
+  }
+
+  async open() {
+    if (!this.opened) {
+      this.opened = (async () => {
+        if (typeof caches === "undefined" || !globalThis.isSecureContext) return null;
+        try { return await caches.open(CACHE_NAME); } catch (e) { this.refuse("caches.open", e); return null; }
+      })();
+    }
+    return this.opened;
+  }
+
+  /** @param {string} key @returns {Promise<Response|undefined>} */
+  async match(key) {
+    const cache = await this.open();
+    if (!cache) return undefined;
+    try { return await cache.match(key); } catch (e) { this.refuse("cache.match", e); return undefined; }
+  }
+
+  /** @param {string} key @param {Uint8Array} bytes @param {string|null} type */
+  async put(key, bytes, type) {
+    const cache = this.error ? null : await this.open();
+    if (!cache) return;
+    const headers = { "Content-Length": String(bytes.length), ...(type ? { "Content-Type": type } : {}) };
+    try { await cache.put(key, new Response(bytes, { headers })); } catch (e) {
+      this.refuse("cache.put", e);
+      try { await cache.delete(key); } catch { /* nothing stored */ }
+    }
+  }
+}
+
+/** @param {string} url @param {string} file @param {string} key @param {BundleCache} cache @param {(p: Progress) => void} onProgress
  * @returns {Promise<{bytes: Uint8Array, cached: boolean}>} */
-async function download(url, file, key, onProgress) {
-  const cache = typeof caches !== "undefined" && globalThis.isSecureContext ? await caches.open(CACHE_NAME) : null;
+async function download(url, file, key, cache, onProgress) {
   const cacheKey = `${url}?base=${key}`;
-  let response = cache ? await cache.match(cacheKey) : undefined;
+  let response = await cache.match(cacheKey);
   const cached = !!response;
   if (!response) {
     response = await fetch(url);
     if (!response.ok) throw new BundleError(`${url}: HTTP ${response.status}; serve the whole bundle folder`);
-    if (cache) await cache.put(cacheKey, response.clone());
   }
   const total = Number(response.headers.get("content-length") || 0);
   const reader = response.body.getReader();
@@ -40,11 +89,20 @@ async function download(url, file, key, onProgress) {
     if (done) break;
     chunks.push(value);
     loaded += value.length;
-    onProgress({ file, loaded, total: total || loaded, cached });
+    onProgress({ stage: "download", file, loaded, total: total || loaded, cached });
   }
-  const bytes = new Uint8Array(loaded);
-  let offset = 0;
-  for (const chunk of chunks) { bytes.set(chunk, offset); offset += chunk.length; }
+  let bytes;
+  if (chunks.length === 1) bytes = chunks[0];
+  else {
+    bytes = new Uint8Array(loaded);
+    let offset = 0;
+    for (const chunk of chunks) { bytes.set(chunk, offset); offset += chunk.length; }
+  }
+  chunks.length = 0;
+  if (!cached) {
+    onProgress({ stage: "cache", file, loaded, total: loaded, cached });
+    await cache.put(cacheKey, bytes, response.headers.get("content-type"));
+  }
   return { bytes, cached };
 }
 
@@ -111,7 +169,9 @@ export async function loadBundle(baseUrl, { onProgress = () => {} } = {}) {
   }
   checkManifest(manifest, manifestUrl);
   const key = manifest.base_fingerprint.slice(0, 16) + "-" + manifest.precision + "-" + manifest.size_bytes;
-  const get = (role) => manifest.files[role] ? download(new URL(manifest.files[role], root).href, manifest.files[role], key, onProgress) : null;
+  const cache = new BundleCache();
+  const get = (role) => manifest.files[role]
+    ? download(new URL(manifest.files[role], root).href, manifest.files[role], key, cache, onProgress) : null;
   const [model, modelData, tokenizer, tokenizerConfig, chatTemplate] = await Promise.all(
     ["model", "model_data", "tokenizer", "tokenizer_config", "chat_template"].map(get));
   const text = (d) => (d ? new TextDecoder().decode(d.bytes) : null);
@@ -126,5 +186,6 @@ export async function loadBundle(baseUrl, { onProgress = () => {} } = {}) {
     files: { model: model.bytes, modelData: modelData?.bytes ?? null, tokenizer: json(tokenizer, "tokenizer"),
              tokenizerConfig: json(tokenizerConfig, "tokenizer_config"), chatTemplate: text(chatTemplate) },
     downloadedBytes: parts.filter((p) => !p.cached).reduce((n, p) => n + p.bytes.length, 0),
+    cacheError: cache.error,
   };
 }

@@ -21,6 +21,7 @@
 import { Template } from "@huggingface/jinja";
 import { Tokenizer } from "@huggingface/tokenizers";
 
+import { dequantizeModel } from "./dequantize.js";
 import { BundleError, UsageError } from "./errors.js";
 import { checkCompatible, parsePatch } from "./patch.js";
 import { checkSampling, pick, rng } from "./sampling.js";
@@ -47,17 +48,45 @@ export class Model {
 
   /**
    * @param {any} ort @param {import("./bundle.js").Bundle} bundle
-   * @param {{threads?: number}} [options] wasm threads (need a cross-origin-isolated page)
+   * @param {{threads?: number, backend?: "wasm"|"webgpu", weights?: "float32"|"int8"|"shipped",
+   *   onProgress?: (p: import("./bundle.js").Progress) => void}} [options] threads: wasm threads (need a
+   *   cross-origin-isolated page); backend: the execution provider (webgpu needs ort from onnxruntime-web/webgpu);
+   *   weights: how MatMulNBits runs: float32 (default on wasm: unpacked once here, dequantize.js), int8 (per-column
+   *   int8 with dynamically quantized activations) or shipped (the bundle's 4/8-bit nodes; default on webgpu).
+   *   The session takes the bundle's graph and data buffers (bundle.files.model and modelData become null).
    */
-  static async create(ort, bundle, { threads } = {}) {
-    const isolated = globalThis.crossOriginIsolated === true;
-    ort.env.wasm.numThreads = isolated ? (threads ?? Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
-    const options = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
-    if (bundle.files.modelData) {
-      options.externalData = [{ path: bundle.manifest.files.model_data, data: bundle.files.modelData }];
+  static async create(ort, bundle, { threads, backend = "wasm", weights: form, onProgress = () => {} } = {}) {
+    if (!["wasm", "webgpu"].includes(backend)) throw new UsageError(`backend ${backend}: use wasm or webgpu`);
+    if (!bundle.files.model) {
+      throw new UsageError("this bundle's graph went to a session already (create drops it to save memory); "
+        + "load the bundle again with loadBundle for another session");
     }
-    let session;
+    const isolated = globalThis.crossOriginIsolated === true;
+    ort.env.wasm.numThreads = isolated ? (threads ?? Math.min(4, globalThis.navigator?.hardwareConcurrency || 1)) : 1;
+    const options = { executionProviders: backend === "webgpu" ? ["webgpu", "wasm"] : ["wasm"], graphOptimizationLevel: "all" };
+    if (backend === "webgpu") {
+      // the KV cache stays on the GPU between steps: each step's present is the next step's past
+      const kv = bundle.manifest.kv;
+      options.preferredOutputLocation = Object.fromEntries(Array.from({ length: kv.num_layers }, (_, i) =>
+        ["key", "value"].map((part) => [`present.${i}.${part}`, "gpu-buffer"])).flat());
+    }
+    const data = bundle.files.modelData ? [{ path: bundle.manifest.files.model_data, data: bundle.files.modelData }] : [];
     let model = bundle.files.model;
+    let weights = null;
+    // wasm: its 4-bit kernel is slow, its float MatMul fast, so float32 weights once, here (dequantize.js);
+    // WebGPU runs the 4-bit weights as they are
+    form ??= backend === "wasm" ? "float32" : "shipped";
+    if (!["float32", "int8", "shipped"].includes(form)) throw new UsageError(`weights ${form}: use float32, int8 or shipped`);
+    if (form !== "shipped") {
+      onProgress({ stage: "dequantize" });
+      const rewritten = dequantizeModel(model, data, { form });
+      model = rewritten.model;
+      data.push(...rewritten.externalData);
+      weights = rewritten.stats.weights ? rewritten.stats : null; // null: nothing to unpack (an fp32 bundle)
+    }
+    if (data.length) options.externalData = data;
+    onProgress({ stage: "session" });
+    let session;
     for (let attempt = 0; !session; attempt++) {
       try {
         session = await ort.InferenceSession.create(model, options);
@@ -72,7 +101,13 @@ export class Model {
         throw new BundleError(`${bundle.manifest.files.model}: onnxruntime-web cannot load it (${reason}); re-export the bundle`);
       }
     }
-    return new Model(ort, session, bundle);
+    // the session holds the weights now: drop the downloaded graph and data (the bundle's largest buffers)
+    bundle.files.model = null;
+    bundle.files.modelData = null;
+    const created = new Model(ort, session, bundle);
+    created.unpacked = weights; // what dequantize.js did (null: the shipped nodes run)
+    created.backend = backend;
+    return created;
   }
 
   /** The text the model sees before its answer: one user message through the chat template. @param {string} prompt */

@@ -14,17 +14,20 @@ import { Model } from "./generate.js";
 export * from "./errors.js";
 export { loadBundle } from "./bundle.js";
 export { Model } from "./generate.js";
+export { dequantizeModel } from "./dequantize.js";
 export { parsePatch, checkCompatible, affineEdits, withSkills } from "./patch.js";
 export { slotInputs } from "./slots.js";
 
 /**
  * Download (or take from the cache) a bundle and open it.
  * @param {any} ort onnxruntime-web @param {string} bundleUrl
- * @param {{threads?: number, onProgress?: (p: import("./bundle.js").Progress) => void}} [options]
+ * @param {{threads?: number, backend?: "wasm"|"webgpu", weights?: "float32"|"int8"|"shipped", onProgress?: (p: import("./bundle.js").Progress) => void}} [options]
+ *   as Model.create
  */
-export async function open(ort, bundleUrl, { threads, onProgress } = {}) {
+export async function open(ort, bundleUrl, { threads, backend, weights, onProgress } = {}) {
   const bundle = await loadBundle(bundleUrl, { onProgress });
-  const model = await Model.create(ort, bundle, { threads });
+  const model = await Model.create(ort, bundle, { threads, backend, weights, onProgress });
   model.downloadedBytes = bundle.downloadedBytes;
+  model.cacheError = bundle.cacheError;
   return model;
 }

@@ -6,10 +6,10 @@
  *
  * @example
  *   node runtime/web/test/drive.mjs plan.json results.json
- *   // plan: {url, timeoutMs?, screenshot?, screenshotPrompt?, screenshotPatch?, screenshotMaxNewTokens?,
- *   //        cases: [{id, op: "generate", prompt, patches: [url], weights?, options}, {id, op: "patch", url}]}
+ *   // plan: {url, timeoutMs?, chromiumArgs? (default ["--disable-gpu"]), initScript?, revisit?, screenshot?, screenshotPrompt?, screenshotPatch?, screenshotMaxNewTokens?,
+ *   //        cases: [{id, op: "generate", prompt, patches: [url], weights?, skills?, options}, {id, op: "patch", url}]}
  *   // results: {cases: {id: {tokenIds, text, promptIds, timings} | {error: {name, message}, shown}}, console: [...],
- *   //           isolated, threads, loadS (page open to model ready), bundleBytes (the bundle's downloads),
+ *   //           isolated, threads, backend, adapter, cacheError, unpacked, status, revisitBundleBytes, loadS (page open to model ready), bundleBytes (the bundle's downloads),
  *   //           pageBytes (every response body: page, modules, wasm, bundle, patches)}
  */
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -23,11 +23,13 @@ const profile = mkdtempSync(join(tmpdir(), "reft-edge-chromium-"));
 // a fresh profile each run (launchPersistentContext passes it as --user-data-dir)
 const browser = await chromium.launchPersistentContext(profile, {
   executablePath: plan.chromium ?? "/usr/bin/chromium", headless: true,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--no-first-run"],
+  args: ["--headless", "--no-sandbox", ...(plan.chromiumArgs ?? ["--disable-gpu"]), "--disable-background-networking",
+    "--disable-component-update", "--no-first-run"],
 });
 const results = { cases: {}, console: [] };
 try {
+  // initScript: code run in the page before its own (e.g. a Cache.prototype.put that throws)
+  if (plan.initScript) await browser.addInitScript({ content: plan.initScript });
   const page = await browser.newPage();
   page.setDefaultTimeout(plan.timeoutMs ?? 120000);
   page.on("console", (m) => results.console.push(`${m.type()}: ${m.text()}`));
@@ -40,6 +42,11 @@ try {
   results.loadS = (performance.now() - opened) / 1000;
   results.isolated = await page.evaluate(() => crossOriginIsolated);
   results.threads = await page.evaluate(() => window.reftEdge.threads);
+  Object.assign(results, await page.evaluate(async () => {
+    const model = await window.reftEdge.ready;
+    return { backend: window.reftEdge.backend, adapter: window.reftEdge.adapter, cacheError: model.cacheError, unpacked: model.unpacked,
+             status: document.getElementById("status").textContent };
+  }));
   for (const c of plan.cases) {
     results.cases[c.id] = await page.evaluate(async (c) => {
       const api = window.reftEdge;
@@ -50,10 +57,12 @@ try {
         }
         const patches = [];
         for (const url of c.patches) patches.push(await api.loadPatch(url));
+        const skillBoxes = document.querySelectorAll("#skills input").length; // the page's ticks for the last patch
+        if (c.skills) patches.splice(0, patches.length, ...patches.map((p) => api.withSkills(p, c.skills)));
         const pieces = [];
         const out = await api.generate(c.prompt, { patches, weights: c.weights, ...c.options,
           onText: (piece) => pieces.push(piece) });
-        return { text: out.text, tokenIds: out.tokenIds, promptIds: await api.encode(c.prompt), pieces,
+        return { text: out.text, tokenIds: out.tokenIds, promptIds: await api.encode(c.prompt), pieces, skillBoxes,
                  finishReason: out.finishReason, timings: out.timings };
       } catch (e) {
         return { error: { name: e.name, message: e.message }, shown: document.getElementById("error").textContent };
@@ -70,6 +79,10 @@ try {
     await page.screenshot({ path: plan.screenshot, fullPage: true });
   }
   results.pageBytes = pageBytes;
+  if (plan.revisit) { // a returning visitor, same profile: what the bundle takes from the network now
+    await page.reload();
+    results.revisitBundleBytes = await page.evaluate(() => window.reftEdge.ready.then((model) => model.downloadedBytes));
+  }
 } finally {
   await browser.close();
   rmSync(profile, { recursive: true, force: true });
