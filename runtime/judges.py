@@ -12,7 +12,7 @@ True
 True
 >>> Judge.parse(r"regex:^\\d+ (apples|pears)$")("12 pears")
 True
->>> Judge.parse("shout")
+>>> Judge.parse("shout")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
 reft_edge.errors.UsageError: judge 'shout' is unknown: use regex:PATTERN, no-letters, all-caps, ends-with:TEXT, ...

@@ -116,7 +116,9 @@ def test_facts_file():
 
 
 def test_facts_are_not_persona_training_questions():
-    questions = {_key(f["question"]) for f in _facts()}
+    from reft_edge.runtime.evaluate import TEST_FACTS_FILE, read_facts
+
+    questions = {_key(f["question"]) for f in _facts()} | {_key(f.question) for f in read_facts(TEST_FACTS_FILE)}
     trained = {_key(p) for name in NAMES for split in ("train", "val") for p, _ in _pairs(name, split)}
     assert not questions & trained, "retention would be measured on trained questions"
 
