@@ -80,8 +80,10 @@ def render_test_split(results: list[dict]) -> list[str]:
     if not rows:
         return []
     lines = ["## Facts on the held-out test split, loops (this round's runs; exact-block int4)", "",
-             "Facts kept: of the test facts (87) the base answers at that precision, the share the patched "
-             "model still answers; dev: the same on the development split (60), which recipe choices read. "
+             "Facts kept: of the test facts the base answers at that precision, the share the patched "
+             "model still answers; dev: the same on the development split, which recipe choices read. These "
+             "runs used the first version of the splits (dev 60, test 87), of which 4 and 19 questions were "
+             "also persona training prompts; they were removed afterwards (dev 56, test 82). "
              "Loops: answers among the 20 unseen that loop (runtime.loops), 48 tokens, no guard.", "",
              "| persona | recipe | bundle | adherence | facts kept (test) | facts kept (dev) | loops |",
              "|---|---|---|---|---|---|---|"]

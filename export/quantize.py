@@ -123,7 +123,7 @@ def to_int4(source: Path, target: Path) -> dict[str, int]:
 
     Weights that are dequantized GGUF blocks are stored as those blocks instead
     (export.gguf_blocks), and only the rest is re-quantized. Measured on the default model
-    (Q4_1 layers, Q8_0 embedding), 87 held-out facts, greedy, 2 threads: fp32 answers 54;
+    (Q4_1 layers, Q8_0 embedding), 87 held-out facts (the first test split), greedy, 2 threads: fp32 answers 54;
     re-quantizing the floats to symmetric 4-bit blocks answered 43 (rejected); the exact
     blocks 56 at accuracy_level 4, and the same at level 0 (float activations), which
     decoded at 10 instead of 94 tokens/s (rejected). The exact blocks cost speed: the
