@@ -85,27 +85,14 @@ def prepare(precisions: list[str]) -> tuple[dict[str, Path], str, Path | None, s
 
 
 def float_twin(bundle: Path) -> Path:
-    """The bundle with MatMulNBits at accuracy_level 0 (float arithmetic), next to it, hard-linked."""
-    import onnx
+    """The bundle with MatMulNBits at accuracy_level 0 (float arithmetic), next to it, hard-linked;
+    made again only when the bundle is newer."""
+    from reft_edge.export.quantize import float_arithmetic_twin
 
     out = bundle.parent / f"{bundle.name}-float-arithmetic"
     if out.is_dir() and (out / "model.onnx").stat().st_mtime >= (bundle / "model.onnx").stat().st_mtime:
         return out
-    out.mkdir(exist_ok=True)
-    for file in bundle.iterdir():
-        if file.name != "model.onnx":
-            (out / file.name).unlink(missing_ok=True)
-            os.link(file, out / file.name)
-    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
-    graphs = [model.graph]
-    for graph in graphs:
-        for node in graph.node:
-            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
-            for attribute in node.attribute:
-                if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
-                    attribute.i = 0
-    onnx.save(model, str(out / "model.onnx"))
-    return out
+    return float_arithmetic_twin(bundle, out)
 
 
 def python_round(bundle: Path, patch: str, args: argparse.Namespace) -> dict:

@@ -217,7 +217,7 @@ class _Rewrite:
         key = (id(graph), x)
         if key in self.sums:
             return self.sums[key], []
-        ones_name = f"block_sums_{k}"
+        ones_name = f"block_sums_{k}"  # is_exact_blocks_part knows these names
         if ones_name not in self.initializers:
             ones = np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), np.float32))  # [K, K/32]
             self.add(ones_name, ones)
@@ -260,19 +260,25 @@ class _Rewrite:
 
     def drop_unused(self) -> None:
         """Remove the float weights no node reads any more."""
-        used = set()
-        _collect_inputs(self.model.graph, used)
+        used = {name for node in all_nodes(self.model.graph) for name in node.input}
         keep = [init for init in self.model.graph.initializer if init.name in used or init.name not in self.replaced]
         del self.model.graph.initializer[:]
         self.model.graph.initializer.extend(keep)
 
 
-def _collect_inputs(graph, used: set[str]) -> None:
+def all_nodes(graph):
+    """Every node of ``graph`` and of the graphs its nodes hold (the fused graph's If branches)."""
     for node in graph.node:
-        used.update(node.input)
+        yield node
         for attribute in node.attribute:
             if attribute.type == attribute.GRAPH:
-                _collect_inputs(attribute.g, used)
+                yield from all_nodes(attribute.g)
+
+
+def is_exact_blocks_part(weight: str) -> bool:
+    """Whether ``weight`` is one of the small float matrices a Q4_1 weight's exact form adds (its
+    block-sum 0/1 matrix or its minimums), which must stay float."""
+    return weight.startswith("block_sums_") or "/minimums" in weight
 
 
 def _attribute(node, name: str, default: int) -> int:

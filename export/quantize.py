@@ -14,6 +14,7 @@ bundles the KV tensors are float16 while slot inputs and logits stay float32.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from reft_edge.runtime.contract import LOGITS
@@ -172,22 +173,41 @@ def quantize_blockwise(source: Path, target: Path, *, bits: int, block_size: int
 def _quantizable(model, op_types: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Names of the ``op_types`` nodes left for onnxruntime's quantizer (a constant weight), and of
     those it must leave float (the exact blocks' small block-sum and minimum MatMuls)."""
-    weights = {init.name: init for init in model.graph.initializer}
+    from reft_edge.export.gguf_blocks import all_nodes, is_exact_blocks_part
+
+    weights = {init.name for init in model.graph.initializer}
     names: list[str] = []
     kept_float: list[str] = []
-
-    def visit(graph) -> None:
-        for node in graph.node:
-            for attribute in node.attribute:
-                if attribute.type == attribute.GRAPH:
-                    visit(attribute.g)
-            weight = node.input[0] if node.op_type == "Gather" else (node.input[1] if len(node.input) > 1 else "")
-            if node.op_type in op_types:
-                exact_blocks_part = "block_sums" in weight or "/minimums" in weight
-                (kept_float if exact_blocks_part else names if weight in weights else []).append(node.name)
-
-    visit(model.graph)
+    for node in all_nodes(model.graph):
+        if node.op_type not in op_types:
+            continue
+        weight = node.input[0] if node.op_type == "Gather" else (node.input[1] if len(node.input) > 1 else "")
+        if is_exact_blocks_part(weight):
+            kept_float.append(node.name)
+        elif weight in weights:
+            names.append(node.name)
     return names, kept_float
+
+
+def float_arithmetic_twin(bundle: Path, out: Path) -> Path:
+    """A copy of ``bundle`` at ``out`` whose MatMulNBits compute in float (accuracy_level 0), the
+    arithmetic onnxruntime-web's wasm kernel uses; every other file is hard-linked, not copied."""
+    import onnx
+
+    from reft_edge.export.gguf_blocks import all_nodes
+
+    out.mkdir(exist_ok=True)
+    for file in bundle.iterdir():
+        if file.name != "model.onnx":
+            (out / file.name).unlink(missing_ok=True)
+            os.link(file, out / file.name)
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    for node in all_nodes(model.graph):
+        for attribute in node.attribute:
+            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                attribute.i = 0
+    onnx.save(model, str(out / "model.onnx"))
+    return out
 
 
 def _remove(*models: Path) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from reft_edge.export.quantize import float_arithmetic_twin
 from reft_edge.runtime import Patch, Runtime
 from reft_edge.runtime.bundle import Manifest
 from reft_edge.runtime.patch import Intervention, payload_digest, serialize_safetensors
@@ -304,32 +304,11 @@ def persona_patches(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _float_arithmetic_twin(bundle: Path, out: Path) -> Path:
-    """The bundle with its MatMulNBits set to accuracy_level 0 (float arithmetic, as the wasm kernel
-    computes): the same weights and files, hard-linked."""
-    import onnx
-
-    out.mkdir()
-    for file in bundle.iterdir():
-        if file.name != "model.onnx":
-            os.link(file, out / file.name)
-    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
-    graphs = [model.graph]
-    for graph in graphs:  # the decoder's slot-free copy lives in an If branch: walk subgraphs too
-        for node in graph.node:
-            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
-            for attribute in node.attribute:
-                if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
-                    attribute.i = 0
-    onnx.save(model, str(out / "model.onnx"))
-    return out
-
-
 @pytest.mark.slow
 def test_default_model_int4_tokens_equal_python(default_int4_bundle, persona_patches, tmp_path, monkeypatch, capsys):
     margins = _record_margins(monkeypatch)
     shipped = Runtime.load(default_int4_bundle, threads=2)
-    twin = Runtime.load(_float_arithmetic_twin(default_int4_bundle, tmp_path / "twin"), threads=2)
+    twin = Runtime.load(float_arithmetic_twin(default_int4_bundle, tmp_path / "twin"), threads=2)
     cases, expected, exact = [], {}, {}
     for p, prompt in enumerate(DEFAULT_PROMPTS):
         for combo, people in DEFAULT_COMBOS.items():
@@ -478,7 +457,7 @@ def test_default_model_bundles_load_in_a_fresh_profile_when_the_cache_refuses(pr
     bundle = request.getfixturevalue(f"default_{precision}_bundle")
     margins = _record_margins(monkeypatch)
     shipped = Runtime.load(bundle, threads=2)
-    twin = Runtime.load(_float_arithmetic_twin(bundle, tmp_path / "twin"), threads=2)
+    twin = Runtime.load(float_arithmetic_twin(bundle, tmp_path / "twin"), threads=2)
     cases, exact, native = [], {}, {}
     for p, prompt in enumerate(DEFAULT_PROMPTS):
         exact[str(p)] = _expect(twin, margins, prompt, 1e-3, max_new_tokens=DEFAULT_NEW_TOKENS)

@@ -586,8 +586,7 @@ def fit(model: nn.Module, prepared: Prepared, config: TrainConfig, device: torch
     with replay_frozen_layers(model, edits.lowest_layer()) as (replay, layers), \
             attach_edits({layer: layers[layer] for layer in edits.layers()}, slots):
         batch_loss = partial(forward_loss, model, replay, slots, edits, prepared.positions, device=device)
-        anchors = (Anchors(prepared.anchor_set, config, prepared.steps)
-                   if prepared.anchor_set and config.retain_weight > 0 else None)
+        anchors = Anchors(prepared.anchor_set, config, prepared.steps) if prepared.anchor_set else None
         bar = tqdm(desc=desc, total=prepared.steps, initial=learner.step, disable=not progress, unit="step")
         while not learner.done:
             batch = learner.next_batch()
