@@ -199,6 +199,21 @@ def test_batch_equals_each_alone(rt, patches):
         assert (got.token_ids, got.text, got.prompt_tokens) == (alone.token_ids, alone.text, alone.prompt_tokens)
 
 
+def test_house_and_person_per_batch_row_equal_each_row_alone(rt, patches):
+    """The house-style case: one shared patch on every row, a different person (or none) per row,
+    all in one batch; each row answers exactly what it answers alone, and the house patch on a
+    row changes that row's answer (so the equality is not vacuous)."""
+    house = patches["steer"]
+    people = [patches["fox"], patches["beach"], None]
+    requests = [(prompt, [house] + ([person] if person else [])) for prompt in PROMPTS for person in people]
+    batch = rt.generate_batch(requests, max_new_tokens=10)
+    for (prompt, chosen), got in zip(requests, batch):
+        alone = rt.generate(prompt, patches=chosen, max_new_tokens=10)
+        assert (got.token_ids, got.text) == (alone.token_ids, alone.text)
+    person_only = rt.generate(PROMPTS[0], patches=[patches["fox"]], max_new_tokens=10).token_ids
+    assert batch[0].token_ids != person_only
+
+
 def test_stream_pieces_join_to_the_text(rt, patches):
     stream = rt.stream(PROMPTS[0], patches=[patches["beach"]], max_new_tokens=12, repetition_penalty=PENALTY)
     pieces = []
