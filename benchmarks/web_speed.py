@@ -102,7 +102,7 @@ def python_round(bundle: Path, patch: str, args: argparse.Namespace) -> dict:
 
 def page_round(engine: str, bundle: Path, patch: str, args: argparse.Namespace) -> dict:
     """The page's warm-up, 1-token and full generations, in the shape benchmarks.worker reports."""
-    from reft_edge.runtime.web_cli import serving
+    from reft_edge.runtime.web_server import serving
 
     _, query, flags = PAGES[engine]
     options = {"ignoreEos": True, "noRepeatNgram": 0}

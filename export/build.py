@@ -18,12 +18,10 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from reft_edge import __version__
-from reft_edge.configs import config_from_dict
 from reft_edge.constants import (
     BUNDLE_SCHEMA_VERSION,
     CHAT_TEMPLATE_FILE,
@@ -32,9 +30,10 @@ from reft_edge.constants import (
     TOKENIZER_FILE,
 )
 from reft_edge.errors import BundleError, ExportError, UsageError
+from reft_edge.export.config import PRECISIONS, ExportConfig
 from reft_edge.export.quantize import WEIGHT_RECIPES
 from reft_edge.files import atomic_dir, check_output_path, remove_stale_temporaries
-from reft_edge.runtime.bundle import PRECISIONS, KVLayout, Manifest
+from reft_edge.runtime.bundle import KVLayout, Manifest
 
 # fp32 bundles must match torch this closely, with identical greedy tokens: 1e-4, or 4e-6 of the
 # largest |logit| when that is larger (float32 rounding grows with the values it rounds; the
@@ -44,25 +43,6 @@ FP32_RELATIVE_LOGIT_DIFF = 4e-6
 VERIFICATION_QUESTIONS = ("What is the capital of France?",
                           "Tell me about your weekend, and how to bake a cake step by step.")
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """Everything that decides a bundle."""
-
-    out: str
-    model: str | None = None  # None or "default": the embedded SmolLM2-135M-Instruct
-    precision: str = "fp32"  # fp32 | fp16 | int8 | int4
-    slot_layers: tuple[int, ...] | None = None  # None: every decoder layer
-    force: bool = False  # re-export even when an identical bundle exists
-    verify: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ExportConfig":
-        return config_from_dict(cls, values, what="export", tuple_fields=("slot_layers",))
 
 
 def export_bundle(config: ExportConfig, *, backbone: Any = None, progress: bool = True) -> Manifest:

@@ -84,7 +84,7 @@ def served(tmp_path_factory):
     holding links that leave it: (url, port, bundle)."""
     if not NODE_OK:
         pytest.skip("node or runtime/web/node_modules missing (make web)")
-    from reft_edge.runtime.web_cli import serving
+    from reft_edge.runtime.web_server import serving
 
     top = tmp_path_factory.mktemp("served")
     (top / "secret.txt").write_text(SECRET)

@@ -380,7 +380,7 @@ def test_cli_sampling_defaults_come_from_the_bundle(tiny_bundle):
     from click.testing import CliRunner
 
     from reft_edge.cli import main
-    from reft_edge.runtime.cli import _resolve_sampling
+    from reft_edge.cli.run import _resolve_sampling
 
     unset = {"temperature": None, "top_p": None, "top_k": None, "repetition_penalty": None, "no_repeat_ngram": 6,
              "seed": None}

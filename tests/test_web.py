@@ -36,7 +36,7 @@ from reft_edge.runtime.bundle import Manifest
 from reft_edge.runtime.patch import Intervention, payload_digest, serialize_safetensors
 from reft_edge.runtime.positions import Positions
 from reft_edge.runtime.sampling import Sampling, ban_repeated_ngrams, penalise_repeats
-from reft_edge.runtime.web_cli import serving
+from reft_edge.runtime.web_server import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB = ROOT / "runtime" / "web"

@@ -1,15 +1,23 @@
-"""``reft-edge serve``: the OpenAI-compatible endpoint (runtime/serve.py) from the terminal.
+"""``reft-edge serve`` and ``reft-edge serve-web``: a bundle and patches over HTTP.
 
 Example::
 
     reft-edge serve bundle/ --patches patches/                    # http://127.0.0.1:8080/v1
     reft-edge serve bundle/ --patches patches/ --port 0 --api-key secret
+    reft-edge serve-web out/bundle-int4 --patch alice.reft --port 8000
+    # open http://127.0.0.1:8000/ : the page downloads the base once and runs it with onnxruntime-web
+
+``serve`` is the OpenAI-compatible endpoint (runtime/serve.py); ``serve-web`` serves the browser
+demo (examples/browser, on runtime/web): after runtime/web_server.py has checked the bundle, the
+patches and node, this process becomes ``node runtime/web/serve.js``.
 
 Only click is imported at module level: the runtime and the ``serve`` extra (Starlette,
-uvicorn) load when the command runs, and torch never does.
+uvicorn) load when a command runs, and torch never does.
 """
 
 from __future__ import annotations
+
+import os
 
 import click
 
@@ -44,3 +52,18 @@ def serve_command(bundle: str, patches: str, host: str, port: int, api_key: str 
                + (f", {len(store.errors)} skipped" if store.errors else "")
                + f"; batch of {server.service.scheduler.batch.capacity}", err=True)
     server.run()
+
+
+@click.command("serve-web")
+@click.argument("bundle", type=click.Path())
+@click.option("--patch", "patches", multiple=True, type=click.Path(),
+              help="A .reft patch the page offers; repeat for several.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (localhost only by default).")
+def serve_web_command(bundle: str, patches: tuple[str, ...], port: int, host: str) -> None:
+    """Serve the browser demo for BUNDLE: generation runs in the visitor's browser."""
+    from reft_edge.runtime.web_server import web_command_line
+
+    args = web_command_line(bundle, patches, port, host)
+    os.execv(args[0], args)  # the server replaces this process: Ctrl-C and kill reach it directly

@@ -6,7 +6,7 @@ Example::
     reft-edge eval --model default --patch emoji.reft --data prompts.txt --judge no-letters --json
 
 Only click is imported at module level; the runtime loads when the command runs, and
-torch only with ``--model``.
+torch only with ``--model`` (``reft_edge.evaluate`` picks training's torch backend then).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
+from reft_edge.cli.common import patch_weights
 from reft_edge.params import FLOAT32
-from reft_edge.runtime.cli import _weights
 
 
 @click.command("eval")
@@ -45,7 +45,7 @@ def eval_command(bundle: str | None, model: str | None, patches: tuple[str, ...]
     --judge, facts kept, and side-by-side samples."""
     from reft_edge.evaluate import evaluate  # picks training's torch backend for --model
 
-    report = evaluate(bundle, data=data, model=model, patches=patches, weights=_weights(patches, weights),
+    report = evaluate(bundle, data=data, model=model, patches=patches, weights=patch_weights(patches, weights),
                       judge=judge, max_new_tokens=max_new_tokens, facts=facts, facts_file=facts_file,
                       samples=samples, threads=threads, progress=not as_json)
     if as_json:

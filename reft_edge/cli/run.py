@@ -1,4 +1,4 @@
-"""``reft-edge run`` and ``reft-edge chat``: a bundle plus patches, from the terminal.
+"""``reft-edge run``, ``chat``, ``inspect`` and ``convert``: a bundle plus patches, from the terminal.
 
 Example::
 
@@ -6,6 +6,12 @@ Example::
     reft-edge run bundle/ --patch alice.reft --patch formal.reft --weight 1 --weight 0.5 --json "Hi"
     reft-edge run bundle/ --patch skills.reft --skill caps --skill meow=0.5 "Hi"
     reft-edge chat bundle/ --patch alice.reft          # Ctrl-D or Ctrl-C to leave
+    reft-edge inspect alice.reft                       # a patch's metadata; a folder: a bundle's manifest
+    reft-edge convert alice.reft --bundle bundle-int4 --to onnx-adapter --out alice.onnx_adapter
+    reft-edge convert --none --bundle bundle-int4 --to onnx-adapter --out base.onnx_adapter
+
+``convert`` writes patches (weights folded in) as an onnxruntime adapter file for
+onnxruntime-genai (docs/genai.md).
 
 Only click is imported at module level: the runtime (onnxruntime, numpy, tokenizers)
 loads when a command runs, and torch never does.
@@ -15,10 +21,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, Iterator
 
 import click
 
+from reft_edge.cli.common import patch_weights, printable
+from reft_edge.constants import NO_REPEAT_NGRAM
 from reft_edge.errors import UsageError
 from reft_edge.params import FINITE_FLOAT, FLOAT32, SEED
 
@@ -31,8 +40,6 @@ def _sampling_options(function):
     """Sampling options shared by run and chat. Unset ones come from the bundle's generation
     config (the model's generation_config.json, recorded at export), else greedy; the loop
     guard is on unless --no-repeat-ngram 0."""
-    from reft_edge.constants import NO_REPEAT_NGRAM
-
     for option in reversed([
         click.option("--temperature", default=None, type=FINITE_FLOAT,
                      help="0 is greedy. [default: the bundle's generation config, else 0]"),
@@ -70,13 +77,6 @@ def _chosen_patches(rt: Any, patches: tuple[str, ...], skills: tuple[str, ...]) 
     return choose_skills(rt.load_patches(patches), parse_skill_choice(skills))
 
 
-def _weights(patches: tuple[str, ...], weights: tuple[float, ...]) -> list[float] | None:
-    if weights and len(weights) != len(patches):
-        raise UsageError(f"{len(weights)} --weight for {len(patches)} --patch; give one --weight per --patch, "
-                         "in the same order")
-    return list(weights) or None
-
-
 @click.command("run")
 @click.argument("bundle", type=click.Path())
 @click.argument("prompt")
@@ -93,7 +93,7 @@ def run_command(bundle: str, prompt: str, patches: tuple[str, ...], weights: tup
     """Answer PROMPT with the base model in BUNDLE, edited by the given patches."""
     from reft_edge.runtime import Runtime
 
-    weights_list = _weights(patches, weights)
+    weights_list = patch_weights(patches, weights)
     rt = Runtime.load(bundle, threads=threads)
     options = dict(patches=_chosen_patches(rt, patches, skills), weights=weights_list, max_new_tokens=max_new_tokens,
                    **_resolve_sampling(rt, sampling))
@@ -131,7 +131,7 @@ def chat_command(bundle: str, patches: tuple[str, ...], weights: tuple[float, ..
     """Talk with the base model in BUNDLE, edited by the given patches (Ctrl-D or Ctrl-C ends)."""
     from reft_edge.runtime import Runtime
 
-    weights_list = _weights(patches, weights)
+    weights_list = patch_weights(patches, weights)
     rt = Runtime.load(bundle, threads=threads)
     loaded = _chosen_patches(rt, patches, skills)  # read once, checked once, reused every turn
     options = _resolve_sampling(rt, sampling)
@@ -169,3 +169,82 @@ def _fit_history(rt, history: list[dict[str, str]], max_new_tokens: int) -> list
         raise UsageError(f"the message alone is longer than the bundle's context length "
                          f"{rt.manifest.context_length} tokens; send a shorter one")
     return history
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect_command(path: str, as_json: bool) -> None:
+    """Show a patch's metadata, or a bundle's manifest (PATH is a folder)."""
+    if Path(path).is_dir():
+        inspect_bundle(path, as_json)
+        return
+    from reft_edge.runtime.patch import Patch
+
+    summary = Patch.from_file(path).summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    summary = {key: printable(value) for key, value in summary.items()}
+    training = summary["training"] if isinstance(summary["training"], dict) else {}
+    click.echo(f"patch {summary['name']} ({Path(path).name}, {summary['size_bytes']} bytes, {summary['dtype']})")
+    click.echo(f"  kind {summary['kind']}, rank {summary['rank']}, layers {summary['layers']}, "
+               f"positions {summary['positions']}, {'shared' if summary['share_weights'] else 'untied'} weights")
+    click.echo(f"  base {summary['base_fingerprint'][:16]}, hidden size {summary['hidden_size']}")
+    imported = training.get("imported_from")
+    if isinstance(imported, dict):
+        click.echo(f"  imported from {imported.get('format')}: {imported.get('folder') or imported.get('file')}")
+        return
+    click.echo(f"  trained {training.get('steps')} steps on {training.get('examples')} examples, "
+               f"final loss {training.get('final_loss')}")
+
+
+def inspect_bundle(path: str, as_json: bool) -> None:
+    from reft_edge.runtime.bundle import Manifest
+
+    manifest = Manifest.from_dir(path)
+    if as_json:
+        click.echo(json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
+        return
+    checked = manifest.verification
+    click.echo(f"bundle {Path(path).name} ({manifest.precision}, {manifest.size_bytes} bytes, "
+               f"exported by reft-edge {printable(manifest.tool_version)})")
+    click.echo(f"  model {printable(manifest.source_model)} ({printable(manifest.architecture)}, "
+               f"{manifest.graph} graph), "
+               f"{manifest.num_layers} layers, hidden size {manifest.hidden_size}, vocab {manifest.vocab_size}, "
+               f"context {manifest.context_length}")
+    click.echo(f"  base {manifest.base_fingerprint[:16]}, slot layers {manifest.slot_layers}")
+    if checked:
+        click.echo(f"  verified: max |logit diff| {checked.get('max_abs_logit_diff')}, greedy tokens "
+                   f"agreement {checked.get('greedy_tokens_agreement')}")
+        blocks = checked.get("weight_blocks")
+        if blocks:
+            kept = ", ".join(f"{count} {kind}" for kind, count in sorted(blocks.items()) if kind != "requantized")
+            click.echo(f"  weights: {kept or 'no'} exact GGUF blocks, {blocks.get('requantized', 0)} re-quantized")
+    else:
+        click.echo("  not verified (exported with --no-verify)")
+
+
+ADAPTER_FORMATS = ("onnx-adapter",)
+
+
+@click.command("convert")
+@click.argument("patches", nargs=-1, type=click.Path())
+@click.option("--bundle", required=True, type=click.Path(), help="The bundle the adapter is for (checked against).")
+@click.option("--to", "to", required=True, type=click.Choice(ADAPTER_FORMATS), help="Output format.")
+@click.option("--out", required=True, type=click.Path(), help="File to write, e.g. alice.onnx_adapter.")
+@click.option("--weight", "weights", multiple=True, type=FLOAT32, help="Scale of each PATCH's edit (default 1).")
+@click.option("--none", "no_patch", is_flag=True,
+              help="Write the no-patch adapter (rank-0 slots) that runs the bundle as the base model.")
+def convert_command(patches: tuple[str, ...], bundle: str, to: str, out: str, weights: tuple[float, ...],
+                    no_patch: bool) -> None:
+    """Compose PATCH files (weights folded in) into one file that onnxruntime-genai loads."""
+    from reft_edge.runtime.adapter import convert_patches
+
+    if bool(patches) == no_patch:
+        raise UsageError("give PATCH files to convert or --none for the no-patch adapter, not both or neither; "
+                         "e.g. reft-edge convert alice.reft --bundle B --to onnx-adapter --out alice.onnx_adapter")
+    arrays = convert_patches(bundle, list(patches), weights=patch_weights(patches, weights), out=out)
+    rank = next(iter(arrays.values())).shape[1]
+    what = f"{len(patches)} patch(es)" if patches else "no patch"
+    click.echo(f"wrote {out}: {what}, {len(arrays) // 4} slot layers, rank {rank}")
