@@ -31,7 +31,7 @@ def train_lora(backbone: Any, data: Path, out: Path) -> tuple[Any, int]:
     from peft import LoraConfig, get_peft_model
 
     from reft_edge.train.data import read_jsonl, tokenize
-    from reft_edge.train.recipe import batch_order
+    from reft_edge.train.fitting import batch_order
 
     torch.manual_seed(0)
     examples = tokenize(read_jsonl(data), backbone.tokenizer, use_chat_template=True)

@@ -153,8 +153,8 @@ def test_loss_is_the_training_loss(rt, tiny_backbone, eval_patches, heldout):
 
     from reft_edge.train.backbone import decoder_layers
     from reft_edge.train.data import read_jsonl, tokenize
+    from reft_edge.train.fitting import Edits, collate, set_edits
     from reft_edge.train.intervention import EditSlots, attach_edits
-    from reft_edge.train.recipe import Edits, collate, set_edits
 
     patch = Patch.load(eval_patches["fox"])
     examples = tokenize(read_jsonl(heldout), tiny_backbone.tokenizer, use_chat_template=True)

@@ -272,7 +272,7 @@ def test_generated_positions_cover_exactly_the_response_tokens():
     from reft_edge.runtime.contract import position_rows
     from reft_edge.runtime.positions import Positions
     from reft_edge.train.data import Example
-    from reft_edge.train.recipe import collate, edit_masks
+    from reft_edge.train.fitting import collate, edit_masks
 
     examples = [Example((1, 2, 3), (5, 6, 7)), Example((1, 2), (5, 6, 7, 8, 9))]
     states = [torch.zeros(len(e.prompt_ids) + len(e.target_ids) - 1, HIDDEN) for e in examples]

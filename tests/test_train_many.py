@@ -60,9 +60,9 @@ def test_mixed_batches_give_each_person_its_own_gradient(tiny_backbone):
     """One backward pass of the summed per-person losses of a mixed batch = each person's own gradient."""
     from reft_edge.runtime.positions import Positions
     from reft_edge.train.data import read_jsonl, tokenize
-    from reft_edge.train.intervention import EditSlots, attach_edits
-    from reft_edge.train.recipe import (
+    from reft_edge.train.fitting import (
         Edits,
+        FitContext,
         build_interventions,
         cache_frozen_states,
         collate,
@@ -70,6 +70,7 @@ def test_mixed_batches_give_each_person_its_own_gradient(tiny_backbone):
         forward_losses,
         replay_frozen_layers,
     )
+    from reft_edge.train.intervention import EditSlots, attach_edits
 
     model, cpu, positions = tiny_backbone.model, torch.device("cpu"), Positions.parse("l1+g")
     people = []
@@ -84,18 +85,18 @@ def test_mixed_batches_give_each_person_its_own_gradient(tiny_backbone):
     owners = lambda edits, examples: [frozenset({edits.skills[0][0]})] * len(examples)  # noqa: E731
     slots = EditSlots()
     with replay_frozen_layers(model, 1) as (replay, blocks), attach_edits({1: blocks[1], 2: blocks[2]}, slots):
+        context = FitContext(model, replay, slots, positions, cpu)
         alone = []
         for edits, examples, states in people:
             batch = collate(examples, states, owners(edits, examples), cpu)
-            forward_loss(model, replay, slots, edits, positions, batch, cpu).backward()
+            forward_loss(context, edits, batch).backward()
             alone.append([p.grad.clone() for p in edits.parameters()])
             for p in edits.parameters():
                 p.grad = None
         batch = collate([e for _, examples, _ in people for e in examples],
                         [s for *_, states in people for s in states],
                         [o for edits, examples, _ in people for o in owners(edits, examples)], cpu)
-        losses = forward_losses(model, replay, slots, [(edits, len(ex)) for edits, ex, _ in people], positions, batch,
-                                cpu)
+        losses = forward_losses(context, [(edits, len(ex)) for edits, ex, _ in people], batch)
         torch.stack(losses).sum().backward()
     for (edits, _, _), grads in zip(people, alone):
         mixed = [p.grad for p in edits.parameters()]

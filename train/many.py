@@ -22,7 +22,7 @@ that person only) and train them together in mixed batches, writing each patch t
 person stops; gather the results on rank 0, which writes ``summary.json`` and prints the table.
 
 Each person keeps its own AdamW, seeded batch order, validation and early stopping
-(``recipe.Learner``), and its loss is the mean over its own target tokens, so one backward pass
+(``fitting.Learner``), and its loss is the mean over its own target tokens, so one backward pass
 of the summed losses gives every person exactly its own gradient. docs/train-many.md says how
 close the patches come to ``reft-edge train``'s bytes.
 """
@@ -50,19 +50,22 @@ from reft_edge.runtime.positions import Positions
 from reft_edge.train.backbone import Backbone, load_backbone
 from reft_edge.train.config import ManyConfig, TrainConfig
 from reft_edge.train.data import Record, file_digest, read_jsonl
-from reft_edge.train.intervention import EditSlots, attach_edits
-from reft_edge.train.recipe import (
+from reft_edge.train.fitting import (
+    FitContext,
     Learner,
     Prepared,
-    check_config,
     collate,
-    count_steps,
     forward_loss,
     forward_losses,
+    replay_frozen_layers,
+)
+from reft_edge.train.intervention import EditSlots, attach_edits
+from reft_edge.train.recipe import (
+    check_config,
+    count_steps,
     pick_device,
     prepare,
     recipe_summary,
-    replay_frozen_layers,
     resolve_layers,
     save_patch,
     split_records,
@@ -356,9 +359,10 @@ def fit_group(group: list[tuple[Job, tuple[list[Record], list[Record]]]], layers
         active.append(_Run(job, prepared, learner, started))
     with replay_frozen_layers(model, min(layers)) as (replay, blocks), \
             attach_edits({layer: blocks[layer] for layer in layers}, slots):
+        context = FitContext(model, replay, slots, positions, device)
         while active:
             for chunk in list(chunks(active, max_rows)):
-                mixed_step(chunk, model, replay, slots, positions, device)
+                mixed_step(chunk, context)
                 bar.update(len(chunk))
                 for run in chunk:
                     if run.learner.done:
@@ -384,21 +388,19 @@ def chunks(runs: list[_Run], max_rows: int) -> Iterator[list[_Run]]:
         yield chunk
 
 
-def mixed_step(chunk: list[_Run], model: Any, replay: Any, slots: EditSlots, positions: Positions,
-               device: torch.device) -> None:
+def mixed_step(chunk: list[_Run], context: FitContext) -> None:
     """One step for each person of ``chunk``: one forward and backward pass over all their batches
     (each row edited by its own person), then each person's own AdamW step and validation."""
     batches = [run.learner.next_batch() for run in chunk]
-    batch = collate(*(sum((list(part[i]) for part in batches), []) for i in range(3)), device)
+    batch = collate(*(sum((list(part[i]) for part in batches), []) for i in range(3)), context.device)
     people = [(run.prepared.edits, len(examples)) for run, (examples, _, _) in zip(chunk, batches)]
-    losses = forward_losses(model, replay, slots, people, positions, batch, device)
+    losses = forward_losses(context, people, batch)
     for run in chunk:
         run.learner.optimizer.zero_grad(set_to_none=True)
     # Each loss depends on its own person's parameters only, so the sum's gradient is each person's own.
     torch.stack(losses).sum().backward()
     for run, loss in zip(chunk, losses):
-        run.learner.update(loss.item(), partial(forward_loss, model, replay, slots, run.prepared.edits,
-                                                positions, device=device))
+        run.learner.update(loss.item(), partial(forward_loss, context, run.prepared.edits))
 
 
 def finish(run: _Run, backbone: Backbone) -> Result:
