@@ -55,8 +55,8 @@ class TextRow:
             self.finish_reason = "stop"
             return self._emit(pending[:cut])
         hold = self._held_back(pending)
-        self._pending = pending[len(pending) - hold:] if hold else ""
-        return self._emit(pending[:len(pending) - hold])
+        self._pending = pending[len(pending) - hold :] if hold else ""
+        return self._emit(pending[: len(pending) - hold])
 
     def finish(self, reason: str) -> str:
         """End the answer (eos or length); returns any text still held back."""

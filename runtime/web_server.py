@@ -62,8 +62,10 @@ def serving(bundle: str | Path, patches: Sequence[str | Path] = ()) -> Iterator[
     try:
         line = server.stdout.readline()  # serve.js prints "serving BUNDLE at URL" once it listens
         if " at http://" not in line:
-            raise UsageError(f"reft-edge serve-web {bundle} did not start ({line.strip() or 'no output'}); "
-                             "run that command in a shell to see why")
+            raise UsageError(
+                f"reft-edge serve-web {bundle} did not start ({line.strip() or 'no output'}); "
+                "run that command in a shell to see why"
+            )
         yield line.rsplit(" at ", 1)[1].strip()
     finally:
         server.terminate()  # the CLI became the node server (execv): this stops it

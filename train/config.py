@@ -68,7 +68,6 @@ class TrainConfig:
         return config_from_dict(cls, values, what="training", tuple_fields=("layers", "compose_with"))
 
 
-
 @dataclass(frozen=True)
 class ManyConfig:
     """A train-many job: the jobs file, the output folder, and what every person shares."""

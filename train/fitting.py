@@ -57,6 +57,7 @@ from reft_edge.train.intervention import EditSlots, InterventionParams
 
 # -- the data --------------------------------------------------------------------------------------
 
+
 @dataclass
 class Prepared:
     """One person's fit inputs: tokenized examples with their frozen states, fresh edits."""
@@ -113,8 +114,9 @@ class _Batch:
 IGNORED = -100  # F.cross_entropy's ignore_index: a target fed to the model but not learned
 
 
-def collate(examples: list[Example], states: list[torch.Tensor], active: list[frozenset[str]],
-            device: torch.device) -> _Batch:
+def collate(
+    examples: list[Example], states: list[torch.Tensor], active: list[frozenset[str]], device: torch.device
+) -> _Batch:
     """Right-pad to the longest sequence of this batch; padded tokens never reach the loss."""
     lengths = [s.shape[0] for s in states]
     seq = max(lengths)
@@ -133,14 +135,25 @@ def collate(examples: list[Example], states: list[torch.Tensor], active: list[fr
         learned = range(example.loss_from, n_target if example.loss_to is None else example.loss_to)
         targets += [t if k in learned else IGNORED for k, t in enumerate(example.target_ids)]
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return _Batch(input_ids, attention_mask, padded, [len(e.prompt_ids) for e in examples], lengths,
-                  as_long(rows), as_long(cols), as_long(targets), active)
+    return _Batch(
+        input_ids,
+        attention_mask,
+        padded,
+        [len(e.prompt_ids) for e in examples],
+        lengths,
+        as_long(rows),
+        as_long(cols),
+        as_long(targets),
+        active,
+    )
 
 
 # -- the edits -------------------------------------------------------------------------------------
 
-def build_interventions(config: TrainConfig, positions: Positions, layers: list[int],
-                        hidden: int, rank: int) -> list[tuple[int, str, InterventionParams]]:
+
+def build_interventions(
+    config: TrainConfig, positions: Positions, layers: list[int], hidden: int, rank: int
+) -> list[tuple[int, str, InterventionParams]]:
     """One intervention per layer (shared weights) or one per position group (untied), each with
     ``rank`` rows (every skill's rows, one skill after another)."""
     groups = ["both"] if config.share_weights else list(positions.groups())
@@ -182,8 +195,9 @@ class Edits:
 
     def layer_rows(self, layer: int, positions: Positions) -> list[tuple[Positions, str, int]]:
         """(positions, where, rank) of each part of layer_affine, for contract.position_rows."""
-        return ([(positions, where, params.b.shape[0]) for at, where, params in self.interventions if at == layer]
-                + [(e.positions, e.where, e.A.shape[0]) for _, e in self._partners(layer)])
+        return [(positions, where, params.b.shape[0]) for at, where, params in self.interventions if at == layer] + [
+            (e.positions, e.where, e.A.shape[0]) for _, e in self._partners(layer)
+        ]
 
     def layer_owners(self, layer: int) -> list[str]:
         """The owner of each rank row of layer_affine."""
@@ -212,8 +226,9 @@ def set_edits(slots: EditSlots, edits: Edits, positions: Positions, batch: _Batc
     set_people_edits(slots, [(edits, len(batch.lengths))], positions, batch, device)
 
 
-def set_people_edits(slots: EditSlots, people: list[tuple[Edits, int]], positions: Positions, batch: _Batch,
-                     device: torch.device) -> None:
+def set_people_edits(
+    slots: EditSlots, people: list[tuple[Edits, int]], positions: Positions, batch: _Batch, device: torch.device
+) -> None:
     """Concatenate each person's edits at each layer along the rank in the slot layout
     (contract.position_rows): trainable interventions, then partners. ``people``: (edits, row
     count) in row order, all of one recipe (one rank-row layout); each row gets its own person's
@@ -226,8 +241,9 @@ def set_people_edits(slots: EditSlots, people: list[tuple[Edits, int]], position
         A, B, c = (_per_row([tensors[i] for tensors in per_person], [n for _, n in people]) for i in range(3))
         rows = position_rows(first.layer_rows(layer, positions))
         owners = [edits.layer_owners(layer) for edits, n in people for _ in range(n)]
-        active = torch.tensor([[owner in row for owner in row_owners] for row, row_owners in zip(batch.active, owners)],
-                              device=device)
+        active = torch.tensor(
+            [[owner in row for owner in row_owners] for row, row_owners in zip(batch.active, owners)], device=device
+        )
         slots.set(layer, A, B, c, edit_masks(rows, batch, device) * active[:, None, :])
 
 
@@ -241,13 +257,15 @@ def _per_row(tensors: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
 
 # -- the frozen model ------------------------------------------------------------------------------
 
+
 class _StopForward(Exception):
     """Raised by the caching hook: nothing above the cached layer is needed."""
 
 
 @torch.no_grad()
-def cache_frozen_states(model: nn.Module, examples: list[Example], lowest: int,
-                        device: torch.device) -> list[torch.Tensor]:
+def cache_frozen_states(
+    model: nn.Module, examples: list[Example], lowest: int, device: torch.device
+) -> list[torch.Tensor]:
     """The output of block ``lowest`` for each example's full sequence (prompt + target[:-1]).
 
     The backbone is frozen and causal, so these never change during training; each
@@ -293,7 +311,7 @@ def replay_frozen_layers(model: nn.Module, lowest: int) -> Iterator[tuple[_Repla
     owner, attribute = decoder_layers_owner(model)
     real = getattr(owner, attribute)
     replay = _Replay()
-    swapped = nn.ModuleList([*(_Skip() for _ in range(lowest)), replay, *real[lowest + 1:]])
+    swapped = nn.ModuleList([*(_Skip() for _ in range(lowest)), replay, *real[lowest + 1 :]])
     setattr(owner, attribute, swapped)
     try:
         yield replay, swapped
@@ -302,6 +320,7 @@ def replay_frozen_layers(model: nn.Module, lowest: int) -> Iterator[tuple[_Repla
 
 
 # -- the loss --------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FitContext:
@@ -333,17 +352,21 @@ def forward_losses(context: FitContext, people: list[tuple[Edits, int]], batch: 
     context.replay.states = batch.states
     with autocast:
         set_people_edits(context.slots, people, context.positions, batch, device)
-        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  use_cache=False).last_hidden_state
+        hidden = model.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
         row_ends = np.cumsum([n for _, n in people])
         tokens_through = torch.bincount(batch.rows, minlength=len(batch.lengths)).cumsum(0)  # rows 0..i
         bounds = [0, *tokens_through[row_ends - 1].tolist()]
-        logits = [model.get_output_embeddings()(hidden[batch.rows[a:b], batch.cols[a:b]])
-                  for a, b in zip(bounds[:-1], bounds[1:])]
+        logits = [
+            model.get_output_embeddings()(hidden[batch.rows[a:b], batch.cols[a:b]])
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
     return [F.cross_entropy(part.float(), batch.targets[a:b]) for part, a, b in zip(logits, bounds[:-1], bounds[1:])]
 
 
 # -- the steps -------------------------------------------------------------------------------------
+
 
 def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
     """Seeded shuffled batches; each epoch is a fresh permutation, each batch sorted by index."""
@@ -352,7 +375,7 @@ def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list
     order: list[list[int]] = []
     while len(order) < steps:
         permutation = torch.randperm(n_examples, generator=generator).tolist()
-        order += [sorted(permutation[i:i + batch_size]) for i in range(0, n_examples - batch_size + 1, batch_size)]
+        order += [sorted(permutation[i : i + batch_size]) for i in range(0, n_examples - batch_size + 1, batch_size)]
     return order[:steps]
 
 
@@ -381,8 +404,9 @@ class Learner:
         self.checkpoint = checkpoint_path(config.out)
         self.step, self.first_loss = 0, math.nan
         if config.resume and self.checkpoint.is_file():
-            self.step, self.first_loss = load_checkpoint(self.checkpoint, parameters=self.parameters,
-                                                         optimizer=self.optimizer, identity=self.identity)
+            self.step, self.first_loss = load_checkpoint(
+                self.checkpoint, parameters=self.parameters, optimizer=self.optimizer, identity=self.identity
+            )
         self.order = batch_order(len(self.train_set.examples), config.batch_size, self.steps, config.seed)
         self.loss, self.best, self.stopped = math.nan, _Best(), False
 
@@ -406,8 +430,14 @@ class Learner:
             self.best.consider(step, val_loss, step_loss, self.parameters)
             self.stopped = bool(config.patience and self.best.stale >= config.patience)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < self.steps and not self.stopped:
-            save_checkpoint(self.checkpoint, step=step, first_loss=self.first_loss, parameters=self.parameters,
-                            optimizer=self.optimizer, identity=self.identity)
+            save_checkpoint(
+                self.checkpoint,
+                step=step,
+                first_loss=self.first_loss,
+                parameters=self.parameters,
+                optimizer=self.optimizer,
+                identity=self.identity,
+            )
 
     def result(self) -> Fitted:
         if not self.best.step:
@@ -428,8 +458,7 @@ class Anchors:
 
 
 @torch.no_grad()
-def validation_loss(batch_loss: Any, val_set: TrainSet, batch_size: int,
-                    device: torch.device) -> float:
+def validation_loss(batch_loss: Any, val_set: TrainSet, batch_size: int, device: torch.device) -> float:
     """Mean target-token loss over the validation examples (token-weighted, batch by batch)."""
     total, tokens = 0.0, 0
     for start in range(0, len(val_set.examples), batch_size):

@@ -112,8 +112,14 @@ class Result:
     @classmethod
     def from_patch(cls, job: Job, patch: Patch, status: str) -> "Result":
         training = patch.training
-        return cls(job.id, status, job.config.out, training.get("steps_run"), training.get("final_loss"),
-                   training.get("val_loss"))
+        return cls(
+            job.id,
+            status,
+            job.config.out,
+            training.get("steps_run"),
+            training.get("final_loss"),
+            training.get("val_loss"),
+        )
 
 
 def train_many(config: ManyConfig, *, progress: bool = True) -> list[Result]:
@@ -167,6 +173,7 @@ def train_jobs(config: ManyConfig, jobs: list[Job], progress: bool) -> list[Resu
 
 # -- the jobs file --------------------------------------------------------------------------------
 
+
 def read_jobs(config: ManyConfig) -> list[Job]:
     path = Path(config.jobs)
     try:
@@ -199,8 +206,10 @@ def parse_job(line: str, index: int, where: str, config: ManyConfig, folder: Pat
         raise UsageError(f"a JSON {type(value).__name__}, not an object; write e.g. {_EXAMPLE}")
     person = value.pop("id", None)
     if not isinstance(person, str) or not _ID.fullmatch(person):
-        raise UsageError(f"'id' {json.dumps(person)} is missing or not a file-name-safe name; use letters, digits, "
-                         "'.', '_' and '-' (it names <id>.reft)")
+        raise UsageError(
+            f"'id' {json.dumps(person)} is missing or not a file-name-safe name; use letters, digits, "
+            "'.', '_' and '-' (it names <id>.reft)"
+        )
     if person in seen:
         raise UsageError(f"id {person!r} is also at {seen[person]}; give each person their own id")
     seen[person] = where
@@ -212,8 +221,14 @@ def parse_job(line: str, index: int, where: str, config: ManyConfig, folder: Pat
     for key in ("data", "val_data"):
         if isinstance(value.get(key), str):
             value[key] = str(folder / value[key])  # an absolute path stays as it is
-    options = {**config.defaults, **value, "out": str(Path(config.out_dir) / f"{person}.reft"),
-               "model": config.model, "device": config.device, "compose_with": config.compose_with}
+    options = {
+        **config.defaults,
+        **value,
+        "out": str(Path(config.out_dir) / f"{person}.reft"),
+        "model": config.model,
+        "device": config.device,
+        "compose_with": config.compose_with,
+    }
     train_config = TrainConfig.from_dict(options)
     return Job(index, person, where, train_config, check_config(train_config))
 
@@ -253,6 +268,7 @@ def job_layers(job: Job, backbone: Backbone) -> list[int]:
 
 # -- training ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Run:
     """A person in training."""
@@ -263,8 +279,14 @@ class _Run:
     started: float
 
 
-def run_jobs(jobs: list[Job], layers: dict[str, list[int]], backbone: Backbone, device: torch.device, max_rows: int,
-             progress: bool) -> list[Result]:
+def run_jobs(
+    jobs: list[Job],
+    layers: dict[str, list[int]],
+    backbone: Backbone,
+    device: torch.device,
+    max_rows: int,
+    progress: bool,
+) -> list[Result]:
     """Skip the finished, then train the rest group by group (people of one recipe share batches)."""
     from tqdm.auto import tqdm
 
@@ -325,9 +347,15 @@ def finished_patch(config: TrainConfig, records: tuple[list[Record], list[Record
     except PatchError:
         return None  # damaged: train again
     expected = {
-        "data_sha256": file_digest(config.data), "recipe": recipe_summary(config), "seed": config.seed,
-        "lr": config.lr, "batch_size": config.batch_size, "examples": len(records[0]),
-        "val_examples": len(records[1]), "steps": count_steps(config, len(records[0])), "model": backbone.source,
+        "data_sha256": file_digest(config.data),
+        "recipe": recipe_summary(config),
+        "seed": config.seed,
+        "lr": config.lr,
+        "batch_size": config.batch_size,
+        "examples": len(records[0]),
+        "val_examples": len(records[1]),
+        "steps": count_steps(config, len(records[0])),
+        "model": backbone.source,
     }
     matches = all(patch.training.get(key) == value for key, value in expected.items())
     partners = [entry.get("payload_sha256") for entry in patch.training.get("composition", {}).get("with", [])]
@@ -339,8 +367,14 @@ def finished_patch(config: TrainConfig, records: tuple[list[Record], list[Record
     return patch if matches and same_base else None
 
 
-def fit_group(group: list[tuple[Job, tuple[list[Record], list[Record]]]], layers: list[int], backbone: Backbone,
-              device: torch.device, max_rows: int, bar: Any) -> dict[str, Result]:
+def fit_group(
+    group: list[tuple[Job, tuple[list[Record], list[Record]]]],
+    layers: list[int],
+    backbone: Backbone,
+    device: torch.device,
+    max_rows: int,
+    bar: Any,
+) -> dict[str, Result]:
     """Train one recipe's people together: every round each active person takes one step, in mixed
     batches of at most ``max_rows`` rows; a person's patch is written the moment it stops."""
     results: dict[str, Result] = {}
@@ -357,8 +391,10 @@ def fit_group(group: list[tuple[Job, tuple[list[Record], list[Record]]]], layers
             continue
         learner = Learner(prepared, job.config, device)
         active.append(_Run(job, prepared, learner, started))
-    with replay_frozen_layers(model, min(layers)) as (replay, blocks), \
-            attach_edits({layer: blocks[layer] for layer in layers}, slots):
+    with (
+        replay_frozen_layers(model, min(layers)) as (replay, blocks),
+        attach_edits({layer: blocks[layer] for layer in layers}, slots),
+    ):
         context = FitContext(model, replay, slots, positions, device)
         while active:
             for chunk in list(chunks(active, max_rows)):
@@ -415,6 +451,7 @@ def finish(run: _Run, backbone: Backbone) -> Result:
 
 # -- ranks and the summary ------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class World:
     """This process's rank among ``size`` (torchrun sets WORLD_SIZE, RANK and the rendezvous)."""
@@ -464,8 +501,17 @@ def summary_table(results: list[Result]) -> str:
     """A plain-text table: id, steps, final loss, val loss, status, file (or why it failed)."""
     number = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
     rows = [("id", "steps", "final loss", "val loss", "status", "file")]
-    rows += [(r.id, "-" if r.steps is None else str(r.steps), number(r.final_loss), number(r.val_loss), r.status,
-              r.file if r.status != "failed" else r.message) for r in results]
+    rows += [
+        (
+            r.id,
+            "-" if r.steps is None else str(r.steps),
+            number(r.final_loss),
+            number(r.val_loss),
+            r.status,
+            r.file if r.status != "failed" else r.message,
+        )
+        for r in results
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5] for row in rows]
     counts = {status: sum(r.status == status for r in results) for status in ("trained", "skipped", "failed")}

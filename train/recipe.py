@@ -88,15 +88,19 @@ def train(config: TrainConfig, *, backbone: Backbone | None = None, progress: bo
     backbone.model.to("cpu")
     patch = save_patch(config, prepared, fitted, seconds, backbone, composed)
     if progress:
-        val = ("" if fitted.val_loss is None
-               else f", validation loss {fitted.val_loss:.4f} (best step {fitted.best_step})")
+        val = (
+            "" if fitted.val_loss is None else f", validation loss {fitted.val_loss:.4f} (best step {fitted.best_step})"
+        )
         together = "" if not composed else f", composed loss {composed['final_loss']:.4f}"
-        print(f"trained {config.out}: final loss {fitted.final_loss:.4f}{val}{together}, {fitted.steps_run} steps, "
-              f"{seconds:.1f} s, {patch.size_bytes} bytes")
+        print(
+            f"trained {config.out}: final loss {fitted.final_loss:.4f}{val}{together}, {fitted.steps_run} steps, "
+            f"{seconds:.1f} s, {patch.size_bytes} bytes"
+        )
     return patch
 
 
 # -- checks that need no model ---------------------------------------------------------------------
+
 
 def check_config(config: TrainConfig) -> Positions:
     """Checks that need no model, so bad options fail before anything slow starts."""
@@ -109,8 +113,12 @@ def check_config(config: TrainConfig) -> Positions:
         raise UsageError(f"--save-dtype {config.save_dtype!r} is unknown; use one of {', '.join(SAVE_DTYPES)}")
     if config.device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device {config.device!r} is unknown; use auto, cpu or cuda")
-    for option, value in (("--steps", config.steps), ("--epochs", config.epochs), ("--batch-size", config.batch_size),
-                          ("--checkpoint-every", config.checkpoint_every)):
+    for option, value in (
+        ("--steps", config.steps),
+        ("--epochs", config.epochs),
+        ("--batch-size", config.batch_size),
+        ("--checkpoint-every", config.checkpoint_every),
+    ):
         if value is not None and value < 1:
             raise UsageError(f"{option} {value} must be at least 1")
     if not (math.isfinite(config.retain_weight) and 0 <= config.retain_weight <= 100):
@@ -126,8 +134,11 @@ def check_config(config: TrainConfig) -> Positions:
         if value is not None and value < 1:
             raise UsageError(f"{option} {value} must be at least 1")
     if bool(config.data) == bool(config.skills):
-        raise UsageError("give training data either as --data FILE or as --skill NAME=FILE (one per skill), not both"
-                         if config.data else "no training data; give --data FILE or --skill NAME=FILE")
+        raise UsageError(
+            "give training data either as --data FILE or as --skill NAME=FILE (one per skill), not both"
+            if config.data
+            else "no training data; give --data FILE or --skill NAME=FILE"
+        )
     names = [name for name, _ in config.skills]
     bad_name = next((name for name in names if not SKILL_NAME.fullmatch(name)), None)
     if bad_name is not None:
@@ -147,8 +158,9 @@ def resolve_layers(config: TrainConfig, backbone: Backbone) -> list[int]:
     layers = sorted(set(config.layers)) if config.layers else list(upper_layers(n_layers, DEFAULT_LAYER_COUNT))
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
-        raise UsageError(f"--layers {bad[0]} is outside this model's layers 0..{n_layers - 1}; "
-                         "pick layers in that range")
+        raise UsageError(
+            f"--layers {bad[0]} is outside this model's layers 0..{n_layers - 1}; pick layers in that range"
+        )
     if config.rank > hidden:
         raise UsageError(f"--rank {config.rank} exceeds the hidden size {hidden}; use a rank of at most {hidden}")
     return layers
@@ -173,6 +185,7 @@ def patch_name(config: TrainConfig) -> str:
 
 
 # -- the data and the partners ---------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Sources:
@@ -210,8 +223,10 @@ def split_records(config: TrainConfig, records: list[Record]) -> tuple[list[Reco
         return records, []
     n_val = max(1, round(len(records) * config.val_fraction))
     if n_val >= len(records):
-        raise UsageError(f"--val-fraction {config.val_fraction} leaves no training example of {len(records)}; "
-                         "use a smaller fraction or more data")
+        raise UsageError(
+            f"--val-fraction {config.val_fraction} leaves no training example of {len(records)}; "
+            "use a smaller fraction or more data"
+        )
     held = set(torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed))[:n_val].tolist())
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
@@ -220,15 +235,22 @@ def load_partners(config: TrainConfig, backbone: Backbone) -> list[Patch]:
     """The --compose-with patches, checked against this base."""
     partners = [Patch.from_file(path) for path in config.compose_with]
     for path, partner in zip(config.compose_with, partners):
-        partner.check_compatible(base_fingerprint=backbone.fingerprint, hidden_size=backbone.hidden_size,
-                                 slot_layers=list(range(backbone.num_layers)), source=f"--compose-with {path}")
+        partner.check_compatible(
+            base_fingerprint=backbone.fingerprint,
+            hidden_size=backbone.hidden_size,
+            slot_layers=list(range(backbone.num_layers)),
+            source=f"--compose-with {path}",
+        )
     return partners
 
 
 def partner_edits(partners: list[Patch]) -> list[tuple[str, SlotEdit]]:
     """Every partner's edits (its layer numbers as slots), owned by "with:<index>"."""
-    return [(f"with:{i}", edit) for i, partner in enumerate(partners)
-            for edit in resolve_edits([partner], None, range(max(partner.layers) + 1))]
+    return [
+        (f"with:{i}", edit)
+        for i, partner in enumerate(partners)
+        for edit in resolve_edits([partner], None, range(max(partner.layers) + 1))
+    ]
 
 
 def keep_orthogonal_to_partners(edits: "Edits") -> None:
@@ -241,23 +263,48 @@ def keep_orthogonal_to_partners(edits: "Edits") -> None:
 
 # -- preparing: tokens, edits, frozen states -------------------------------------------------------
 
-def prepare(config: TrainConfig, positions: Positions, layers: list[int], records: tuple[list[Record], list[Record]],
-            backbone: Backbone, device: torch.device) -> Prepared:
+
+def prepare(
+    config: TrainConfig,
+    positions: Positions,
+    layers: list[int],
+    records: tuple[list[Record], list[Record]],
+    backbone: Backbone,
+    device: torch.device,
+) -> Prepared:
     """One person's (training, validation) records, one skill named after the patch (train-many's case)."""
-    return prepare_sources(config, positions, layers, Sources([(patch_name(config), records[0])], records[1]),
-                           backbone, device)
+    return prepare_sources(
+        config, positions, layers, Sources([(patch_name(config), records[0])], records[1]), backbone, device
+    )
 
 
-def prepare_sources(config: TrainConfig, positions: Positions, layers: list[int], sources: Sources,
-                    backbone: Backbone, device: torch.device) -> Prepared:
+def prepare_sources(
+    config: TrainConfig,
+    positions: Positions,
+    layers: list[int],
+    sources: Sources,
+    backbone: Backbone,
+    device: torch.device,
+) -> Prepared:
     """Tokenize each skill's records, seed and build the edits, cache the frozen states (model
     already on ``device``)."""
     train_set = TrainSet.empty()
     for name, records in sources.skills:
-        train_set += TrainSet.of(tokenize(records, backbone.tokenizer, use_chat_template=config.chat_template,
-                                          max_tokens=model_context(backbone)), name)
-    val_set = TrainSet.of(tokenize(sources.val_records, backbone.tokenizer, use_chat_template=config.chat_template,
-                                   max_tokens=model_context(backbone)), sources.skills[0][0])
+        train_set += TrainSet.of(
+            tokenize(
+                records, backbone.tokenizer, use_chat_template=config.chat_template, max_tokens=model_context(backbone)
+            ),
+            name,
+        )
+    val_set = TrainSet.of(
+        tokenize(
+            sources.val_records,
+            backbone.tokenizer,
+            use_chat_template=config.chat_template,
+            max_tokens=model_context(backbone),
+        ),
+        sources.skills[0][0],
+    )
     torch.manual_seed(config.seed)
     skills = [(name, config.rank) for name, _ in sources.skills]
     interventions = build_interventions(config, positions, layers, backbone.hidden_size, config.rank * len(skills))
@@ -268,9 +315,16 @@ def prepare_sources(config: TrainConfig, positions: Positions, layers: list[int]
     val_set.states = cache_frozen_states(backbone.model, val_set.examples, edits.lowest_layer(), device)
     steps = count_steps(config, len(train_set.examples))
     data_sha256 = sources_digest(config)
-    identity = json.loads(json.dumps({  # as JSON sees it, so it compares equal after a round trip
-        **{k: v for k, v in config.to_dict().items() if k not in _NOT_NUMERIC}, "steps": steps,
-        "data_sha256": data_sha256, "base_fingerprint": backbone.fingerprint}))
+    identity = json.loads(
+        json.dumps(
+            {  # as JSON sees it, so it compares equal after a round trip
+                **{k: v for k, v in config.to_dict().items() if k not in _NOT_NUMERIC},
+                "steps": steps,
+                "data_sha256": data_sha256,
+                "base_fingerprint": backbone.fingerprint,
+            }
+        )
+    )
     anchor_set = None
     if config.retain_weight > 0:
         anchor_set = TrainSet.of(anchor_examples(backbone, config), *(name for name, _ in sources.skills))
@@ -304,11 +358,17 @@ def anchor_examples(backbone: Backbone, config: TrainConfig) -> list[Example]:
         cached.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cached, json.dumps(answers).encode())
     # an empty answer (the base stops at once) is kept: its target is the end-of-text token alone
-    records = [Record(({"role": "user", "content": p},), a.strip(), f"{ANCHOR_PROMPTS.name}:{i + 1}")
-               for i, (p, a) in enumerate(zip(prompts, answers))]
+    records = [
+        Record(({"role": "user", "content": p},), a.strip(), f"{ANCHOR_PROMPTS.name}:{i + 1}")
+        for i, (p, a) in enumerate(zip(prompts, answers))
+    ]
     examples = tokenize(records, backbone.tokenizer, use_chat_template=config.chat_template)
-    return [replace(e, loss_from=ANCHOR_OPENING, loss_to=len(e.target_ids) - 1)
-            if len(e.target_ids) > ANCHOR_OPENING + 1 else e for e in examples]
+    return [
+        replace(e, loss_from=ANCHOR_OPENING, loss_to=len(e.target_ids) - 1)
+        if len(e.target_ids) > ANCHOR_OPENING + 1
+        else e
+        for e in examples
+    ]
 
 
 def model_context(backbone: Backbone) -> int | None:
@@ -320,8 +380,10 @@ def model_context(backbone: Backbone) -> int | None:
 
 # -- fitting ---------------------------------------------------------------------------------------
 
-def fit(model: nn.Module, prepared: Prepared, config: TrainConfig, device: torch.device, progress: bool,
-        desc: str = "train") -> Fitted:
+
+def fit(
+    model: nn.Module, prepared: Prepared, config: TrainConfig, device: torch.device, progress: bool, desc: str = "train"
+) -> Fitted:
     """AdamW on the intervention parameters only (checkpointed and resumable). With validation
     data: the validation loss every ``eval_every`` steps, the best step's parameters kept, and
     an early stop after ``patience`` validations without improvement."""
@@ -329,8 +391,10 @@ def fit(model: nn.Module, prepared: Prepared, config: TrainConfig, device: torch
 
     learner = Learner(prepared, config, device)
     edits, slots = prepared.edits, EditSlots()
-    with replay_frozen_layers(model, edits.lowest_layer()) as (replay, layers), \
-            attach_edits({layer: layers[layer] for layer in edits.layers()}, slots):
+    with (
+        replay_frozen_layers(model, edits.lowest_layer()) as (replay, layers),
+        attach_edits({layer: layers[layer] for layer in edits.layers()}, slots),
+    ):
         context = FitContext(model, replay, slots, prepared.positions, device)
         batch_loss = partial(forward_loss, context, edits)
         anchors = Anchors(prepared.anchor_set, config, prepared.steps) if prepared.anchor_set else None
@@ -354,8 +418,9 @@ def fit(model: nn.Module, prepared: Prepared, config: TrainConfig, device: torch
     return learner.result()
 
 
-def fit_composition(backbone: Backbone, prepared: Prepared, config: TrainConfig, device: torch.device,
-                    sources: Sources, progress: bool) -> dict[str, Any]:
+def fit_composition(
+    backbone: Backbone, prepared: Prepared, config: TrainConfig, device: torch.device, sources: Sources, progress: bool
+) -> dict[str, Any]:
     """The composition phase, after each skill has learnt alone. Data that shows one behaviour
     cannot teach two at once, so the targets come from the skills themselves: for every
     training prompt, the greedy answer of their product of experts (each skill, and each
@@ -365,35 +430,45 @@ def fit_composition(backbone: Backbone, prepared: Prepared, config: TrainConfig,
     edits, train_set, partners = prepared.edits, prepared.train_set, sources.partners
     prompts = [record.messages for _, records in sources.skills for record in records]
     answers = composed_targets(backbone, prepared, config, partners, prompts, COMPOSE_MAX_TOKENS)
-    records = [Record(messages, answer, f"composed answer {i}")
-               for i, (messages, answer) in enumerate(zip(prompts, answers)) if answer]
-    composed = TrainSet.of(tokenize(records, backbone.tokenizer, use_chat_template=config.chat_template),
-                           *edits.owners)
+    records = [
+        Record(messages, answer, f"composed answer {i}")
+        for i, (messages, answer) in enumerate(zip(prompts, answers))
+        if answer
+    ]
+    composed = TrainSet.of(tokenize(records, backbone.tokenizer, use_chat_template=config.chat_template), *edits.owners)
     composed.states = cache_frozen_states(backbone.model, composed.examples, edits.lowest_layer(), device)
     both = TrainSet(list(train_set.examples), list(train_set.active), list(train_set.states))
     both += composed
     phase = replace(config, checkpoint_every=None, resume=False, patience=None)
     composing = replace(prepared, train_set=both, val_set=TrainSet.empty(), steps=config.compose_steps)
-    fitted = fit(backbone.model, composing,
-                 phase, device, progress, desc="compose")
+    fitted = fit(backbone.model, composing, phase, device, progress, desc="compose")
     return {
         "with": [{"name": p.name, "payload_sha256": p.payload_sha256} for p in partners],
         "skills": [name for name, _ in edits.skills] if config.skills else [],
-        "teacher": "product of experts", "prompts": len(prompts), "answers_kept": len(records),
-        "steps": config.compose_steps, "first_loss": round(fitted.first_loss, 6),
+        "teacher": "product of experts",
+        "prompts": len(prompts),
+        "answers_kept": len(records),
+        "steps": config.compose_steps,
+        "first_loss": round(fitted.first_loss, 6),
         "final_loss": round(fitted.final_loss, 6),
     }
 
 
-def composed_targets(backbone: Backbone, prepared: Prepared, config: TrainConfig, partners: list[Patch],
-                     prompts: list[tuple[dict[str, str], ...]], max_new_tokens: int) -> list[str | None]:
+def composed_targets(
+    backbone: Backbone,
+    prepared: Prepared,
+    config: TrainConfig,
+    partners: list[Patch],
+    prompts: list[tuple[dict[str, str], ...]],
+    max_new_tokens: int,
+) -> list[str | None]:
     """The product-of-experts answers (None: did not end within ``max_new_tokens``), run with the
     evaluator's torch generation on the CPU, where it keeps its tensors."""
     from reft_edge.train.evaluate import TorchBackend
 
     device = next(backbone.model.parameters()).device
     patch = to_patch(config, prepared.positions, prepared.edits, backbone, {})
-    experts = ([[patch.with_skills([name])] for name in patch.skill_names] if patch.skills else [[patch]])
+    experts = [[patch.with_skills([name])] for name in patch.skill_names] if patch.skills else [[patch]]
     experts += [[partner] for partner in partners]
     backbone.model.to("cpu")
     try:
@@ -404,17 +479,32 @@ def composed_targets(backbone: Backbone, prepared: Prepared, config: TrainConfig
 
 # -- the patch -------------------------------------------------------------------------------------
 
-def save_patch(config: TrainConfig, prepared: Prepared, fitted: "Fitted", seconds: float, backbone: Backbone,
-               composed: dict[str, Any] | None = None) -> Patch:
+
+def save_patch(
+    config: TrainConfig,
+    prepared: Prepared,
+    fitted: "Fitted",
+    seconds: float,
+    backbone: Backbone,
+    composed: dict[str, Any] | None = None,
+) -> Patch:
     """Write the patch atomically with its training record; drop the checkpoint it no longer needs."""
     training = {
-        "steps": prepared.steps, "steps_run": fitted.steps_run, "best_step": fitted.best_step,
-        "first_loss": round(fitted.first_loss, 6), "final_loss": round(fitted.final_loss, 6),
+        "steps": prepared.steps,
+        "steps_run": fitted.steps_run,
+        "best_step": fitted.best_step,
+        "first_loss": round(fitted.first_loss, 6),
+        "final_loss": round(fitted.final_loss, 6),
         "val_loss": None if fitted.val_loss is None else round(fitted.val_loss, 6),
         "val_examples": len(prepared.val_set.examples),
-        "seconds": round(seconds, 2) if config.record_time else None, "examples": len(prepared.train_set.examples),
-        "data_sha256": prepared.data_sha256, "lr": config.lr, "batch_size": config.batch_size,
-        "seed": config.seed, "library_version": __version__, "model": backbone.source,
+        "seconds": round(seconds, 2) if config.record_time else None,
+        "examples": len(prepared.train_set.examples),
+        "data_sha256": prepared.data_sha256,
+        "lr": config.lr,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "library_version": __version__,
+        "model": backbone.source,
         "recipe": recipe_summary(config),
         **({"composition": composed} if composed else {}),
     }
@@ -429,16 +519,24 @@ def recipe_summary(config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(chosen))
 
 
-def to_patch(config: TrainConfig, positions: Positions, edits: Edits, backbone: Backbone,
-             training: dict[str, Any]) -> Patch:
+def to_patch(
+    config: TrainConfig, positions: Positions, edits: Edits, backbone: Backbone, training: dict[str, Any]
+) -> Patch:
     with torch.no_grad():
         saved = tuple(
             Intervention(layer, where, {k: v.detach().float().cpu().numpy() for k, v in params.natural().items()})
             for layer, where, params in edits.interventions
         )
     return Patch(
-        name=patch_name(config), kind=config.kind, positions=positions, share_weights=config.share_weights,
-        rank=sum(rank for _, rank in edits.skills), hidden_size=backbone.hidden_size,
-        base_fingerprint=backbone.fingerprint, interventions=saved, training=training, dtype=config.save_dtype,
+        name=patch_name(config),
+        kind=config.kind,
+        positions=positions,
+        share_weights=config.share_weights,
+        rank=sum(rank for _, rank in edits.skills),
+        hidden_size=backbone.hidden_size,
+        base_fingerprint=backbone.fingerprint,
+        interventions=saved,
+        training=training,
+        dtype=config.save_dtype,
         skills=tuple(edits.skills) if config.skills else (),
     )

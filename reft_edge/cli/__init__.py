@@ -55,8 +55,11 @@ class _Group(click.Group):
             # a full disk, a folder made read-only meanwhile: the system's fault or the user's, never ours
             if ctx.meta.get("verbose"):
                 traceback.print_exc()
-            click.echo(f"error: {exc.filename}: {exc.strerror}; free space or fix the permissions there, "
-                       "or choose another path", err=True)
+            click.echo(
+                f"error: {exc.filename}: {exc.strerror}; free space or fix the permissions there, "
+                "or choose another path",
+                err=True,
+            )
             ctx.exit(2)
         except Exception as exc:
             _internal_error(ctx, exc)
@@ -69,8 +72,9 @@ def _internal_error(ctx: click.Context, exc: Exception) -> None:
     else:
         with tempfile.NamedTemporaryFile("w", prefix="reft-edge-crash-", suffix=".txt", delete=False) as log:
             traceback.print_exc(file=log)
-        click.echo(f"internal error: {type(exc).__name__}: {exc} (traceback in {log.name}; "
-                   "--verbose prints it)", err=True)
+        click.echo(
+            f"internal error: {type(exc).__name__}: {exc} (traceback in {log.name}; --verbose prints it)", err=True
+        )
     ctx.exit(1)
 
 
@@ -83,6 +87,17 @@ def main(ctx: click.Context, verbose: bool) -> None:
     ctx.meta["verbose"] = verbose
 
 
-for _command in (train_command, train_many_command, import_command, export_command, run_command, chat_command,
-                 inspect_command, convert_command, eval_command, serve_command, serve_web_command):
+for _command in (
+    train_command,
+    train_many_command,
+    import_command,
+    export_command,
+    run_command,
+    chat_command,
+    inspect_command,
+    convert_command,
+    eval_command,
+    serve_command,
+    serve_web_command,
+):
     main.add_command(_command)

@@ -28,8 +28,9 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 def patch_weights(patches: tuple[str, ...], weights: tuple[float, ...]) -> list[float] | None:
     """One --weight per --patch, or none (every patch at 1)."""
     if weights and len(weights) != len(patches):
-        raise UsageError(f"{len(weights)} --weight for {len(patches)} --patch; give one --weight per --patch, "
-                         "in the same order")
+        raise UsageError(
+            f"{len(weights)} --weight for {len(patches)} --patch; give one --weight per --patch, in the same order"
+        )
     return list(weights) or None
 
 

@@ -24,43 +24,85 @@ import click
 
 @click.command("serve")
 @click.argument("bundle", type=click.Path())
-@click.option("--patches", "patches", required=True, type=click.Path(),
-              help="Folder of .reft patches; NAME.reft is served as model base+NAME (reloaded when files change).")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on (localhost only by default).")
+@click.option(
+    "--patches",
+    "patches",
+    required=True,
+    type=click.Path(),
+    help="Folder of .reft patches; NAME.reft is served as model base+NAME (reloaded when files change).",
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (localhost only by default)."
+)
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option("--api-key", default=None, help="Require Authorization: Bearer KEY on /v1 routes.")
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Requests decoded together at most.")
-@click.option("--max-queue", default=64, show_default=True, type=int,
-              help="Requests waiting for a row at most; beyond it the server answers 429.")
+@click.option(
+    "--max-queue",
+    default=64,
+    show_default=True,
+    type=int,
+    help="Requests waiting for a row at most; beyond it the server answers 429.",
+)
 @click.option("--timeout", default=300.0, show_default=True, type=float, help="Seconds a request may take.")
-@click.option("--max-tokens", default=256, show_default=True, type=int,
-              help="Tokens generated when a request gives no max_tokens (never past the context).")
+@click.option(
+    "--max-tokens",
+    default=256,
+    show_default=True,
+    type=int,
+    help="Tokens generated when a request gives no max_tokens (never past the context).",
+)
 @click.option("--model-name", default="base", show_default=True, help="The base model's id in /v1/models.")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: onnxruntime's choice).")
-def serve_command(bundle: str, patches: str, host: str, port: int, api_key: str | None, max_batch: int,
-                  max_queue: int, timeout: float, max_tokens: int, model_name: str, threads: int | None) -> None:
+def serve_command(
+    bundle: str,
+    patches: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_batch: int,
+    max_queue: int,
+    timeout: float,
+    max_tokens: int,
+    model_name: str,
+    threads: int | None,
+) -> None:
     """Serve BUNDLE over an OpenAI-compatible API; each request picks its person's patch."""
     from reft_edge.runtime.serve import Server, configure_logging
 
     configure_logging()
-    server = Server.open(bundle, patches, host=host, port=port, api_key=api_key, threads=threads,
-                         max_batch=max_batch, max_queue=max_queue, timeout=timeout, max_tokens=max_tokens,
-                         model_name=model_name)
+    server = Server.open(
+        bundle,
+        patches,
+        host=host,
+        port=port,
+        api_key=api_key,
+        threads=threads,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        timeout=timeout,
+        max_tokens=max_tokens,
+        model_name=model_name,
+    )
     store = server.service.store
-    click.echo(f"serving {bundle} at {server.url}/v1 as {model_name!r} with {len(store.patches)} patch(es)"
-               + (f", {len(store.errors)} skipped" if store.errors else "")
-               + f"; batch of {server.service.scheduler.batch.capacity}", err=True)
+    click.echo(
+        f"serving {bundle} at {server.url}/v1 as {model_name!r} with {len(store.patches)} patch(es)"
+        + (f", {len(store.errors)} skipped" if store.errors else "")
+        + f"; batch of {server.service.scheduler.batch.capacity}",
+        err=True,
+    )
     server.run()
 
 
 @click.command("serve-web")
 @click.argument("bundle", type=click.Path())
-@click.option("--patch", "patches", multiple=True, type=click.Path(),
-              help="A .reft patch the page offers; repeat for several.")
+@click.option(
+    "--patch", "patches", multiple=True, type=click.Path(), help="A .reft patch the page offers; repeat for several."
+)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on (localhost only by default).")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (localhost only by default)."
+)
 def serve_web_command(bundle: str, patches: tuple[str, ...], port: int, host: str) -> None:
     """Serve the browser demo for BUNDLE: generation runs in the visitor's browser."""
     from reft_edge.runtime.web_server import web_command_line
