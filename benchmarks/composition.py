@@ -32,8 +32,9 @@ import dataclasses
 import json
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from benchmarks.quality import DOC, MAX_NEW_TOKENS, ROOT, Persona, export_bundles, load_personas
 

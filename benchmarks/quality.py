@@ -66,7 +66,7 @@ class Persona:
     folder: Path
 
     @classmethod
-    def load(cls, folder: Path) -> "Persona":
+    def load(cls, folder: Path) -> Persona:
         spec = json.loads((folder / "persona.json").read_text())
         return cls(spec["name"], spec["kind"], spec["judge"], bool(spec["keeps_content"]), folder)
 

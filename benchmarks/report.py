@@ -11,10 +11,10 @@ them as they were (``KEPT_SECTIONS``, ``section``/``put_section``).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 CHART_NAME = "benchmark_decode.png"
 MB = 1e6

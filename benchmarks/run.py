@@ -206,7 +206,7 @@ class CpuWindow:
     ours: float
 
     @classmethod
-    def start(cls) -> "CpuWindow":
+    def start(cls) -> CpuWindow:
         return cls(time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds())
 
     def foreign_cores(self) -> float:

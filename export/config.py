@@ -35,5 +35,5 @@ class ExportConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ExportConfig":
+    def from_dict(cls, values: dict[str, Any]) -> ExportConfig:
         return config_from_dict(cls, values, what="export", tuple_fields=("slot_layers",))

@@ -26,8 +26,9 @@ input, the pass's place in the sequence and the attention mask (FusedGraph.slot_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

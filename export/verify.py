@@ -19,9 +19,10 @@ greedily decoded tokens per row.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ class Batch:
     prompts: list[list[int]]
     slots: SlotArrays
 
-    def without_edit(self) -> "Batch":
+    def without_edit(self) -> Batch:
         """The same A, B, c with all-zero positions (nothing edited): must be exactly the identity."""
         s = self.slots
         return Batch(self.prompts, SlotArrays(s.A, s.B, s.c, np.zeros_like(s.positions)))
@@ -143,7 +144,7 @@ class TorchReference:
         self.slots = EditSlots()
 
     @contextlib.contextmanager
-    def attached(self) -> Iterator["TorchReference"]:
+    def attached(self) -> Iterator[TorchReference]:
         layers = decoder_layers(self.model)
         with (
             eager_attention(self.model),

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from reft_edge.constants import BUNDLE_SCHEMA_VERSION, MANIFEST_FILE
 from reft_edge.errors import BundleError
@@ -152,7 +153,7 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = MANIFEST_FILE) -> "Manifest":
+    def from_dict(cls, values: dict[str, Any], *, source: str = MANIFEST_FILE) -> Manifest:
         names = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         if not isinstance(values, dict):
@@ -193,7 +194,7 @@ class Manifest:
         if "model" not in self.files or "tokenizer" not in self.files:
             raise BundleError(f"{source}: names no model or tokenizer file; re-export the bundle")
 
-    def load_patches(self, patches: "Sequence[Patch | str | Path]") -> "list[Patch]":
+    def load_patches(self, patches: Sequence[Patch | str | Path]) -> list[Patch]:
         """Patch objects or paths -> Patch objects, each checked against this bundle's base, hidden
         size and slot layers (one-line errors naming the file)."""
         from reft_edge.runtime.patch import Patch
@@ -213,7 +214,7 @@ class Manifest:
         return loaded
 
     @classmethod
-    def from_dir(cls, bundle_dir: str | Path) -> "Manifest":
+    def from_dir(cls, bundle_dir: str | Path) -> Manifest:
         """Read and check the manifest, and that every file it names is present."""
         bundle_dir = Path(bundle_dir)
         path = bundle_dir / MANIFEST_FILE

@@ -26,7 +26,8 @@ prompt token) is ``first = EVERY_PROMPT_TOKEN``. Zero rows edit nothing.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

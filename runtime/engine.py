@@ -27,7 +27,8 @@ fused graph then runs its slot-free branch).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,11 +60,11 @@ class Engine:
             for past, present in zip(past_names(layer), present_names(layer))
         ]
 
-    def start(self, prompts: Sequence[Sequence[int]], slots: SlotArrays, max_new_tokens: int) -> "_Run":
+    def start(self, prompts: Sequence[Sequence[int]], slots: SlotArrays, max_new_tokens: int) -> _Run:
         run_type = _SharedBufferRun if self.graph == "fused" else _GrowingRun
         return run_type(self, [list(p) for p in prompts], slots, max_new_tokens)
 
-    def rows(self, capacity: int, length: int = 256) -> "RowBatch | OneRow":
+    def rows(self, capacity: int, length: int = 256) -> RowBatch | OneRow:
         """A batch that rows join and leave between decode steps: a RowBatch for a fused graph on the
         CPU, else a OneRow (the same interface, one row at a time)."""
         if self.graph == "fused" and self.device == "cpu":

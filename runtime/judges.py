@@ -28,8 +28,8 @@ import importlib
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from reft_edge.errors import UsageError
 
@@ -58,7 +58,7 @@ class Judge:
     test: Callable[[str], bool] = field(default=no_letters, repr=False, compare=False)
 
     @classmethod
-    def parse(cls, spec: str) -> "Judge":
+    def parse(cls, spec: str) -> Judge:
         if not isinstance(spec, str) or not spec.strip():
             raise UsageError(f"judge {spec!r} is empty: use {FORMS}")
         if spec in ("no-letters", "all-caps"):

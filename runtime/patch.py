@@ -27,9 +27,10 @@ import hashlib
 import json
 import re
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -179,7 +180,7 @@ class Patch:
     def skill_names(self) -> list[str]:
         return [name for name, _ in self.skills]
 
-    def with_skills(self, chosen: Mapping[str, float] | Sequence[str]) -> "Patch":
+    def with_skills(self, chosen: Mapping[str, float] | Sequence[str]) -> Patch:
         """This patch with only the ``chosen`` skills on (a list: each at weight 1; a mapping: name ->
         weight, 0 = off). Weights must be finite; unknown names are a UsageError."""
         if not self.skills:
@@ -265,7 +266,7 @@ class Patch:
     def to_bytes(self) -> bytes:
         return serialize_safetensors(self.tensors(), self.metadata())
 
-    def to_file(self, path: str | Path, *, fix: str = "re-train with a lower --lr") -> "Patch":
+    def to_file(self, path: str | Path, *, fix: str = "re-train with a lower --lr") -> Patch:
         """Validate, then write atomically; returns the patch as a loader would see it (digest and
         size filled in). Nothing is written for a patch no reader would accept; ``fix`` says what the
         caller's user should change when the values are not finite (the cause differs: --lr, --scale)."""
@@ -286,7 +287,7 @@ class Patch:
                 raise PatchFormatError(f"{source}: tensor {name} holds NaN or infinite values (as {self.dtype}); {fix}")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Patch":
+    def from_file(cls, path: str | Path) -> Patch:
         path = Path(path)
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "does not exist"
@@ -306,7 +307,7 @@ class Patch:
     load = from_file  # the runtime API's name: Patch.load("alice.reft")
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, source: str = "patch") -> "Patch":
+    def from_bytes(cls, data: bytes, *, source: str = "patch") -> Patch:
         metadata = _read_metadata(data, source)
         tensors = _read_tensors(data, source)
         digest = payload_digest(tensors, metadata)

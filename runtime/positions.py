@@ -49,7 +49,7 @@ class Positions:
     generated: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> "Positions":
+    def parse(cls, text: str) -> Positions:
         text = text.strip() if isinstance(text, str) else text
         if text == "all":
             return cls(0, 0, prompt=True, generated=True)

@@ -28,8 +28,8 @@ Evaluation (runtime.evaluate) turns it off, to measure the patch rather than the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class Sampling:
     presence_penalty: float | None = None
 
     @classmethod
-    def check(cls, **options) -> "Sampling":
+    def check(cls, **options) -> Sampling:
         sampling = cls(**options)
         if not sampling.temperature >= 0:
             raise UsageError(f"temperature {sampling.temperature} must be >= 0 (0 is greedy)")

@@ -37,10 +37,11 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -212,7 +213,7 @@ class Scheduler:
         self.steps = 0
         self.thread = threading.Thread(target=self._loop, name="reft-edge-scheduler", daemon=True)
 
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         self.thread.start()
         return self
 
@@ -1015,7 +1016,7 @@ class Server:
         max_body: int = MAX_BODY_BYTES,
         max_tokens: int = 256,
         model_name: str = BASE,
-    ) -> "Server":
+    ) -> Server:
         _require_serve_extra()
         from reft_edge.runtime import Runtime
 

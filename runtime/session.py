@@ -21,9 +21,10 @@ changes the slot inputs: the session stays.
 from __future__ import annotations
 
 import time
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -108,7 +109,7 @@ class Runtime:
     @classmethod
     def load(
         cls, bundle_dir: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None
-    ) -> "Runtime":
+    ) -> Runtime:
         """Open a bundle folder. BundleError names the damaged or missing file."""
         bundle_dir = Path(bundle_dir)
         manifest = Manifest.from_dir(bundle_dir)

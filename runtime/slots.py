@@ -18,8 +18,8 @@ slots (the graph's slot-free path). Unused rank rows are zero: an exact identity
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -52,7 +52,7 @@ class SlotArrays:
     positions: np.ndarray
 
     @classmethod
-    def empty(cls, num_slots: int, batch: int, hidden: int) -> "SlotArrays":
+    def empty(cls, num_slots: int, batch: int, hidden: int) -> SlotArrays:
         """Rank 0 everywhere: no edit."""
         matrix = np.zeros((num_slots, batch, 0, hidden), np.float32)
         return cls(
@@ -63,7 +63,7 @@ class SlotArrays:
         )
 
     @classmethod
-    def stack(cls, rows: Sequence["SlotArrays"]) -> "SlotArrays":
+    def stack(cls, rows: Sequence[SlotArrays]) -> SlotArrays:
         """Several batches' arrays as one batch, each zero-padded to the largest rank (an exact identity)."""
         rank = max(r.A.shape[2] for r in rows)
         pad = (  # noqa: E731
@@ -92,7 +92,7 @@ class SlotArrays:
         slots, batch, _, rank = self.positions.shape
         return np.array(masks, np.float32).reshape(slots, batch, t.shape[-1], rank)  # no slots: still 4-d
 
-    def rows(self, rows: slice) -> "SlotArrays":
+    def rows(self, rows: slice) -> SlotArrays:
         """The batch rows ``rows`` only."""
         return SlotArrays(self.A[:, rows], self.B[:, rows], self.c[:, rows], self.positions[:, rows])
 

@@ -17,9 +17,10 @@ special token strings as variables, as ``apply_chat_template`` does.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -105,7 +106,7 @@ class ChatTemplate:
         self._origin = origin
 
     @classmethod
-    def from_file(cls, path: str | Path, variables: Mapping[str, Any]) -> "ChatTemplate":
+    def from_file(cls, path: str | Path, variables: Mapping[str, Any]) -> ChatTemplate:
         try:
             source = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:

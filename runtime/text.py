@@ -17,7 +17,8 @@ proportional to the stop strings' length, never to the text generated so far.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from tokenizers.decoders import DecodeStream
 

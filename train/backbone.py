@@ -19,9 +19,10 @@ import importlib.util
 import json
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from reft_edge.constants import (
     DEFAULT_MODEL,

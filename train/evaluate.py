@@ -18,8 +18,9 @@ tokens where the patch edits generated tokens.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from reft_edge.train.backbone import Backbone, decoder_layers, eager_attention, 
 from reft_edge.train.intervention import EditSlots, attach_edits
 
 
-def open_model(model: Any, say: Any) -> "TorchBackend":
+def open_model(model: Any, say: Any) -> TorchBackend:
     """The backend reft_edge.evaluate hands runtime.evaluate for ``model=``: a Hugging Face folder or
     id, "default", or a loaded Backbone."""
     if isinstance(model, (str, Path)):
@@ -60,7 +61,7 @@ class TorchBackend:
         self.pad_id = int(pad) if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
 
     @classmethod
-    def load(cls, model: str) -> "TorchBackend":
+    def load(cls, model: str) -> TorchBackend:
         return cls(load_backbone(model))
 
     def load_patches(self, patches: Sequence[Patch | str | Path]) -> list[Patch]:

@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,13 +64,13 @@ class Prepared:
     """One person's fit inputs: tokenized examples with their frozen states, fresh edits."""
 
     positions: Positions
-    edits: "Edits"
-    train_set: "TrainSet"
-    val_set: "TrainSet"
+    edits: Edits
+    train_set: TrainSet
+    val_set: TrainSet
     steps: int
     data_sha256: str
     identity: dict[str, Any]  # what a checkpoint must match to be resumed
-    anchor_set: "TrainSet | None" = None  # the retention term's examples (config.retain_weight > 0)
+    anchor_set: TrainSet | None = None  # the retention term's examples (config.retain_weight > 0)
 
 
 @dataclass
@@ -81,14 +82,14 @@ class TrainSet:
     states: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
-    def empty(cls) -> "TrainSet":
+    def empty(cls) -> TrainSet:
         return cls([], [])
 
     @classmethod
-    def of(cls, examples: list[Example], *owners: str) -> "TrainSet":
+    def of(cls, examples: list[Example], *owners: str) -> TrainSet:
         return cls(list(examples), [frozenset(owners)] * len(examples))
 
-    def __iadd__(self, other: "TrainSet") -> "TrainSet":
+    def __iadd__(self, other: TrainSet) -> TrainSet:
         self.examples += other.examples
         self.active += other.active
         self.states += other.states
@@ -417,7 +418,7 @@ class Learner:
     def next_batch(self) -> tuple[list[Example], list[torch.Tensor], list[frozenset[str]]]:
         return self.train_set.pick(self.order[self.step])
 
-    def update(self, step_loss: float, batch_loss: Callable[["_Batch"], torch.Tensor]) -> None:
+    def update(self, step_loss: float, batch_loss: Callable[[_Batch], torch.Tensor]) -> None:
         """After the backward pass of this learner's batch: its AdamW step, then validation and
         checkpoint when due. ``batch_loss`` computes this learner's loss of a collated batch."""
         self.optimizer.step()
@@ -449,7 +450,7 @@ class Learner:
 class Anchors:
     """The retention examples' batches: half a batch each step, in a seeded order of their own."""
 
-    def __init__(self, anchor_set: "TrainSet", config: TrainConfig, steps: int) -> None:
+    def __init__(self, anchor_set: TrainSet, config: TrainConfig, steps: int) -> None:
         self.anchor_set = anchor_set
         self.order = batch_order(len(anchor_set.examples), max(1, config.batch_size // 2), steps, config.seed + 1)
 

@@ -36,10 +36,11 @@ import re
 import sys
 import time
 import typing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -110,7 +111,7 @@ class Result:
     rank: int = 0  # the torchrun rank that handled this person
 
     @classmethod
-    def from_patch(cls, job: Job, patch: Patch, status: str) -> "Result":
+    def from_patch(cls, job: Job, patch: Patch, status: str) -> Result:
         training = patch.training
         return cls(
             job.id,
@@ -460,7 +461,7 @@ class World:
     size: int
 
     @classmethod
-    def start(cls, device: str) -> "World":
+    def start(cls, device: str) -> World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size == 1:
             return cls(0, 1)

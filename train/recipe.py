@@ -253,7 +253,7 @@ def partner_edits(partners: list[Patch]) -> list[tuple[str, SlotEdit]]:
     ]
 
 
-def keep_orthogonal_to_partners(edits: "Edits") -> None:
+def keep_orthogonal_to_partners(edits: Edits) -> None:
     """Each trainable R orthogonal to the partners' A rows (their write directions) at its layer."""
     for layer, _, params in edits.interventions:
         rows = [edit.A for _, edit in edits.partners if edit.slot == layer]
@@ -483,7 +483,7 @@ def composed_targets(
 def save_patch(
     config: TrainConfig,
     prepared: Prepared,
-    fitted: "Fitted",
+    fitted: Fitted,
     seconds: float,
     backbone: Backbone,
     composed: dict[str, Any] | None = None,
