@@ -1,12 +1,15 @@
 """ruff (configured in pyproject.toml's [tool.ruff]) finds nothing in the repository, and the tree
 is formatted as ``ruff format`` formats it (``ruff format .`` fixes what the second test shows).
 
-The dev extra installs it (``make test`` does); without it these tests skip and say so.
+The dev extra installs it (``make test`` does); without it these tests skip and say so. The
+JavaScript (the web runtime, the browser demo, the benchmarks' .mjs) must parse: ``node --check``,
+skipped where node is missing.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +38,32 @@ def test_ruff_format_is_clean():
     assert done.returncode == 0, (
         f"not formatted as ruff format formats it; run `ruff format .`:\n{done.stdout}{done.stderr}"
     )
+
+
+def _javascript_files() -> list[Path]:
+    """Every .js/.mjs of the web runtime (not its node_modules), the browser demo, and the benchmarks."""
+    found = [
+        path
+        for folder in (ROOT / "runtime" / "web", ROOT / "examples" / "browser")
+        for path in sorted(folder.rglob("*"))
+        if path.suffix in (".js", ".mjs") and "node_modules" not in path.relative_to(folder).parts
+    ]
+    return found + sorted((ROOT / "benchmarks").glob("*.mjs"))
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed (Node 20 or newer runs the web demo)")
+def test_javascript_parses():
+    """``node --check`` on every file, each read as the ES module it is (runtime/web's package.json says
+    "type": "module", the page loads app.js as a module). Fed on stdin with --input-type=module: given a
+    .js path outside such a package, Node 20 guesses the module type and exits 0 even on a syntax error."""
+    files = _javascript_files()
+    assert ROOT / "runtime" / "web" / "index.js" in files and ROOT / "examples" / "browser" / "app.js" in files
+    failed = []
+    for path in files:
+        with path.open("rb") as source:
+            done = subprocess.run(
+                ["node", "--input-type=module", "--check"], stdin=source, capture_output=True, text=True, timeout=60
+            )
+        if done.returncode != 0:
+            failed.append(f"{path.relative_to(ROOT)}:\n{done.stderr.strip()}")
+    assert not failed, "JavaScript that does not parse:\n" + "\n\n".join(failed)
