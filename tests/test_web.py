@@ -778,7 +778,7 @@ def _q4_1_model(folder: Path, rng) -> tuple[Path, np.ndarray]:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.gguf_blocks import store_exact_blocks
+    from reft_edge.export.gguf_blocks import store_exact_blocks
 
     k, n = 96, 40
     d = rng.uniform(0.01, 0.05, (k // 32, 1, n)).astype(np.float16).astype(np.float32)
