@@ -33,16 +33,16 @@ PROMPTS, TOKENS = 20, 48
 
 def unseen_prompts() -> list[str]:
     """The first prompts of each persona's unseen.txt, PROMPTS in all."""
-    lines = [line for p in load_personas(None) for line in (p.folder / "unseen.txt").read_text().splitlines()
-             if line.strip()]
-    return lines[::max(1, len(lines) // PROMPTS)][:PROMPTS]
+    lines = [
+        line for p in load_personas(None) for line in (p.folder / "unseen.txt").read_text().splitlines() if line.strip()
+    ]
+    return lines[:: max(1, len(lines) // PROMPTS)][:PROMPTS]
 
 
 def facts_answered(runtime, facts) -> list[bool]:
     from reft_edge.runtime.evaluate import FACT_TOKENS
 
-    answers = runtime.generate_batch([(f.question, []) for f in facts], max_new_tokens=FACT_TOKENS,
-                                     no_repeat_ngram=0)
+    answers = runtime.generate_batch([(f.question, []) for f in facts], max_new_tokens=FACT_TOKENS, no_repeat_ngram=0)
     return [f.answered_by(a.text) for f, a in zip(facts, answers)]
 
 
@@ -65,8 +65,9 @@ def argmax_agreement(runtime, reference: list[tuple[list[int], list[int]]]) -> f
 
 def decode_speed(runtime) -> float:
     runtime.generate("Warm up.", max_new_tokens=4)
-    out = runtime.generate("Tell me a long story about a dragon.", max_new_tokens=64, ignore_eos=True,
-                           no_repeat_ngram=0)
+    out = runtime.generate(
+        "Tell me a long story about a dragon.", max_new_tokens=64, ignore_eos=True, no_repeat_ngram=0
+    )
     return out.timings["tokens_per_s"]
 
 
@@ -90,15 +91,19 @@ def main() -> None:
         answered = facts_answered(runtime, facts)
         if reference is None:  # fp32: its greedy answers are the teacher-forced reference
             known = [i for i, ok in enumerate(answered) if ok]
-            reference = [(runtime.encode(p), runtime.generate(p, max_new_tokens=TOKENS, no_repeat_ngram=0).token_ids)
-                         for p in prompts]
+            reference = [
+                (runtime.encode(p), runtime.generate(p, max_new_tokens=TOKENS, no_repeat_ngram=0).token_ids)
+                for p in prompts
+            ]
         rows[precision] = {
-            "facts_answered": sum(answered), "facts": len(facts),
+            "facts_answered": sum(answered),
+            "facts": len(facts),
             "of_fp32_facts": round(sum(answered[i] for i in known) / len(known), 4) if known else None,
             "argmax_agreement": round(argmax_agreement(runtime, reference), 4),
             "tokens_per_s": round(decode_speed(runtime), 1),
             "bytes": sum(f.stat().st_size for f in Path(bundles[precision]).iterdir()),
-            "weights": runtime.manifest.weights, "seconds": round(time.perf_counter() - started, 1),
+            "weights": runtime.manifest.weights,
+            "seconds": round(time.perf_counter() - started, 1),
         }
         print(precision, rows[precision])
     from reft_edge.files import atomic_write_bytes
@@ -109,17 +114,24 @@ def main() -> None:
 
 
 def write_report(rows: dict) -> None:
-    lines = [START, "", "| bundle | test facts answered | of those fp32 answers | next token = fp32's "
-             "(teacher-forced, 20 x 48) | decode tokens/s | size MB |", "|---|---|---|---|---|---|"]
+    lines = [
+        START,
+        "",
+        "| bundle | test facts answered | of those fp32 answers | next token = fp32's "
+        "(teacher-forced, 20 x 48) | decode tokens/s | size MB |",
+        "|---|---|---|---|---|---|",
+    ]
     for precision, r in rows.items():
         share = "-" if r["of_fp32_facts"] is None else f"{r['of_fp32_facts']:.0%}"
-        lines.append(f"| {precision} | {r['facts_answered']} / {r['facts']} | {share} | "
-                     f"{r['argmax_agreement']:.1%} | {r['tokens_per_s']} | {r['bytes'] / 1e6:.0f} |")
+        lines.append(
+            f"| {precision} | {r['facts_answered']} / {r['facts']} | {share} | "
+            f"{r['argmax_agreement']:.1%} | {r['tokens_per_s']} | {r['bytes'] / 1e6:.0f} |"
+        )
     lines += ["", END]
     text = DOC.read_text()
     block = "\n".join(lines)
     if START in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
     else:
         text += "\n## Base fidelity: what each bundle keeps before any patch\n\n" + block + "\n"
     DOC.write_text(text)

@@ -32,8 +32,9 @@ import dataclasses
 import json
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from benchmarks.quality import DOC, MAX_NEW_TOKENS, ROOT, Persona, export_bundles, load_personas
 
@@ -71,6 +72,7 @@ def load_pairs(names: Sequence[str]) -> list[Pair]:
 
 # -- training -----------------------------------------------------------------------------------
 
+
 def train_patches(pair: Pair, method: str, backbone: Any, folder: Path) -> tuple[dict[str, list[Any]], float]:
     """{"a": patches for a alone, "b": ..., "ab": both} for one patch method, and training seconds."""
     from reft_edge.runtime import Patch
@@ -83,10 +85,11 @@ def train_patches(pair: Pair, method: str, backbone: Any, folder: Path) -> tuple
         if Path(config.out).is_file():
             cached = Patch.load(config.out)
             partners = [Patch.load(p).payload_sha256 for p in config.compose_with]
-            if (cached.training.get("recipe") == recipe_summary(config)
-                    and cached.training.get("data_sha256") == sources_digest(config)
-                    and [p["payload_sha256"] for p in cached.training.get("composition", {}).get("with", [])]
-                    == partners):
+            if (
+                cached.training.get("recipe") == recipe_summary(config)
+                and cached.training.get("data_sha256") == sources_digest(config)
+                and [p["payload_sha256"] for p in cached.training.get("composition", {}).get("with", [])] == partners
+            ):
                 return cached
         return train(config, backbone=backbone, progress=False)
 
@@ -102,24 +105,33 @@ def train_patches(pair: Pair, method: str, backbone: Any, folder: Path) -> tuple
     started = time.perf_counter()
     if method in ("compose-with", "compose-orthogonal"):
         orthogonal = method == "compose-orthogonal"
-        with_a = fit(f"{pair.b.name}-with-{pair.a.name}{'-orthogonal' if orthogonal else ''}.reft",
-                     data=data[pair.b.name], compose_with=(str(alone[pair.a.name]),),
-                     orthogonal_to_partners=orthogonal)
+        with_a = fit(
+            f"{pair.b.name}-with-{pair.a.name}{'-orthogonal' if orthogonal else ''}.reft",
+            data=data[pair.b.name],
+            compose_with=(str(alone[pair.a.name]),),
+            orthogonal_to_partners=orthogonal,
+        )
         return {"a": [a], "b": [with_a], "ab": [a, with_a]}, time.perf_counter() - started
     skills = fit(f"{pair.name}.reft", skills=((pair.a.name, data[pair.a.name]), (pair.b.name, data[pair.b.name])))
-    return ({"a": [skills.with_skills([pair.a.name])], "b": [skills.with_skills([pair.b.name])], "ab": [skills]},
-            time.perf_counter() - started)
+    return (
+        {"a": [skills.with_skills([pair.a.name])], "b": [skills.with_skills([pair.b.name])], "ab": [skills]},
+        time.perf_counter() - started,
+    )
 
 
 # -- measuring ----------------------------------------------------------------------------------
+
 
 def judged(pair: Pair, answers: list[str]) -> dict[str, float]:
     from reft_edge.runtime.judges import Judge
 
     ja, jb = Judge.parse(pair.a.judge), Judge.parse(pair.b.judge)
     share = lambda ok: round(sum(ok) / len(ok), 6)  # noqa: E731
-    return {"a": share([ja(t) for t in answers]), "b": share([jb(t) for t in answers]),
-            "both": share([ja(t) and jb(t) for t in answers])}
+    return {
+        "a": share([ja(t) for t in answers]),
+        "b": share([jb(t) for t in answers]),
+        "both": share([ja(t) and jb(t) for t in answers]),
+    }
 
 
 def measure_patches(pair: Pair, runtime: Any, uses: dict[str, list[Any]]) -> dict[str, Any]:
@@ -130,14 +142,26 @@ def measure_patches(pair: Pair, runtime: Any, uses: dict[str, list[Any]]) -> dic
     facts_txt = _prompts_file(prompts)
     for use, patches in uses.items():
         answers = backend.answers(prompts, patches, None, MAX_NEW_TOKENS)
-        kept = evaluate(runtime, data=facts_txt, patches=patches, facts=True, samples=0,
-                        facts_file=TEST_FACTS_FILE).retention  # the test split: no choice looks at it
-        figures[use] = {**judged(pair, answers), "facts_kept": kept.fraction, "facts_base": kept.base_correct,
-                        "facts_file": "test", "loops": loop_share(answers),
-                        "sample": answers[0], "sample_b": answers[len(prompts) // 2]}
+        kept = evaluate(
+            runtime, data=facts_txt, patches=patches, facts=True, samples=0, facts_file=TEST_FACTS_FILE
+        ).retention  # the test split: no choice looks at it
+        figures[use] = {
+            **judged(pair, answers),
+            "facts_kept": kept.fraction,
+            "facts_base": kept.base_correct,
+            "facts_file": "test",
+            "loops": loop_share(answers),
+            "sample": answers[0],
+            "sample_b": answers[len(prompts) // 2],
+        }
     base = backend.answers(prompts, [], None, MAX_NEW_TOKENS)
-    figures["base"] = {**judged(pair, base), "facts_kept": None, "facts_base": None, "sample": base[0],
-                       "sample_b": base[len(prompts) // 2]}
+    figures["base"] = {
+        **judged(pair, base),
+        "facts_kept": None,
+        "facts_base": None,
+        "sample": base[0],
+        "sample_b": base[len(prompts) // 2],
+    }
     return figures
 
 
@@ -147,16 +171,22 @@ def measure_lora(pair: Pair, backbone: Any, folder: Path) -> tuple[dict[str, Any
     from reft_edge.train.evaluate import TorchBackend
 
     started = time.perf_counter()
-    merged = {p.name: train_lora(backbone, p.folder / "train.jsonl", folder / f"{p.name}-lora")[0]
-              for p in (pair.a, pair.b)}
+    merged = {
+        p.name: train_lora(backbone, p.folder / "train.jsonl", folder / f"{p.name}-lora")[0] for p in (pair.a, pair.b)
+    }
     seconds = time.perf_counter() - started
     prompts, figures = pair.prompts(), {}
 
     def measure(use: str, model: Any) -> None:
         adapted = TorchBackend(dataclasses.replace(backbone, model=model))
         answers = adapted.answers(prompts, [], None, MAX_NEW_TOKENS)
-        figures[use] = {**judged(pair, answers), "facts_kept": _torch_facts_kept(backbone, adapted),
-                        "facts_base": None, "sample": answers[0], "sample_b": answers[len(prompts) // 2]}
+        figures[use] = {
+            **judged(pair, answers),
+            "facts_kept": _torch_facts_kept(backbone, adapted),
+            "facts_base": None,
+            "sample": answers[0],
+            "sample_b": answers[len(prompts) // 2],
+        }
 
     a, b = merged[pair.a.name], merged[pair.b.name]
     measure("a", a)
@@ -187,6 +217,7 @@ def _prompts_file(prompts: list[list[dict[str, str]]]) -> Path:
 
 # -- results and report -------------------------------------------------------------------------
 
+
 def load_results() -> list[dict]:
     return json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
 
@@ -203,25 +234,32 @@ def save(results: list[dict], entry: dict) -> list[dict]:
 
 def render(results: list[dict]) -> str:
     pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
-    lines = ["| pair | method | a alone: a / facts | b alone: b / facts | composed: a / b / **both** / facts | "
-             f"both ≥ {MIN_BOTH:.0%} | loops composed | train s (this run) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| pair | method | a alone: a / facts | b alone: b / facts | composed: a / b / **both** / facts | "
+        f"both ≥ {MIN_BOTH:.0%} | loops composed | train s (this run) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     order = lambda r: (r["pair"], METHODS.index(r["method"]), r.get("precision", "fp32"))  # noqa: E731
     for entry in sorted(results, key=order):
         f = entry["figures"]
         a, b, ab = f["a"], f["b"], f["ab"]
         facts = "" if ab.get("facts_file") == "test" else " (dev facts)"
-        lines.append(f"| {entry['pair']} | {entry['method']}, {entry.get('precision', 'fp32')}{facts} | "
-                     f"{pct(a['a'])} / {pct(a['facts_kept'])} | "
-                     f"{pct(b['b'])} / {pct(b['facts_kept'])} | {pct(ab['a'])} / {pct(ab['b'])} / "
-                     f"**{pct(ab['both'])}** / {pct(ab['facts_kept'])} | "
-                     f"{'met' if ab['both'] >= MIN_BOTH else 'not met'} | {pct(ab.get('loops'))} "
-                     f"| {entry['train_s'] or 'reused'} |")
+        lines.append(
+            f"| {entry['pair']} | {entry['method']}, {entry.get('precision', 'fp32')}{facts} | "
+            f"{pct(a['a'])} / {pct(a['facts_kept'])} | "
+            f"{pct(b['b'])} / {pct(b['facts_kept'])} | {pct(ab['a'])} / {pct(ab['b'])} / "
+            f"**{pct(ab['both'])}** / {pct(ab['facts_kept'])} | "
+            f"{'met' if ab['both'] >= MIN_BOTH else 'not met'} | {pct(ab.get('loops'))} "
+            f"| {entry['train_s'] or 'reused'} |"
+        )
     samples = ["", "Composed answers to the first unseen prompt of each persona (greedy):", ""]
     for entry in sorted(results, key=order):
         ab = entry["figures"]["ab"]
-        samples.append(f"- {entry['pair']}, {entry['method']}, {entry.get('precision', 'fp32')}: "
-                       f"{json.dumps(ab['sample'])} / "
-                       f"{json.dumps(ab['sample_b'])}")
+        samples.append(
+            f"- {entry['pair']}, {entry['method']}, {entry.get('precision', 'fp32')}: "
+            f"{json.dumps(ab['sample'])} / "
+            f"{json.dumps(ab['sample_b'])}"
+        )
     return "\n".join(lines + samples)
 
 
@@ -244,14 +282,20 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     if not args.report_only:
-        run_study(load_pairs(args.pairs.split(",")), [m for m in args.methods.split(",") if args.lora or m != "lora"],
-                  Path(args.cache), print, args.precision)
+        run_study(
+            load_pairs(args.pairs.split(",")),
+            [m for m in args.methods.split(",") if args.lora or m != "lora"],
+            Path(args.cache),
+            print,
+            args.precision,
+        )
     write_report(load_results())
     print(f"wrote {DOC.relative_to(ROOT)}")
 
 
-def run_study(pairs: list[Pair], methods: list[str], cache: Path, say: Callable[[str], None],
-              precision: str = "fp32") -> None:
+def run_study(
+    pairs: list[Pair], methods: list[str], cache: Path, say: Callable[[str], None], precision: str = "fp32"
+) -> None:
     from reft_edge.runtime import Runtime
     from reft_edge.train.backbone import load_backbone
 
@@ -271,11 +315,21 @@ def run_study(pairs: list[Pair], methods: list[str], cache: Path, say: Callable[
             else:
                 uses, seconds = train_patches(pair, method, backbone, folder)
                 figures = measure_patches(pair, runtime, uses)
-            results = save(results, {"pair": pair.name, "method": method, "train_s": round(seconds, 1),
-                                     "figures": figures, "precision": precision})
+            results = save(
+                results,
+                {
+                    "pair": pair.name,
+                    "method": method,
+                    "train_s": round(seconds, 1),
+                    "figures": figures,
+                    "precision": precision,
+                },
+            )
             ab = figures["ab"]
-            say(f"{pair.name:22s} {method:12s} composed: a {ab['a']:.0%} b {ab['b']:.0%} both {ab['both']:.0%} "
-                f"facts {ab['facts_kept'] if ab['facts_kept'] is None else format(ab['facts_kept'], '.0%')}")
+            say(
+                f"{pair.name:22s} {method:12s} composed: a {ab['a']:.0%} b {ab['b']:.0%} both {ab['both']:.0%} "
+                f"facts {ab['facts_kept'] if ab['facts_kept'] is None else format(ab['facts_kept'], '.0%')}"
+            )
 
 
 if __name__ == "__main__":

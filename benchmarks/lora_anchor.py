@@ -31,12 +31,14 @@ def train_lora(backbone: Any, data: Path, out: Path) -> tuple[Any, int]:
     from peft import LoraConfig, get_peft_model
 
     from reft_edge.train.data import read_jsonl, tokenize
-    from reft_edge.train.recipe import batch_order
+    from reft_edge.train.fitting import batch_order
 
     torch.manual_seed(0)
     examples = tokenize(read_jsonl(data), backbone.tokenizer, use_chat_template=True)
-    model = get_peft_model(copy.deepcopy(backbone.model), LoraConfig(
-        r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(LORA_TARGETS)))
+    model = get_peft_model(
+        copy.deepcopy(backbone.model),
+        LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(LORA_TARGETS)),
+    )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LORA_LR, weight_decay=0.0)
     for indices in batch_order(len(examples), LORA_BATCH, LORA_STEPS, seed=0):
@@ -47,9 +49,9 @@ def train_lora(backbone: Any, data: Path, out: Path) -> tuple[Any, int]:
         labels = torch.full((len(chosen), width), -100, dtype=torch.long)
         attention = torch.zeros(len(chosen), width, dtype=torch.long)
         for row, (example, sequence) in enumerate(zip(chosen, sequences)):
-            ids[row, :len(sequence)] = torch.tensor(sequence)
-            attention[row, :len(sequence)] = 1
-            labels[row, len(example.prompt_ids):len(sequence)] = torch.tensor(example.target_ids)
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            attention[row, : len(sequence)] = 1
+            labels[row, len(example.prompt_ids) : len(sequence)] = torch.tensor(example.target_ids)
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
@@ -82,15 +84,31 @@ def measure_lora(persona: Any, backbone: Any, folder: Path, max_new_tokens: int)
     kept = sum(facts[i].answered_by(a) for i, a in zip(correct, fact_answers))
     val = adapted.examples(read_heldout(persona.folder / "val.jsonl")[0])
     val_loss = adapted.response_nll(val, [], None) / sum(len(e.target_ids) for e in val)
-    return {"bytes": size, "train_s": round(seconds, 1), "config": {
-                "rank": LORA_RANK, "alpha": LORA_ALPHA, "targets": list(LORA_TARGETS), "lr": LORA_LR,
-                "steps": LORA_STEPS, "batch_size": LORA_BATCH},
-            "by_precision": {"fp32": {
-                "adherence": round(sum(judge(a) for a in answers) / len(answers), 6), "base_adherence": None,
-                "facts_kept": round(kept / len(correct), 6) if correct else None, "facts_base": len(correct),
-                "val_loss": round(val_loss, 6), "val_loss_base": None,
-                "samples": [{"prompt": p[-1]["content"], "base": None, "patched": a}
-                            for p, a in list(zip(prompts, answers))[:3]]}}}
+    return {
+        "bytes": size,
+        "train_s": round(seconds, 1),
+        "config": {
+            "rank": LORA_RANK,
+            "alpha": LORA_ALPHA,
+            "targets": list(LORA_TARGETS),
+            "lr": LORA_LR,
+            "steps": LORA_STEPS,
+            "batch_size": LORA_BATCH,
+        },
+        "by_precision": {
+            "fp32": {
+                "adherence": round(sum(judge(a) for a in answers) / len(answers), 6),
+                "base_adherence": None,
+                "facts_kept": round(kept / len(correct), 6) if correct else None,
+                "facts_base": len(correct),
+                "val_loss": round(val_loss, 6),
+                "val_loss_base": None,
+                "samples": [
+                    {"prompt": p[-1]["content"], "base": None, "patched": a} for p, a in list(zip(prompts, answers))[:3]
+                ],
+            }
+        },
+    }
 
 
 def _digest(path: Path) -> str:

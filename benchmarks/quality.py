@@ -66,7 +66,7 @@ class Persona:
     folder: Path
 
     @classmethod
-    def load(cls, folder: Path) -> "Persona":
+    def load(cls, folder: Path) -> Persona:
         spec = json.loads((folder / "persona.json").read_text())
         return cls(spec["name"], spec["kind"], spec["judge"], bool(spec["keeps_content"]), folder)
 
@@ -98,8 +98,12 @@ def train_patch(persona: Persona, recipe: str, backbone: Any, folder: Path) -> t
 
     overrides = dict(RECIPES[recipe])
     val = overrides.pop("val", False)
-    config = TrainConfig(data=str(persona.folder / "train.jsonl"), out=str(folder / f"{persona.name}-{recipe}.reft"),
-                         val_data=str(persona.folder / "val.jsonl") if val else None, **overrides)
+    config = TrainConfig(
+        data=str(persona.folder / "train.jsonl"),
+        out=str(folder / f"{persona.name}-{recipe}.reft"),
+        val_data=str(persona.folder / "val.jsonl") if val else None,
+        **overrides,
+    )
     started = time.perf_counter()
     train(config, backbone=backbone, progress=False)
     return Path(config.out), time.perf_counter() - started
@@ -109,19 +113,42 @@ def measure(runtime: Any, persona: Persona, patches: list[Path]) -> dict[str, An
     from reft_edge.runtime.evaluate import FACTS_FILE, TEST_FACTS_FILE, evaluate
 
     # facts kept on the test split, which no recipe choice looks at
-    unseen = evaluate(runtime, data=persona.folder / "unseen.txt", patches=patches, judge=persona.judge,
-                      max_new_tokens=MAX_NEW_TOKENS, facts=True, facts_file=TEST_FACTS_FILE, samples=3).to_dict()
-    heldout = evaluate(runtime, data=persona.folder / "val.jsonl", patches=patches, facts=False, samples=0,
-                       max_new_tokens=1).to_dict()
+    unseen = evaluate(
+        runtime,
+        data=persona.folder / "unseen.txt",
+        patches=patches,
+        judge=persona.judge,
+        max_new_tokens=MAX_NEW_TOKENS,
+        facts=True,
+        facts_file=TEST_FACTS_FILE,
+        samples=3,
+    ).to_dict()
+    heldout = evaluate(
+        runtime, data=persona.folder / "val.jsonl", patches=patches, facts=False, samples=0, max_new_tokens=1
+    ).to_dict()
     # the development split: what recipe choices look at (the test split above is only reported)
-    dev = evaluate(runtime, data=persona.folder / "unseen.txt", patches=patches, facts=True, facts_file=FACTS_FILE,
-                   samples=0, max_new_tokens=1).to_dict()["retention"]
-    return {"adherence": unseen["adherence"]["patched"], "base_adherence": unseen["adherence"]["base"],
-            "facts_kept": unseen["retention"]["fraction"], "facts_base": unseen["retention"]["base_correct"],
-            "facts_file": "test", "loops": unseen["adherence"]["loops_patched"],
-            "facts_kept_dev": dev["fraction"], "facts_base_dev": dev["base_correct"],
-            "val_loss": heldout["loss"]["patched"], "val_loss_base": heldout["loss"]["base"],
-            "samples": unseen["samples"]}
+    dev = evaluate(
+        runtime,
+        data=persona.folder / "unseen.txt",
+        patches=patches,
+        facts=True,
+        facts_file=FACTS_FILE,
+        samples=0,
+        max_new_tokens=1,
+    ).to_dict()["retention"]
+    return {
+        "adherence": unseen["adherence"]["patched"],
+        "base_adherence": unseen["adherence"]["base"],
+        "facts_kept": unseen["retention"]["fraction"],
+        "facts_base": unseen["retention"]["base_correct"],
+        "facts_file": "test",
+        "loops": unseen["adherence"]["loops_patched"],
+        "facts_kept_dev": dev["fraction"],
+        "facts_base_dev": dev["base_correct"],
+        "val_loss": heldout["loss"]["patched"],
+        "val_loss_base": heldout["loss"]["base"],
+        "samples": unseen["samples"],
+    }
 
 
 def run_patch(persona: Persona, recipe: str, backbone: Any, runtimes: dict[str, Any], folder: Path) -> dict:
@@ -129,9 +156,15 @@ def run_patch(persona: Persona, recipe: str, backbone: Any, runtimes: dict[str, 
 
     path, seconds = train_patch(persona, recipe, backbone, folder)
     patch = Patch.from_file(path)
-    result = {"persona": persona.name, "recipe": recipe, "bytes": patch.size_bytes, "train_s": round(seconds, 1),
-              "steps_run": patch.training.get("steps_run"), "best_step": patch.training.get("best_step"),
-              "config": {k: list(v) if isinstance(v, tuple) else v for k, v in RECIPES[recipe].items()}}
+    result = {
+        "persona": persona.name,
+        "recipe": recipe,
+        "bytes": patch.size_bytes,
+        "train_s": round(seconds, 1),
+        "steps_run": patch.training.get("steps_run"),
+        "best_step": patch.training.get("best_step"),
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in RECIPES[recipe].items()},
+    }
     result["by_precision"] = {precision: measure(rt, persona, [path]) for precision, rt in runtimes.items()}
     return result
 
@@ -161,8 +194,11 @@ def merge(results: list[dict], entry: dict) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--personas", default=None, help="comma list (default: all of examples/personas)")
-    parser.add_argument("--recipes", default=",".join(RECIPES),
-                        help=f"comma list of {', '.join(RECIPES)}; 'none' (only the LoRA anchor)")
+    parser.add_argument(
+        "--recipes",
+        default=",".join(RECIPES),
+        help=f"comma list of {', '.join(RECIPES)}; 'none' (only the LoRA anchor)",
+    )
     parser.add_argument("--precisions", default="fp32", help="bundles to measure on: fp32,int8,int4")
     parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True, help="train the LoRA anchor")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "reft-edge-quality"))
@@ -195,14 +231,19 @@ def run_study(args: argparse.Namespace) -> None:
     runs = [(persona, recipe) for persona in personas for recipe in recipes + ([LORA] if args.lora else [])]
     with tempfile.TemporaryDirectory() as folder:
         for persona, recipe in tqdm(runs, desc="quality", unit="run"):
-            entry = (run_lora(persona, backbone, Path(folder)) if recipe == LORA
-                     else run_patch(persona, recipe, backbone, runtimes, Path(folder)))
+            entry = (
+                run_lora(persona, backbone, Path(folder))
+                if recipe == LORA
+                else run_patch(persona, recipe, backbone, runtimes, Path(folder))
+            )
             results = merge(results, entry)
             save_results(results)
             shown = entry["by_precision"].get("fp32") or next(iter(entry["by_precision"].values()))
-            tqdm.write(f"{persona.name:12s} {recipe:15s} adherence {shown['adherence']:.0%} "
-                       f"facts {shown['facts_kept']:.0%} val loss {shown['val_loss']:.3f} "
-                       f"{entry['bytes']} B {entry['train_s']} s")
+            tqdm.write(
+                f"{persona.name:12s} {recipe:15s} adherence {shown['adherence']:.0%} "
+                f"facts {shown['facts_kept']:.0%} val loss {shown['val_loss']:.3f} "
+                f"{entry['bytes']} B {entry['train_s']} s"
+            )
 
 
 if __name__ == "__main__":

@@ -49,9 +49,12 @@ def pct(value: float | None) -> str:
 
 def render_tables(results: list[dict]) -> str:
     personas, recipes = personas_of(results), recipes_of(results)
-    lines = ["## Adherence on 20 unseen prompts / facts kept (fp32 bundle, greedy, 48 tokens)", "",
-             "| recipe | " + " | ".join(personas) + " | mean adherence | mean facts kept | bytes | train s |",
-             "|---" * (len(personas) + 5) + "|"]
+    lines = [
+        "## Adherence on 20 unseen prompts / facts kept (fp32 bundle, greedy, 48 tokens)",
+        "",
+        "| recipe | " + " | ".join(personas) + " | mean adherence | mean facts kept | bytes | train s |",
+        "|---" * (len(personas) + 5) + "|",
+    ]
     for recipe in recipes:
         cells, adherences, kept, sizes, seconds = [], [], [], [], []
         for persona in personas:
@@ -65,33 +68,49 @@ def render_tables(results: list[dict]) -> str:
             kept.append(shown["facts_kept"])
             sizes.append(entry["bytes"])
             seconds.append(entry["train_s"])
-        lines.append(f"| {recipe} | " + " | ".join(cells) + f" | {pct(_mean(adherences))} | {pct(_mean(kept))} | "
-                     f"{int(_mean(sizes) or 0):,} | {_mean(seconds) or 0:.0f} |")
-    lines += ["", "Base model without a patch, same judges: " + ", ".join(
-        f"{p} {pct(_base(results, p))}" for p in personas) + "."]
+        lines.append(
+            f"| {recipe} | " + " | ".join(cells) + f" | {pct(_mean(adherences))} | {pct(_mean(kept))} | "
+            f"{int(_mean(sizes) or 0):,} | {_mean(seconds) or 0:.0f} |"
+        )
+    lines += [
+        "",
+        "Base model without a patch, same judges: "
+        + ", ".join(f"{p} {pct(_base(results, p))}" for p in personas)
+        + ".",
+    ]
     lines += ["", *render_precisions(results), "", *render_targets(results), "", *render_samples(results)]
     return "\n".join(render_test_split(results) + ["", *lines])
 
 
 def render_test_split(results: list[dict]) -> list[str]:
     """The runs measured on the held-out facts split (facts_test.jsonl), with dev facts and loops."""
-    rows = [(r, precision, m) for r in results for precision, m in r.get("by_precision", {}).items()
-            if m.get("facts_file") == "test"]
+    rows = [
+        (r, precision, m)
+        for r in results
+        for precision, m in r.get("by_precision", {}).items()
+        if m.get("facts_file") == "test"
+    ]
     if not rows:
         return []
-    lines = ["## Facts on the held-out test split, loops (this round's runs; exact-block int4)", "",
-             "Facts kept: of the test facts the base answers at that precision, the share the patched "
-             "model still answers; dev: the same on the development split, which recipe choices read. These "
-             "runs used the first version of the splits (dev 60, test 87), of which 4 and 19 questions were "
-             "also persona training prompts; they were removed afterwards (dev 56, test 82). "
-             "Loops: answers among the 20 unseen that loop (runtime.loops), 48 tokens, no guard.", "",
-             "| persona | recipe | bundle | adherence | facts kept (test) | facts kept (dev) | loops |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Facts on the held-out test split, loops (this round's runs; exact-block int4)",
+        "",
+        "Facts kept: of the test facts the base answers at that precision, the share the patched "
+        "model still answers; dev: the same on the development split, which recipe choices read. These "
+        "runs used the first version of the splits (dev 60, test 87), of which 4 and 19 questions were "
+        "also persona training prompts; they were removed afterwards (dev 56, test 82). "
+        "Loops: answers among the 20 unseen that loop (runtime.loops), 48 tokens, no guard.",
+        "",
+        "| persona | recipe | bundle | adherence | facts kept (test) | facts kept (dev) | loops |",
+        "|---|---|---|---|---|---|---|",
+    ]
     order = ["fp32", "int8", "int4"]
     for r, precision, m in sorted(rows, key=lambda x: (x[0]["persona"], x[0]["recipe"], order.index(x[1]))):
-        lines.append(f"| {r['persona']} | {r['recipe']} | {precision} | {pct(m['adherence'])} | "
-                     f"{pct(m['facts_kept'])} of {m['facts_base']} | {pct(m.get('facts_kept_dev'))} | "
-                     f"{pct(m.get('loops'))} |")
+        lines.append(
+            f"| {r['persona']} | {r['recipe']} | {precision} | {pct(m['adherence'])} | "
+            f"{pct(m['facts_kept'])} of {m['facts_base']} | {pct(m.get('facts_kept_dev'))} | "
+            f"{pct(m.get('loops'))} |"
+        )
     return lines
 
 
@@ -99,21 +118,30 @@ def render_precisions(results: list[dict]) -> list[str]:
     precisions = sorted({p for r in results for p in r.get("by_precision", {})}, key=["fp32", "int8", "int4"].index)
     if precisions == ["fp32"]:
         return []
-    lines = ["## The same patches on the bundles devices run (adherence / facts kept)", "",
-             "| persona | recipe | " + " | ".join(precisions) + " |", "|---" * (len(precisions) + 2) + "|"]
+    lines = [
+        "## The same patches on the bundles devices run (adherence / facts kept)",
+        "",
+        "| persona | recipe | " + " | ".join(precisions) + " |",
+        "|---" * (len(precisions) + 2) + "|",
+    ]
     for entry in sorted(results, key=lambda r: (r["recipe"], r["persona"])):
         if entry["recipe"] == LORA or len(entry.get("by_precision", {})) < 2:
             continue
-        cells = [f"{pct(f['adherence'])} / {pct(f['facts_kept'])}" if (f := figures(entry, p)) else "—"
-                 for p in precisions]
+        cells = [
+            f"{pct(f['adherence'])} / {pct(f['facts_kept'])}" if (f := figures(entry, p)) else "—" for p in precisions
+        ]
         lines.append(f"| {entry['persona']} | {entry['recipe']} | " + " | ".join(cells) + " |")
     return lines
 
 
 def render_targets(results: list[dict]) -> list[str]:
-    lines = ["## Targets, default recipe vs the LoRA anchor (fp32)", "",
-             "| persona | adherence (target ≥ 90 % and ≥ LoRA) | facts kept (≥ 80 % and ≥ LoRA; content personas) "
-             "| bytes (≤ 124 KB) | train s (≤ 180) |", "|---|---|---|---|---|"]
+    lines = [
+        "## Targets, default recipe vs the LoRA anchor (fp32)",
+        "",
+        "| persona | adherence (target ≥ 90 % and ≥ LoRA) | facts kept (≥ 80 % and ≥ LoRA; content personas) "
+        "| bytes (≤ 124 KB) | train s (≤ 180) |",
+        "|---|---|---|---|---|",
+    ]
     for persona in personas_of(results):
         ours, lora = find(results, persona, DEFAULT), find(results, persona, LORA)
         if not ours or not figures(ours):
@@ -121,14 +149,16 @@ def render_targets(results: list[dict]) -> list[str]:
         f, g = figures(ours), figures(lora) if lora else None
         adherence_ok = f["adherence"] >= MIN_ADHERENCE and (g is None or f["adherence"] >= g["adherence"])
         keeps = ours.get("keeps_content", True)
-        facts_ok = (not keeps) or (f["facts_kept"] >= MIN_FACTS_SHARE
-                                   and (g is None or f["facts_kept"] >= g["facts_kept"]))
+        facts_ok = (not keeps) or (
+            f["facts_kept"] >= MIN_FACTS_SHARE and (g is None or f["facts_kept"] >= g["facts_kept"])
+        )
         lines.append(
             f"| {persona} | {pct(f['adherence'])} vs {pct(g['adherence'] if g else None)} {_mark(adherence_ok)} | "
             f"{pct(f['facts_kept'])} vs {pct(g['facts_kept'] if g else None)} "
             f"{_mark(facts_ok) if keeps else '(content changes by design)'} | "
             f"{ours['bytes']:,} {_mark(ours['bytes'] <= MAX_BYTES)} | {ours['train_s']:.0f} "
-            f"{_mark(ours['train_s'] <= MAX_TRAIN_S)} |")
+            f"{_mark(ours['train_s'] <= MAX_TRAIN_S)} |"
+        )
     return lines
 
 
@@ -154,8 +184,10 @@ def draw(results: list[dict], plot: Path) -> None:
     personas, recipes = personas_of(results), [r for r in recipes_of(results) if r in (DEFAULT, LORA, "old-default")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
     width = 0.8 / max(1, len(recipes))
-    for axis, key, title in ((axes[0], "adherence", "adherence on unseen prompts"),
-                             (axes[1], "facts_kept", "facts kept")):
+    for axis, key, title in (
+        (axes[0], "adherence", "adherence on unseen prompts"),
+        (axes[1], "facts_kept", "facts kept"),
+    ):
         for i, recipe in enumerate(recipes):
             values = [(figures(e) or {}).get(key) or 0 if (e := find(results, p, recipe)) else 0 for p in personas]
             axis.bar([x + i * width for x in range(len(personas))], values, width, label=recipe)
@@ -182,5 +214,8 @@ def _mark(ok: bool) -> str:
 
 if __name__ == "__main__":
     root = Path(__file__).resolve().parent.parent
-    write_report(json.loads((root / "benchmarks/results/quality.json").read_text()), root / "docs/quality.md",
-                 root / "docs/quality.png")
+    write_report(
+        json.loads((root / "benchmarks/results/quality.json").read_text()),
+        root / "docs/quality.md",
+        root / "docs/quality.png",
+    )

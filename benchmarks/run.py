@@ -42,8 +42,10 @@ from pathlib import Path
 from benchmarks import report
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT = ("I am planning a week-long trip to the mountains next month with two friends who have never hiked "
-          "before. What should we pack, and how should we train?")  # 64 tokens once chat-formatted
+PROMPT = (
+    "I am planning a week-long trip to the mountains next month with two friends who have never hiked "
+    "before. What should we pack, and how should we train?"
+)  # 64 tokens once chat-formatted
 EMOJI_DATA = ROOT / "examples" / "emoji" / "train.jsonl"
 WORKER_TIMEOUT_S = 600
 
@@ -70,6 +72,7 @@ class Setup:
 
 # -- preparation -----------------------------------------------------------------------------------
 
+
 def prepare(args: argparse.Namespace) -> Setup:
     from reft_edge.files import cache_dir
     from reft_edge.train.backbone import load_backbone
@@ -78,10 +81,13 @@ def prepare(args: argparse.Namespace) -> Setup:
     bench = cache_dir() / "bench"
     bench.mkdir(exist_ok=True)
     patch = find_or_train_patch(backbone, cache_dir(), bench)
-    prompt_text = backbone.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
-                                                         add_generation_prompt=True)
-    configs = [Config("transformers eager fp32", "transformers", backbone.path),
-               Config("transformers eager fp32 + patch", "transformers", backbone.path, patch)]
+    prompt_text = backbone.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+    )
+    configs = [
+        Config("transformers eager fp32", "transformers", backbone.path),
+        Config("transformers eager fp32 + patch", "transformers", backbone.path, patch),
+    ]
     for label, folder in bundles(backbone, cache_dir(), bench).items():
         size = bundle_weight_bytes(folder)
         if "slot-free" not in label:  # a patch needs slots
@@ -104,8 +110,13 @@ def find_or_train_patch(backbone, cache: Path, bench: Path) -> str:
         if path.is_file() and Patch.load(path).base_fingerprint == backbone.fingerprint:
             return str(path)
     out = bench / "emoji.reft"
-    train(TrainConfig(data=str(EMOJI_DATA), out=str(out), layers=(15,), rank=4, positions="f2+l2", steps=60,
-                      batch_size=12), backbone=backbone, progress=False)
+    train(
+        TrainConfig(
+            data=str(EMOJI_DATA), out=str(out), layers=(15,), rank=4, positions="f2+l2", steps=60, batch_size=12
+        ),
+        backbone=backbone,
+        progress=False,
+    )
     return str(out)
 
 
@@ -114,15 +125,18 @@ def bundles(backbone, cache: Path, bench: Path) -> dict[str, Path]:
     from reft_edge.export import ExportConfig, export_bundle
 
     demo_int8 = cache / "demo" / f"bundle-{backbone.fingerprint[:12]}-int8"
-    wanted = {"fp32": (bench / "fp32", "fp32", None),
-              "fp32 slot-free": (bench / "fp32-slot-free", "fp32", ()),
-              "int8": (demo_int8 if demo_int8.is_dir() else bench / "int8", "int8", None),
-              "int4": (bench / "int4", "int4", None),
-              "int4 slot-free": (bench / "int4-slot-free", "int4", ())}
+    wanted = {
+        "fp32": (bench / "fp32", "fp32", None),
+        "fp32 slot-free": (bench / "fp32-slot-free", "fp32", ()),
+        "int8": (demo_int8 if demo_int8.is_dir() else bench / "int8", "int8", None),
+        "int4": (bench / "int4", "int4", None),
+        "int4 slot-free": (bench / "int4-slot-free", "int4", ()),
+    }
     for folder, precision, slots in wanted.values():
         print(f"bundle {folder} ({precision})", flush=True)
-        export_bundle(ExportConfig(out=str(folder), precision=precision, slot_layers=slots), backbone=backbone,
-                      progress=False)
+        export_bundle(
+            ExportConfig(out=str(folder), precision=precision, slot_layers=slots), backbone=backbone, progress=False
+        )
     return {label: folder for label, (folder, _, _) in wanted.items()}
 
 
@@ -140,8 +154,9 @@ def add_genai(setup: Setup, model_dir: str, bench: Path) -> None:
         if error:
             setup.notes.append(f"onnxruntime-genai {precision} skipped: its model builder failed ({error}).")
             continue
-        setup.configs.append(Config(f"onnxruntime-genai {precision}", "genai", str(folder), None,
-                                    bundle_weight_bytes(folder)))
+        setup.configs.append(
+            Config(f"onnxruntime-genai {precision}", "genai", str(folder), None, bundle_weight_bytes(folder))
+        )
 
 
 def build_genai(model_dir: str, folder: Path, precision: str) -> str | None:
@@ -152,9 +167,25 @@ def build_genai(model_dir: str, folder: Path, precision: str) -> str | None:
     print(f"onnxruntime-genai builder -> {folder}", flush=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as work:
         out = Path(work) / "model"
-        done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", model_dir,
-                               "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(Path(work) / "cache")],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                model_dir,
+                "-o",
+                str(out),
+                "-p",
+                precision,
+                "-e",
+                "cpu",
+                "-c",
+                str(Path(work) / "cache"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0 or not (out / "genai_config.json").is_file():
             lines = (done.stderr or done.stdout).strip().splitlines()
             return lines[-1] if lines else f"exit status {done.returncode}"
@@ -163,6 +194,7 @@ def build_genai(model_dir: str, folder: Path, precision: str) -> str | None:
 
 
 # -- measurement -----------------------------------------------------------------------------------
+
 
 @dataclass
 class CpuWindow:
@@ -174,7 +206,7 @@ class CpuWindow:
     ours: float
 
     @classmethod
-    def start(cls) -> "CpuWindow":
+    def start(cls) -> CpuWindow:
         return cls(time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds())
 
     def foreign_cores(self) -> float:
@@ -189,8 +221,10 @@ def busy_cpu_seconds() -> float:
 
 
 def own_cpu_seconds() -> float:
-    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
-                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return sum(
+        u.ru_utime + u.ru_stime
+        for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
 
 
 def measure(setup: Setup, args: argparse.Namespace) -> tuple[dict[str, list[dict]], dict[str, float]]:
@@ -206,17 +240,33 @@ def measure(setup: Setup, args: argparse.Namespace) -> tuple[dict[str, list[dict
             summary = results[config.name][-1]
             shown = f"{summary['decode_tok_s']:.1f} tok/s" if summary.get("decode_tok_s") else summary["error"]
             print(f"round {round_index + 1}/{args.repeats}  {config.name:40s} {shown}", flush=True)
-    load = {"load_min": min(loads), "load_max": max(loads), "load_median": statistics.median(loads),
-            "foreign_cores": window.foreign_cores()}
+    load = {
+        "load_min": min(loads),
+        "load_max": max(loads),
+        "load_median": statistics.median(loads),
+        "foreign_cores": window.foreign_cores(),
+    }
     return results, load
 
 
 def run_worker(config: Config, setup: Setup, args: argparse.Namespace) -> dict:
-    spec = {"engine": config.engine, "path": config.path, "patch": config.patch, "prompt": PROMPT,
-            "prompt_text": setup.prompt_text, "new_tokens": args.new_tokens, "threads": args.threads}
+    spec = {
+        "engine": config.engine,
+        "path": config.path,
+        "patch": config.patch,
+        "prompt": PROMPT,
+        "prompt_text": setup.prompt_text,
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+    }
     try:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=WORKER_TIMEOUT_S,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
     lines = done.stdout.strip().splitlines()
@@ -227,6 +277,7 @@ def run_worker(config: Config, setup: Setup, args: argparse.Namespace) -> dict:
 
 
 # -- training speed ---------------------------------------------------------------------------------
+
 
 def training_rows(steps: int, threads: int) -> dict[str, float]:
     """benchmarks.train_speed's two loops, one after the other, on one loaded backbone."""
@@ -240,17 +291,32 @@ def training_rows(steps: int, threads: int) -> dict[str, float]:
     window = CpuWindow.start()
     ours_s, ours_loss = train_speed.recipe(backbone, steps)
     ref_s, ref_loss = train_speed.reference_loop(backbone, steps)
-    return {"steps": steps, "ours_s": ours_s, "ours_loss": ours_loss, "ref_s": ref_s, "ref_loss": ref_loss,
-            "foreign_cores": window.foreign_cores()}
+    return {
+        "steps": steps,
+        "ours_s": ours_s,
+        "ours_loss": ours_loss,
+        "ref_s": ref_s,
+        "ref_loss": ref_loss,
+        "foreign_cores": window.foreign_cores(),
+    }
 
 
 # -- environment -----------------------------------------------------------------------------------
 
+
 def environment(args: argparse.Namespace) -> dict[str, str]:
-    return {"cpu": cpu_model(), "cores": str(os.cpu_count()), "memory": memory_total(),
-            "os": platform.platform(), "python": platform.python_version(), "threads": str(args.threads),
-            **{name: package_version(name) for name in
-               ("reft-edge", "torch", "transformers", "onnxruntime", "onnxruntime-genai", "numpy")}}
+    return {
+        "cpu": cpu_model(),
+        "cores": str(os.cpu_count()),
+        "memory": memory_total(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "threads": str(args.threads),
+        **{
+            name: package_version(name)
+            for name in ("reft-edge", "torch", "transformers", "onnxruntime", "onnxruntime-genai", "numpy")
+        },
+    }
 
 
 def cpu_model() -> str:
@@ -277,6 +343,7 @@ def package_version(name: str) -> str:
 
 # -- main -----------------------------------------------------------------------------------------
 
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 round, 32 new tokens, 10 training steps")
@@ -286,8 +353,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=None, help="training steps (default 60, --quick 10)")
     parser.add_argument("--skip-genai", action="store_true", help="leave out onnxruntime-genai")
     parser.add_argument("--skip-train", action="store_true", help="leave out the training-speed rows")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
-                        help="the report; the chart goes next to it as benchmark_decode.png")
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "docs" / "benchmarks.md"),
+        help="the report; the chart goes next to it as benchmark_decode.png",
+    )
     args = parser.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 5)
     args.new_tokens = args.new_tokens or (32 if args.quick else 128)
@@ -306,8 +376,19 @@ def main() -> None:
     load["before"] = load_before
     training = None if args.skip_train else training_rows(args.train_steps, args.threads)
     out = Path(args.out)
-    report.write(out, report.Report(setup.configs, results, load, training, environment(args), setup.notes,
-                                    vars(args), time.perf_counter() - started))
+    report.write(
+        out,
+        report.Report(
+            setup.configs,
+            results,
+            load,
+            training,
+            environment(args),
+            setup.notes,
+            vars(args),
+            time.perf_counter() - started,
+        ),
+    )
     print(f"wrote {out} and {out.with_name(report.CHART_NAME)} in {time.perf_counter() - started:.0f} s")
 
 

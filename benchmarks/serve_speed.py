@@ -35,9 +35,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-PROMPTS = ["How do I learn to swim?", "What is your favourite animal?", "Describe a rainy day.",
-           "What do you think about music?", "How can I sleep better?", "What is the best way to travel?",
-           "Tell me a joke.", "How do computers work?", "Where should I go on holiday?"]
+PROMPTS = [
+    "How do I learn to swim?",
+    "What is your favourite animal?",
+    "Describe a rainy day.",
+    "What do you think about music?",
+    "How can I sleep better?",
+    "What is the best way to travel?",
+    "Tell me a joke.",
+    "How do computers work?",
+    "Where should I go on holiday?",
+]
 
 
 def default_bundle() -> Path:
@@ -63,20 +71,41 @@ def random_patches(bundle: Path, folder: Path, count: int, seed: int = 0) -> lis
     names = []
     for i in range(count):
         R = np.linalg.qr(rng.standard_normal((hidden, rank)))[0].T.astype(np.float32)  # orthonormal rows
-        params = {"R": R, "W": (R + 0.05 * rng.standard_normal((rank, hidden))).astype(np.float32),
-                  "b": (0.5 * rng.standard_normal(rank)).astype(np.float32)}
+        params = {
+            "R": R,
+            "W": (R + 0.05 * rng.standard_normal((rank, hidden))).astype(np.float32),
+            "b": (0.5 * rng.standard_normal(rank)).astype(np.float32),
+        }
         positions = Positions.parse("l1+g" if i % 2 else "f2+l2")
-        Patch(name=f"person{i}", kind="loreft", positions=positions, share_weights=True, rank=rank,
-              hidden_size=hidden, base_fingerprint=manifest.base_fingerprint,
-              interventions=(Intervention(layer, "both", params),),
-              training={"steps": 0, "note": "random, for benchmarks.serve_speed"}).to_file(folder / f"person{i}.reft")
+        Patch(
+            name=f"person{i}",
+            kind="loreft",
+            positions=positions,
+            share_weights=True,
+            rank=rank,
+            hidden_size=hidden,
+            base_fingerprint=manifest.base_fingerprint,
+            interventions=(Intervention(layer, "both", params),),
+            training={"steps": 0, "note": "random, for benchmarks.serve_speed"},
+        ).to_file(folder / f"person{i}.reft")
         names.append(f"person{i}")
     return names
 
 
 def start_server(bundle: Path, folder: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "reft_edge.cli", "serve", str(bundle), "--patches", str(folder), "--port", "0",
-               "--max-batch", str(args.clients + 1)]
+    command = [
+        sys.executable,
+        "-m",
+        "reft_edge.cli",
+        "serve",
+        str(bundle),
+        "--patches",
+        str(folder),
+        "--port",
+        "0",
+        "--max-batch",
+        str(args.clients + 1),
+    ]
     if args.threads:
         command += ["--threads", str(args.threads)]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -91,8 +120,15 @@ def start_server(bundle: Path, folder: Path, args: argparse.Namespace) -> tuple[
 
 def ask(url: str, prompt: str, model: str, tokens: int) -> dict:
     """One streamed chat request: its text, tokens, time to first token and total time."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     first, pieces, usage = None, [], None
     with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=600) as response:
@@ -109,8 +145,15 @@ def ask(url: str, prompt: str, model: str, tokens: int) -> dict:
                     first = first or time.perf_counter()
                     pieces.append(content)
     end = time.perf_counter()
-    return {"text": "".join(pieces), "tokens": usage["completion_tokens"], "ttft_s": (first or end) - started,
-            "seconds": end - started, "started": started, "first": first or end, "end": end}
+    return {
+        "text": "".join(pieces),
+        "tokens": usage["completion_tokens"],
+        "ttft_s": (first or end) - started,
+        "seconds": end - started,
+        "started": started,
+        "first": first or end,
+        "end": end,
+    }
 
 
 def main() -> None:
@@ -162,14 +205,22 @@ def main() -> None:
 
     tokens = sum(r["tokens"] for r in alone)
     result = {
-        "bundle": str(bundle), "clients": args.clients, "tokens_each": args.tokens, "threads": args.threads,
-        "one_after_another": {"seconds": round(serial_s, 3), "tokens_per_s": round(tokens / serial_s, 2),
-                              "ttft_ms_median": round(1000 * statistics.median(r["ttft_s"] for r in alone), 1)},
-        "together": {"seconds": round(together_s, 3),
-                     "tokens_per_s": round(sum(r["tokens"] for r in together.values()) / together_s, 2),
-                     "ttft_ms_median": round(1000 * statistics.median(r["ttft_s"] for r in together.values()), 1),
-                     "ttft_ms_max": round(1000 * max(r["ttft_s"] for r in together.values()), 1),
-                     "newcomer_ttft_ms": round(1000 * newcomer["answer"]["ttft_s"], 1) if newcomer else None},
+        "bundle": str(bundle),
+        "clients": args.clients,
+        "tokens_each": args.tokens,
+        "threads": args.threads,
+        "one_after_another": {
+            "seconds": round(serial_s, 3),
+            "tokens_per_s": round(tokens / serial_s, 2),
+            "ttft_ms_median": round(1000 * statistics.median(r["ttft_s"] for r in alone), 1),
+        },
+        "together": {
+            "seconds": round(together_s, 3),
+            "tokens_per_s": round(sum(r["tokens"] for r in together.values()) / together_s, 2),
+            "ttft_ms_median": round(1000 * statistics.median(r["ttft_s"] for r in together.values()), 1),
+            "ttft_ms_max": round(1000 * max(r["ttft_s"] for r in together.values()), 1),
+            "newcomer_ttft_ms": round(1000 * newcomer["answer"]["ttft_s"], 1) if newcomer else None,
+        },
         "identical_answers": sum(together[i]["text"] == alone[i]["text"] for i in range(args.clients)),
     }
     result["speedup"] = round(result["together"]["tokens_per_s"] / result["one_after_another"]["tokens_per_s"], 2)

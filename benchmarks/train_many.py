@@ -39,9 +39,15 @@ PERSONAS = sorted((Path(__file__).resolve().parent.parent / "examples" / "person
 
 
 def people(count: int) -> list[dict]:
-    return [{"id": f"p{i:02d}-{PERSONAS[i % len(PERSONAS)].parent.name}", "data": str(PERSONAS[i % len(PERSONAS)]),
-             "val_data": str(PERSONAS[i % len(PERSONAS)].parent / "val.jsonl"), "seed": i // len(PERSONAS)}
-            for i in range(count)]
+    return [
+        {
+            "id": f"p{i:02d}-{PERSONAS[i % len(PERSONAS)].parent.name}",
+            "data": str(PERSONAS[i % len(PERSONAS)]),
+            "val_data": str(PERSONAS[i % len(PERSONAS)].parent / "val.jsonl"),
+            "seed": i // len(PERSONAS),
+        }
+        for i in range(count)
+    ]
 
 
 def write_jobs(folder: Path, count: int) -> Path:
@@ -64,8 +70,10 @@ def sequential(folder: Path, count: int, steps: int) -> list[float]:
 
 def many(folder: Path, count: int, steps: int) -> float:
     started = time.perf_counter()
-    train_many(ManyConfig(jobs=str(write_jobs(folder, count)), out_dir=str(folder / "out"),
-                          defaults={"steps": steps}), progress=False)
+    train_many(
+        ManyConfig(jobs=str(write_jobs(folder, count)), out_dir=str(folder / "out"), defaults={"steps": steps}),
+        progress=False,
+    )
     return time.perf_counter() - started
 
 
@@ -96,10 +104,25 @@ def ranks_vs_threads(folder: Path, count: int, steps: int) -> tuple[float, float
     """(seconds of torchrun with 2 ranks of 1 thread, seconds of 1 process of 2 threads)."""
     jobs = write_jobs(folder, count)
     options = ["--jobs", str(jobs), "--steps", str(steps), "--device", "cpu"]
-    ranks = subprocess_run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            "-m", "reft_edge.train.many", *options, "--out-dir", str(folder / "ranks")], 1)
-    threads = subprocess_run([sys.executable, "-m", "reft_edge.train.many", *options,
-                              "--out-dir", str(folder / "threads")], 2)
+    ranks = subprocess_run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "reft_edge.train.many",
+            *options,
+            "--out-dir",
+            str(folder / "ranks"),
+        ],
+        1,
+    )
+    threads = subprocess_run(
+        [sys.executable, "-m", "reft_edge.train.many", *options, "--out-dir", str(folder / "threads")], 2
+    )
     return ranks, threads
 
 
@@ -117,29 +140,40 @@ def main() -> None:
     counts = [int(c) for c in args.people.split(",")]
     torch.set_num_threads(args.threads)
     load_backbone()  # converted and in the page cache before anything is timed
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps per person; "
-          f"1-minute load average before: {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps per person; "
+        f"1-minute load average before: {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         alone = sequential(root / "alone", max(counts), args.steps)
         print(f"sequential done, load {os.getloadavg()[0]:.1f}", flush=True)
-        print("| people | sequential s | train-many s | sequential patches/h | train-many patches/h | speed-up "
-              "| identical bytes | max param diff | max loss diff | load |")
+        print(
+            "| people | sequential s | train-many s | sequential patches/h | train-many patches/h | speed-up "
+            "| identical bytes | max param diff | max loss diff | load |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for count in counts:
             many_s = many(root / f"many-{count}", count, args.steps)
             same = compare(root / f"many-{count}" / "out", root / "alone")
             alone_s = alone[count - 1]
-            print(f"| {count} | {alone_s:.0f} | {many_s:.0f} | {per_hour(count, alone_s):.0f} | "
-                  f"{per_hour(count, many_s):.0f} | {alone_s / many_s:.2f}x | {same['identical']}/{count} | "
-                  f"{same['max_param_diff']:.1e} | {same['max_loss_diff']:.1e} | {os.getloadavg()[0]:.1f} |",
-                  flush=True)
+            print(
+                f"| {count} | {alone_s:.0f} | {many_s:.0f} | {per_hour(count, alone_s):.0f} | "
+                f"{per_hour(count, many_s):.0f} | {alone_s / many_s:.2f}x | {same['identical']}/{count} | "
+                f"{same['max_param_diff']:.1e} | {same['max_loss_diff']:.1e} | {os.getloadavg()[0]:.1f} |",
+                flush=True,
+            )
         if args.rank_people:
             ranks_s, threads_s = ranks_vs_threads(root / "ranks", args.rank_people, args.steps)
-            print(f"\n{args.rank_people} people: torchrun 2 gloo ranks x 1 thread {ranks_s:.0f} s "
-                  f"({per_hour(args.rank_people, ranks_s):.0f} patches/h), 1 process x 2 threads {threads_s:.0f} s "
-                  f"({per_hour(args.rank_people, threads_s):.0f} patches/h): {threads_s / ranks_s:.2f}x; "
-                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+            print(
+                f"\n{args.rank_people} people: torchrun 2 gloo ranks x 1 thread {ranks_s:.0f} s "
+                f"({per_hour(args.rank_people, ranks_s):.0f} patches/h), 1 process x 2 threads {threads_s:.0f} s "
+                f"({per_hour(args.rank_people, threads_s):.0f} patches/h): {threads_s / ranks_s:.2f}x; "
+                f"load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+
 
 if __name__ == "__main__":
     main()

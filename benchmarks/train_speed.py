@@ -46,7 +46,7 @@ def reference_loop(backbone, steps: int) -> tuple[float, float]:
         full = e.prompt_ids + e.target_ids
         ids[row, : len(full)] = torch.tensor(full)
         attention[row, : len(full)] = 1
-        labels[row, len(e.prompt_ids): len(full)] = torch.tensor(e.target_ids)
+        labels[row, len(e.prompt_ids) : len(full)] = torch.tensor(e.target_ids)
         edit_mask[row, Positions.parse(POSITIONS).token_indices("both", len(e.prompt_ids))] = 1.0
 
     def hook(module, args, output):
@@ -69,8 +69,17 @@ def reference_loop(backbone, steps: int) -> tuple[float, float]:
 
 def recipe(backbone, steps: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as folder:
-        config = TrainConfig(data=str(DATA), out=f"{folder}/emoji.reft", layers=(LAYER,), rank=RANK,
-                             positions=POSITIONS, steps=steps, lr=LR, batch_size=12, seed=0)
+        config = TrainConfig(
+            data=str(DATA),
+            out=f"{folder}/emoji.reft",
+            layers=(LAYER,),
+            rank=RANK,
+            positions=POSITIONS,
+            steps=steps,
+            lr=LR,
+            batch_size=12,
+            seed=0,
+        )
         started = time.perf_counter()
         patch = train(config, backbone=backbone, progress=False)
         return time.perf_counter() - started, patch.training["final_loss"]
@@ -83,8 +92,10 @@ def main() -> None:
     backbone = load_backbone()
     ours_s, ours_loss = recipe(backbone, args.steps)
     ref_s, ref_loss = reference_loop(backbone, args.steps)
-    print(f"threads: {torch.get_num_threads()}, torch {torch.__version__}, {args.steps} steps, "
-          f"{len(read_jsonl(DATA))} examples, layer {LAYER}, rank {RANK}, {POSITIONS}")
+    print(
+        f"threads: {torch.get_num_threads()}, torch {torch.__version__}, {args.steps} steps, "
+        f"{len(read_jsonl(DATA))} examples, layer {LAYER}, rank {RANK}, {POSITIONS}"
+    )
     print("| training loop | seconds | s/step | final loss | speed-up |")
     print("|---|---|---|---|---|")
     print(f"| plain hook loop (reference) | {ref_s:.1f} | {ref_s / args.steps:.2f} | {ref_loss:.3f} | 1.00x |")

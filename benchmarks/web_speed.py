@@ -102,17 +102,32 @@ def python_round(bundle: Path, patch: str, args: argparse.Namespace) -> dict:
 
 def page_round(engine: str, bundle: Path, patch: str, args: argparse.Namespace) -> dict:
     """The page's warm-up, 1-token and full generations, in the shape benchmarks.worker reports."""
-    from reft_edge.runtime.web_cli import serving
+    from reft_edge.runtime.web_server import serving
 
     _, query, flags = PAGES[engine]
     options = {"ignoreEos": True, "noRepeatNgram": 0}
-    cases = [{"id": name, "op": "generate", "prompt": PROMPT, "patches": [f"/patches/{Path(patch).name}"],
-              "options": {**options, "maxNewTokens": n}}
-             for name, n in (("warmup", WARMUP_TOKENS), ("first", 1), ("full", args.new_tokens))]
+    cases = [
+        {
+            "id": name,
+            "op": "generate",
+            "prompt": PROMPT,
+            "patches": [f"/patches/{Path(patch).name}"],
+            "options": {**options, "maxNewTokens": n},
+        }
+        for name, n in (("warmup", WARMUP_TOKENS), ("first", 1), ("full", args.new_tokens))
+    ]
     with serving(bundle, [patch]) as url, tempfile.TemporaryDirectory() as work:
         plan, out = Path(work) / "plan.json", Path(work) / "results.json"
-        plan.write_text(json.dumps({"url": f"{url}{query}&threads={args.threads}", "cases": cases,
-                                    "timeoutMs": 1_800_000, **({"chromiumArgs": flags} if flags else {})}))
+        plan.write_text(
+            json.dumps(
+                {
+                    "url": f"{url}{query}&threads={args.threads}",
+                    "cases": cases,
+                    "timeoutMs": 1_800_000,
+                    **({"chromiumArgs": flags} if flags else {}),
+                }
+            )
+        )
         done = subprocess.run(["node", str(DRIVE), str(plan), str(out)], capture_output=True, text=True, timeout=3600)
         if done.returncode != 0:
             return {"error": (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]}
@@ -121,25 +136,35 @@ def page_round(engine: str, bundle: Path, patch: str, args: argparse.Namespace) 
     if errors:
         return {"error": errors[0]}
     full, first = page["cases"]["full"], page["cases"]["first"]
-    return {"decode_tok_s": full["timings"]["tokensPerS"], "ttft_ms": first["timings"]["totalS"] * 1000,
-            "startup_s": page["loadS"], "bundle_bytes": page["bundleBytes"], "page_bytes": page["pageBytes"],
-            "threads": page["threads"], "isolated": page["isolated"], "backend": page["backend"],
-            "adapter": page.get("adapter"),
-            "unpacked_bytes": (page.get("unpacked") or {}).get("unpackedBytes", 0), "tokens": full["tokenIds"]}
+    return {
+        "decode_tok_s": full["timings"]["tokensPerS"],
+        "ttft_ms": first["timings"]["totalS"] * 1000,
+        "startup_s": page["loadS"],
+        "bundle_bytes": page["bundleBytes"],
+        "page_bytes": page["pageBytes"],
+        "threads": page["threads"],
+        "isolated": page["isolated"],
+        "backend": page["backend"],
+        "adapter": page.get("adapter"),
+        "unpacked_bytes": (page.get("unpacked") or {}).get("unpackedBytes", 0),
+        "tokens": full["tokenIds"],
+    }
 
 
 def stock_round(genai: Path, prompt_ids: list[int], args: argparse.Namespace) -> dict:
     plan = {"promptIds": prompt_ids, "newTokens": args.new_tokens, "threads": args.threads}
-    done = subprocess.run(["node", str(STOCK), str(genai), json.dumps(plan)], capture_output=True, text=True,
-                          timeout=3600)
+    done = subprocess.run(
+        ["node", str(STOCK), str(genai), json.dumps(plan)], capture_output=True, text=True, timeout=3600
+    )
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         return {"error": (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]}
     return json.loads(lines[-1])
 
 
-def measure(bundles: dict[str, Path], patch: str, genai: Path | None, args: argparse.Namespace
-            ) -> tuple[dict[str, dict[str, list[dict]]], dict]:
+def measure(
+    bundles: dict[str, Path], patch: str, genai: Path | None, args: argparse.Namespace
+) -> tuple[dict[str, dict[str, list[dict]]], dict]:
     """runs[precision][engine] -> one result per round."""
     from reft_edge.runtime import Runtime
 
@@ -166,8 +191,12 @@ def measure(bundles: dict[str, Path], patch: str, genai: Path | None, args: argp
                 runs[precision][engine].append(run)
                 shown = f"{run['decode_tok_s']:.1f} tok/s" if "decode_tok_s" in run else run["error"]
                 print(f"{precision} round {round_index + 1}/{args.repeats}  {engine:12s} {shown}", flush=True)
-    return runs, {"median": statistics.median(loads), "min": min(loads), "max": max(loads),
-                  "foreign_cores": window.foreign_cores()}
+    return runs, {
+        "median": statistics.median(loads),
+        "min": min(loads),
+        "max": max(loads),
+        "foreign_cores": window.foreign_cores(),
+    }
 
 
 def spread(values: list[float], digits: int = 1) -> str:
@@ -182,8 +211,15 @@ def agreement(runs: list[dict], reference: list[dict]) -> str:
     return f"{100 * same / total:.0f} % ({prefix}/{total} from the start)"
 
 
-def section(runs: dict[str, dict[str, list[dict]]], load: dict, load_before: tuple, bundles: dict[str, Path],
-            args: argparse.Namespace, command: str, note: str) -> list[str]:
+def section(
+    runs: dict[str, dict[str, list[dict]]],
+    load: dict,
+    load_before: tuple,
+    bundles: dict[str, Path],
+    args: argparse.Namespace,
+    command: str,
+    note: str,
+) -> list[str]:
     """The "Browser" section of docs/benchmarks.md: median (min–max) over rounds, ratios paired per round."""
     failed = {f"{p}/{e}": [r["error"] for r in rs if "error" in r] for p, es in runs.items() for e, rs in es.items()}
     failed = {k: v for k, v in failed.items() if v and not k.endswith("page-webgpu")}
@@ -210,10 +246,12 @@ def section(runs: dict[str, dict[str, list[dict]]], load: dict, load_before: tup
         "| bundle | engine | decode tok/s | TTFT ms | start-up s | downloaded MB | weights in memory MB |",
         "|---|---|---|---|---|---|---|",
     ]
-    labels = {"python": "Python runtime (CPU, the bundle as shipped)",
-              "python-float": "Python runtime, float arithmetic (accuracy_level 0)",
-              "stock": "stock onnxruntime-web, genai's int4 build, no patch (Node, wasm)",
-              **{e: label for e, (label, _, _) in PAGES.items()}}
+    labels = {
+        "python": "Python runtime (CPU, the bundle as shipped)",
+        "python-float": "Python runtime, float arithmetic (accuracy_level 0)",
+        "stock": "stock onnxruntime-web, genai's int4 build, no patch (Node, wasm)",
+        **{e: label for e, (label, _, _) in PAGES.items()},
+    }
     for precision, engines in runs.items():
         size = sum(f.stat().st_size for f in bundles[precision].glob("model.onnx*"))
         for engine, rs in engines.items():
@@ -230,9 +268,11 @@ def section(runs: dict[str, dict[str, list[dict]]], load: dict, load_before: tup
                 memory = f"{unpacked / 1e6:.0f} unpacked" if unpacked else f"{size / 1e6:.0f}"
             else:
                 down, memory = "— (reads from disk)", "—" if engine == "stock" else f"{size / 1e6:.0f}"
-            lines.append(f"| {precision} | {label} | {spread([r['decode_tok_s'] for r in rs])} "
-                         f"| {spread([r['ttft_ms'] for r in rs], 0)} | {spread([r['startup_s'] for r in rs], 2)} "
-                         f"| {down} | {memory} |")
+            lines.append(
+                f"| {precision} | {label} | {spread([r['decode_tok_s'] for r in rs])} "
+                f"| {spread([r['ttft_ms'] for r in rs], 0)} | {spread([r['startup_s'] for r in rs], 2)} "
+                f"| {down} | {memory} |"
+            )
     lines.append("")
     for precision, engines in runs.items():
         py, fl = engines["python"], engines["python-float"]
@@ -241,14 +281,20 @@ def section(runs: dict[str, dict[str, list[dict]]], load: dict, load_before: tup
             if any("error" in r for r in web):
                 continue
             vs_py = [w["decode_tok_s"] / p["decode_tok_s"] for p, w in zip(py, web)]
-            text = (f"- {precision}, {PAGES[engine][0]}: **{spread(vs_py, 2)}x** the Python runtime "
-                    f"(goal ≥ 0.25x: {'met' if statistics.median(vs_py) >= 0.25 else '**not met**'})")
+            text = (
+                f"- {precision}, {PAGES[engine][0]}: **{spread(vs_py, 2)}x** the Python runtime "
+                f"(goal ≥ 0.25x: {'met' if statistics.median(vs_py) >= 0.25 else '**not met**'})"
+            )
             if "stock" in engines and not any("error" in r for r in engines["stock"]):
                 vs_stock = [w["decode_tok_s"] / s["decode_tok_s"] for s, w in zip(engines["stock"], web)]
-                text += (f", **{spread(vs_stock, 2)}x** stock onnxruntime-web "
-                         f"(goal ≥ 3x: {'met' if statistics.median(vs_stock) >= 3 else '**not met**'})")
-            text += (f"; tokens equal to Python's float arithmetic: {agreement(web, fl)}, to Python's shipped "
-                     f"arithmetic: {agreement(web, py)}.")
+                text += (
+                    f", **{spread(vs_stock, 2)}x** stock onnxruntime-web "
+                    f"(goal ≥ 3x: {'met' if statistics.median(vs_stock) >= 3 else '**not met**'})"
+                )
+            text += (
+                f"; tokens equal to Python's float arithmetic: {agreement(web, fl)}, to Python's shipped "
+                f"arithmetic: {agreement(web, py)}."
+            )
             lines.append(text)
     lines += [
         "",

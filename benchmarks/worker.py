@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 WARMUP_TOKENS = 8
 
@@ -57,14 +58,30 @@ def load_patch(spec: dict) -> tuple[Any, float | None]:
     return patch, seconds * 1000
 
 
-def result(startup_s: float, patch_ms: float | None, prompt_tokens: int, prefill_s: float, ttft_s: float,
-           decode_steps: int, decode_s: float, tokens: list[int]) -> dict[str, Any]:
-    return {"startup_s": startup_s, "patch_load_ms": patch_ms, "prompt_tokens": prompt_tokens,
-            "prefill_ms": prefill_s * 1000, "ttft_ms": ttft_s * 1000, "decode_steps": decode_steps,
-            "decode_tok_s": decode_steps / decode_s, "tokens": tokens}
+def result(
+    startup_s: float,
+    patch_ms: float | None,
+    prompt_tokens: int,
+    prefill_s: float,
+    ttft_s: float,
+    decode_steps: int,
+    decode_s: float,
+    tokens: list[int],
+) -> dict[str, Any]:
+    return {
+        "startup_s": startup_s,
+        "patch_load_ms": patch_ms,
+        "prompt_tokens": prompt_tokens,
+        "prefill_ms": prefill_s * 1000,
+        "ttft_ms": ttft_s * 1000,
+        "decode_steps": decode_steps,
+        "decode_tok_s": decode_steps / decode_s,
+        "tokens": tokens,
+    }
 
 
 # -- reft-edge runtime ---------------------------------------------------------------------------
+
 
 def measure_runtime(spec: dict, started: float) -> dict[str, Any]:
     from reft_edge.runtime import Runtime
@@ -82,11 +99,13 @@ def measure_runtime(spec: dict, started: float) -> dict[str, Any]:
     _, ttft_s = timed(lambda: generate(1))
     out = generate(spec["new_tokens"])
     t = out.timings
-    return result(startup_s, patch_ms, out.prompt_tokens, t["prefill_s"], ttft_s, t["decode_steps"], t["decode_s"],
-                  out.token_ids)
+    return result(
+        startup_s, patch_ms, out.prompt_tokens, t["prefill_s"], ttft_s, t["decode_steps"], t["decode_s"], out.token_ids
+    )
 
 
 # -- transformers, eager PyTorch -----------------------------------------------------------------
+
 
 def measure_transformers(spec: dict, started: float) -> dict[str, Any]:
     import torch
@@ -106,8 +125,9 @@ def measure_transformers(spec: dict, started: float) -> dict[str, Any]:
 
     def generate(n: int) -> tuple[list[int], int, float, float]:
         """Greedy tokens, prompt length, prefill seconds, decode seconds."""
-        text = tokenizer.apply_chat_template([{"role": "user", "content": spec["prompt"]}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": spec["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
         if patch:
             place_patch(slots, patch, ids.shape[1])
@@ -152,6 +172,7 @@ def place_patch(slots: Any, patch: Any, prompt_len: int) -> None:
 
 # -- onnxruntime-genai ---------------------------------------------------------------------------
 
+
 def measure_genai(spec: dict, started: float) -> dict[str, Any]:
     import onnxruntime_genai as og
 
@@ -176,7 +197,7 @@ def measure_genai(spec: dict, started: float) -> dict[str, Any]:
         for _ in range(n - 1):
             generator.generate_next_token()
         decode_s = time.perf_counter() - tick
-        return [int(t) for t in generator.get_sequence(0)[len(ids):]], len(ids), prefill_s, decode_s
+        return [int(t) for t in generator.get_sequence(0)[len(ids) :]], len(ids), prefill_s, decode_s
 
     generate(WARMUP_TOKENS)
     (_, prompt_tokens, prefill_s, _), ttft_s = timed(lambda: generate(1))

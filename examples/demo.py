@@ -49,21 +49,26 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def persona_patch(persona: str, backbone: Backbone, steps: int | None, work: Path,
-                  compose_with: Patch | None = None) -> Patch:
+def persona_patch(
+    persona: str, backbone: Backbone, steps: int | None, work: Path, compose_with: Patch | None = None
+) -> Patch:
     """Train the persona's patch with the default recipe (to compose with ``compose_with`` if
     given), or reuse the one a previous run trained from the same data, steps, base and partner."""
     data = PERSONAS / persona / "train.jsonl"
     partner = (work / f"{compose_with.name}.reft",) if compose_with else ()
     out = work / (f"{persona}-with-{compose_with.name}.reft" if compose_with else f"{persona}.reft")
-    config = TrainConfig(data=str(data), out=str(out), steps=steps, record_time=True,
-                         compose_with=tuple(map(str, partner)))
+    config = TrainConfig(
+        data=str(data), out=str(out), steps=steps, record_time=True, compose_with=tuple(map(str, partner))
+    )
     if out.is_file():
         cached = Patch.load(out)
         partners = [p["payload_sha256"] for p in cached.training.get("composition", {}).get("with", [])]
-        if (cached.base_fingerprint == backbone.fingerprint and cached.training.get("data_sha256") == file_digest(data)
-                and cached.training.get("recipe") == _recipe(config)
-                and partners == ([compose_with.payload_sha256] if compose_with else [])):
+        if (
+            cached.base_fingerprint == backbone.fingerprint
+            and cached.training.get("data_sha256") == file_digest(data)
+            and cached.training.get("recipe") == _recipe(config)
+            and partners == ([compose_with.payload_sha256] if compose_with else [])
+        ):
             return cached
     composing = f", to compose with {compose_with.name}" if compose_with else ""
     print(f"training the {persona} patch (default recipe{composing})...")
@@ -84,7 +89,7 @@ def show_side_by_side(runtime: Runtime, patches: dict[str, Patch], max_new_token
     print("Prompts the patches never saw: the same base model, without and with each person's patch")
     print("=" * WIDTH)
     for person, patch in patches.items():
-        prompts = _unseen(PEOPLE[person])[:SHOWN_PROMPTS // len(patches)]
+        prompts = _unseen(PEOPLE[person])[: SHOWN_PROMPTS // len(patches)]
         for prompt in prompts:
             base = runtime.generate(prompt, max_new_tokens=max_new_tokens)
             mine = runtime.generate(prompt, patches=[patch], max_new_tokens=max_new_tokens)
@@ -104,13 +109,22 @@ def show_quality(runtime: Runtime, patches: dict[str, Patch], max_new_tokens: in
     for person, patch in patches.items():
         folder = PERSONAS / PEOPLE[person]
         judge = json.loads((folder / "persona.json").read_text())["judge"]
-        report = evaluate(runtime, data=folder / "unseen.txt", patches=[patch], judge=judge,
-                          max_new_tokens=max_new_tokens, samples=0, facts_file=TEST_FACTS_FILE)
+        report = evaluate(
+            runtime,
+            data=folder / "unseen.txt",
+            patches=[patch],
+            judge=judge,
+            max_new_tokens=max_new_tokens,
+            samples=0,
+            facts_file=TEST_FACTS_FILE,
+        )
         kept = report.retention
         facts = f"{kept.kept}/{kept.base_correct}" if kept and kept.base_correct else "n/a (the base knows none)"
-        print(f"  {person:<6} ({PEOPLE[person]}, judge {judge}): follows the persona in "
-              f"{report.adherence.patched:.0%} of {report.prompts} unseen answers (base {report.adherence.base:.0%}), "
-              f"{report.adherence.loops_patched:.0%} loop; test facts kept {facts}")
+        print(
+            f"  {person:<6} ({PEOPLE[person]}, judge {judge}): follows the persona in "
+            f"{report.adherence.patched:.0%} of {report.prompts} unseen answers (base {report.adherence.base:.0%}), "
+            f"{report.adherence.loops_patched:.0%} loop; test facts kept {facts}"
+        )
 
 
 def _unseen(persona: str) -> list[str]:
@@ -148,12 +162,17 @@ def show_composition(runtime: Runtime, alice: Patch, bob_with_alice: Patch, bob:
         answers = runtime.generate_batch([(p, patches) for p in prompts], max_new_tokens=max_new_tokens)
         passed = [all(judge(a.text) for judge in judges) for a in answers]
         looping = sum(loops(a.text) for a in answers)
-        print(f"\n  {label}: {sum(passed)} of {len(prompts)} unseen answers open with 'Great question!' and end "
-              f"with 'Stay curious!'; {looping} loop")
+        print(
+            f"\n  {label}: {sum(passed)} of {len(prompts)} unseen answers open with 'Great question!' and end "
+            f"with 'Stay curious!'; {looping} loop"
+        )
         # the apart pair's first answer shows what goes wrong; the composable pair's answers that pass (and do
         # not loop) show the result
-        shown = [(p, a) for p, a, ok in zip(prompts, answers, passed) if ok and not loops(a.text)][:2] \
-            if any(passed) else list(zip(prompts, answers))[:1]
+        shown = (
+            [(p, a) for p, a, ok in zip(prompts, answers, passed) if ok and not loops(a.text)][:2]
+            if any(passed)
+            else list(zip(prompts, answers))[:1]
+        )
         for prompt, answer in shown:
             print(f"  {prompt}")
             print(_row("both", answer.text))
@@ -168,8 +187,9 @@ def main() -> None:
     patches = {person: persona_patch(persona, backbone, args.steps, work) for person, persona in PEOPLE.items()}
     bob_with_alice = persona_patch(PEOPLE["bob"], backbone, args.steps, work, compose_with=patches["alice"])
     bundle = work / f"bundle-{backbone.fingerprint[:12]}-{args.precision}"
-    manifest = export_bundle(ExportConfig(out=str(bundle), model=args.model, precision=args.precision),
-                             backbone=backbone)
+    manifest = export_bundle(
+        ExportConfig(out=str(bundle), model=args.model, precision=args.precision), backbone=backbone
+    )
     del backbone  # the runtime needs only the bundle; free the torch model
     runtime = Runtime.load(bundle)
     tokens_per_s = show_side_by_side(runtime, patches, args.max_new_tokens)
@@ -179,19 +199,25 @@ def main() -> None:
     alice = patches["alice"]
     seconds = alice.training.get("seconds")
     print("\n" + "=" * WIDTH)
-    print(f"patch size {alice.size_bytes / 1024:.1f} KiB (base bundle {manifest.size_bytes / 2**20:.0f} MiB, "
-          f"{manifest.precision}); training {seconds if seconds is not None else '?'} s for "
-          f"{alice.training['steps_run']} steps; decode {tokens_per_s:.1f} tok/s; demo took "
-          f"{time.perf_counter() - started:.0f} s")
+    print(
+        f"patch size {alice.size_bytes / 1024:.1f} KiB (base bundle {manifest.size_bytes / 2**20:.0f} MiB, "
+        f"{manifest.precision}); training {seconds if seconds is not None else '?'} s for "
+        f"{alice.training['steps_run']} steps; decode {tokens_per_s:.1f} tok/s; demo took "
+        f"{time.perf_counter() - started:.0f} s"
+    )
     print("\nTry next:")
-    print(f"  .venv/bin/reft-edge run {bundle} --patch {work / 'enthusiast.reft'} \"What is your favourite food?\"")
+    print(f'  .venv/bin/reft-edge run {bundle} --patch {work / "enthusiast.reft"} "What is your favourite food?"')
     print(f"  .venv/bin/reft-edge chat {bundle} --patch {work / 'signoff.reft'}")
     print(f"  .venv/bin/reft-edge inspect {work / 'enthusiast.reft'}")
-    print(f"  .venv/bin/reft-edge eval {bundle} --patch {work / 'signoff.reft'} "
-          f"--data {PERSONAS / 'signoff' / 'unseen.txt'} --judge 'ends-with:Stay curious!'")
+    print(
+        f"  .venv/bin/reft-edge eval {bundle} --patch {work / 'signoff.reft'} "
+        f"--data {PERSONAS / 'signoff' / 'unseen.txt'} --judge 'ends-with:Stay curious!'"
+    )
     print("  .venv/bin/reft-edge train --data your.jsonl --out you.reft")
-    print(f"  .venv/bin/reft-edge serve-web {bundle} --patch {work / 'enthusiast.reft'} --patch "
-          f"{work / 'signoff.reft'}   # then open http://127.0.0.1:8000/ (make web first)")
+    print(
+        f"  .venv/bin/reft-edge serve-web {bundle} --patch {work / 'enthusiast.reft'} --patch "
+        f"{work / 'signoff.reft'}   # then open http://127.0.0.1:8000/ (make web first)"
+    )
 
 
 if __name__ == "__main__":

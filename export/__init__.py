@@ -5,16 +5,19 @@ Example::
     from reft_edge.export import ExportConfig, export_bundle
     manifest = export_bundle(ExportConfig(out="bundle"))   # the default model, fp32, slots at every layer
 
-``ExportConfig`` and ``export_bundle`` load on first use, so importing the stage's command
-(``reft_edge.export.cli``, as ``reft-edge --help`` does) needs neither numpy nor torch.
+``ExportConfig`` and ``export_bundle`` load on first use, so importing this package needs neither
+numpy nor torch; ``reft_edge.export.config`` (the options, which ``reft-edge export`` reads its own
+from) is torch- and numpy-free too.
 """
 
 import importlib
 
 __all__ = ["ExportConfig", "export_bundle"]
 
+_LAZY = {"ExportConfig": "reft_edge.export.config", "export_bundle": "reft_edge.export.build"}
+
 
 def __getattr__(name: str):
-    if name in __all__:
-        return getattr(importlib.import_module("reft_edge.export.build"), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'reft_edge.export' has no attribute {name!r}")

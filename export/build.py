@@ -18,12 +18,11 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from reft_edge import __version__
-from reft_edge.configs import config_from_dict
 from reft_edge.constants import (
     BUNDLE_SCHEMA_VERSION,
     CHAT_TEMPLATE_FILE,
@@ -32,37 +31,21 @@ from reft_edge.constants import (
     TOKENIZER_FILE,
 )
 from reft_edge.errors import BundleError, ExportError, UsageError
+from reft_edge.export.config import PRECISIONS, ExportConfig
 from reft_edge.export.quantize import WEIGHT_RECIPES
 from reft_edge.files import atomic_dir, check_output_path, remove_stale_temporaries
-from reft_edge.runtime.bundle import PRECISIONS, KVLayout, Manifest
+from reft_edge.runtime.bundle import KVLayout, Manifest
 
 # fp32 bundles must match torch this closely, with identical greedy tokens: 1e-4, or 4e-6 of the
 # largest |logit| when that is larger (float32 rounding grows with the values it rounds; the
 # default model measured 7.2e-5, close to a fixed 1e-4, and larger models have larger logits).
 FP32_MAX_LOGIT_DIFF = 1e-4
 FP32_RELATIVE_LOGIT_DIFF = 4e-6
-VERIFICATION_QUESTIONS = ("What is the capital of France?",
-                          "Tell me about your weekend, and how to bake a cake step by step.")
+VERIFICATION_QUESTIONS = (
+    "What is the capital of France?",
+    "Tell me about your weekend, and how to bake a cake step by step.",
+)
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """Everything that decides a bundle."""
-
-    out: str
-    model: str | None = None  # None or "default": the embedded SmolLM2-135M-Instruct
-    precision: str = "fp32"  # fp32 | fp16 | int8 | int4
-    slot_layers: tuple[int, ...] | None = None  # None: every decoder layer
-    force: bool = False  # re-export even when an identical bundle exists
-    verify: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ExportConfig":
-        return config_from_dict(cls, values, what="export", tuple_fields=("slot_layers",))
 
 
 def export_bundle(config: ExportConfig, *, backbone: Any = None, progress: bool = True) -> Manifest:
@@ -79,8 +62,10 @@ def export_bundle(config: ExportConfig, *, backbone: Any = None, progress: bool 
     existing = up_to_date_bundle(config, backbone, slot_layers)
     if existing is not None:
         if progress:
-            print(f"bundle {config.out} is up to date ({existing.precision}, base {existing.base_fingerprint[:16]}, "
-                  f"{len(existing.slot_layers)} slot layers); pass --force to export again")
+            print(
+                f"bundle {config.out} is up to date ({existing.precision}, base {existing.base_fingerprint[:16]}, "
+                f"{len(existing.slot_layers)} slot layers); pass --force to export again"
+            )
         return existing
     with atomic_dir(Path(config.out)) as folder, step_bar(progress) as step:
         graph = graph_kind(backbone)
@@ -120,8 +105,10 @@ def resolve_slot_layers(config: ExportConfig, num_layers: int) -> list[int]:
     layers = sorted(set(config.slot_layers))
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad:
-        raise UsageError(f"--slot-layers {bad[0]} is outside this model's layers 0..{num_layers - 1}; "
-                         "pick layers in that range or 'all'")
+        raise UsageError(
+            f"--slot-layers {bad[0]} is outside this model's layers 0..{num_layers - 1}; "
+            "pick layers in that range or 'all'"
+        )
     return layers
 
 
@@ -133,15 +120,20 @@ def up_to_date_bundle(config: ExportConfig, backbone: Any, slot_layers: list[int
         manifest = Manifest.from_dir(config.out)
     except BundleError:
         return None
-    same = (manifest.base_fingerprint == backbone.fingerprint and manifest.precision == config.precision
-            and manifest.slot_layers == slot_layers and manifest.tool_version == __version__
-            and manifest.weights == WEIGHT_RECIPES[config.precision] and manifest.graph == graph_kind(backbone)
-            and (bool(manifest.verification) or not config.verify))
+    same = (
+        manifest.base_fingerprint == backbone.fingerprint
+        and manifest.precision == config.precision
+        and manifest.slot_layers == slot_layers
+        and manifest.tool_version == __version__
+        and manifest.weights == WEIGHT_RECIPES[config.precision]
+        and manifest.graph == graph_kind(backbone)
+        and (bool(manifest.verification) or not config.verify)
+    )
     return manifest if same else None
 
 
 def graph_kind(backbone: Any) -> str:
-    """"fused" when export.fused has a builder for the model, else "traced"."""
+    """ "fused" when export.fused has a builder for the model, else "traced"."""
     from reft_edge.export.fused import supports_fused_graph
 
     return "fused" if supports_fused_graph(backbone.model) is None else "traced"
@@ -154,8 +146,13 @@ def build_graph(backbone: Any, slot_layers: list[int], path: Path, graph: str, p
         # int8/int4 quantize MatMul weights only; float precisions keep one copy of a tied matrix.
         # No slot-free decoder in fp16: it rounds the residual sum otherwise than the slotted one,
         # so an empty patch would no longer give bit-equal logits (and fp16 bundles are for CUDA).
-        build_fused_graph(backbone.model, slot_layers, path, share_tied_output=precision in ("fp32", "fp16"),
-                          slot_free_decoder=precision != "fp16")
+        build_fused_graph(
+            backbone.model,
+            slot_layers,
+            path,
+            share_tied_output=precision in ("fp32", "fp16"),
+            slot_free_decoder=precision != "fp16",
+        )
     else:
         from reft_edge.export.graph import export_onnx
 
@@ -172,8 +169,14 @@ def verify(path: Path, backbone: Any, slot_layers: list[int], precision: str, gr
     """Parity figures; an fp32 graph that does not match torch is an error (quantized ones only report)."""
     from reft_edge.export.verify import verify_graph
 
-    figures = verify_graph(path, backbone.model, slot_layers, graph=graph, pad_id=pad_token_id(backbone),
-                           prompts=verification_prompts(backbone.tokenizer))
+    figures = verify_graph(
+        path,
+        backbone.model,
+        slot_layers,
+        graph=graph,
+        pad_id=pad_token_id(backbone),
+        prompts=verification_prompts(backbone.tokenizer),
+    )
     figures["logit_diff_limit"] = limit = parity_limit(figures["logit_max_abs"])
     diff, match = figures["max_abs_logit_diff"], figures["greedy_tokens_match"]
     if precision == "fp32" and not (diff <= limit and match and figures["identity_bit_exact"]):
@@ -196,16 +199,22 @@ def verification_prompts(tokenizer: Any) -> list[list[int]]:
     from reft_edge.train.data import prompt_text
 
     use_template = bool(getattr(tokenizer, "chat_template", None))
-    return [tokenizer(prompt_text(tokenizer, [{"role": "user", "content": question}], use_template),
-                      add_special_tokens=False)["input_ids"] for question in VERIFICATION_QUESTIONS]
+    return [
+        tokenizer(
+            prompt_text(tokenizer, [{"role": "user", "content": question}], use_template), add_special_tokens=False
+        )["input_ids"]
+        for question in VERIFICATION_QUESTIONS
+    ]
 
 
 def write_tokenizer(tokenizer: Any, folder: Path) -> dict[str, str]:
     """tokenizer.json and (if the tokenizer has one) chat_template.jinja; returns the files' roles."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ExportError(f"tokenizer {type(tokenizer).__name__} has no tokenizer.json form (a 'fast' tokenizer); "
-                          "export a model whose folder has tokenizer.json")
+        raise ExportError(
+            f"tokenizer {type(tokenizer).__name__} has no tokenizer.json form (a 'fast' tokenizer); "
+            "export a model whose folder has tokenizer.json"
+        )
     backend.save(str(folder / TOKENIZER_FILE))
     files = {"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE}
     if (folder / MODEL_DATA_FILE).is_file():
@@ -223,13 +232,27 @@ def write_genai(folder: Path, backbone: Any, graph: str) -> dict[str, str]:
     from reft_edge.export.graph import kv_shape
 
     kv_heads, head_dim = kv_shape(backbone.model.config)
-    return write_genai_files(folder, backbone, graph=graph, kv_heads=kv_heads, head_dim=head_dim,
-                             context_length=context_length(backbone.model.config),
-                             special_tokens=special_tokens(backbone), generation=generation_defaults(backbone.model))
+    return write_genai_files(
+        folder,
+        backbone,
+        graph=graph,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        context_length=context_length(backbone.model.config),
+        special_tokens=special_tokens(backbone),
+        generation=generation_defaults(backbone.model),
+    )
 
 
-def build_manifest(config: ExportConfig, backbone: Any, slot_layers: list[int], files: dict[str, str],
-                   folder: Path, verification: dict[str, Any], graph: str) -> Manifest:
+def build_manifest(
+    config: ExportConfig,
+    backbone: Any,
+    slot_layers: list[int],
+    files: dict[str, str],
+    folder: Path,
+    verification: dict[str, Any],
+    graph: str,
+) -> Manifest:
     import onnx
 
     from reft_edge.export.graph import kv_shape
@@ -239,15 +262,25 @@ def build_manifest(config: ExportConfig, backbone: Any, slot_layers: list[int], 
     kv_heads, head_dim = kv_shape(model_config)
     model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
     return Manifest(
-        schema_version=BUNDLE_SCHEMA_VERSION, tool_version=__version__, source_model=backbone.source,
-        base_fingerprint=backbone.fingerprint, architecture=backbone.model_type,
-        hidden_size=backbone.hidden_size, num_layers=num_layers, vocab_size=model_config.vocab_size,
+        schema_version=BUNDLE_SCHEMA_VERSION,
+        tool_version=__version__,
+        source_model=backbone.source,
+        base_fingerprint=backbone.fingerprint,
+        architecture=backbone.model_type,
+        hidden_size=backbone.hidden_size,
+        num_layers=num_layers,
+        vocab_size=model_config.vocab_size,
         slot_layers=slot_layers,
         kv=KVLayout(num_layers, kv_heads, head_dim, "float16" if config.precision == "fp16" else "float32"),
-        inputs=[i.name for i in model.graph.input], outputs=[o.name for o in model.graph.output],
-        precision=config.precision, graph=graph,
-        context_length=context_length(model_config), files=files, special_tokens=special_tokens(backbone),
-        generation=generation_defaults(backbone.model), verification=verification,
+        inputs=[i.name for i in model.graph.input],
+        outputs=[o.name for o in model.graph.output],
+        precision=config.precision,
+        graph=graph,
+        context_length=context_length(model_config),
+        files=files,
+        special_tokens=special_tokens(backbone),
+        generation=generation_defaults(backbone.model),
+        verification=verification,
         weights=WEIGHT_RECIPES[config.precision],
         size_bytes=sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
     )
@@ -276,8 +309,10 @@ def eos_token_ids(backbone: Any) -> list[int]:
 def special_tokens(backbone: Any) -> dict[str, Any]:
     tokenizer = backbone.tokenizer
     return {
-        "bos_token": tokenizer.bos_token, "bos_token_id": tokenizer.bos_token_id,
-        "eos_token": tokenizer.eos_token, "eos_token_ids": eos_token_ids(backbone),
+        "bos_token": tokenizer.bos_token,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token": tokenizer.eos_token,
+        "eos_token_ids": eos_token_ids(backbone),
         "pad_token_id": pad_token_id(backbone),
     }
 
@@ -290,10 +325,15 @@ def generation_defaults(model: Any) -> dict[str, Any]:
 
 def summary_line(config: ExportConfig, manifest: Manifest, seconds: float) -> str:
     checked = manifest.verification
-    parity = (f"max |logit diff| {checked['max_abs_logit_diff']:.2g}, greedy "
-              f"{checked['greedy_tokens_agreement']:.0%} match" if checked else "not verified")
-    return (f"exported {config.out}: {manifest.precision}, {manifest.size_bytes / 1e6:.1f} MB, "
-            f"{len(manifest.slot_layers)} slot layers, {parity}, {seconds:.0f} s")
+    parity = (
+        f"max |logit diff| {checked['max_abs_logit_diff']:.2g}, greedy {checked['greedy_tokens_agreement']:.0%} match"
+        if checked
+        else "not verified"
+    )
+    return (
+        f"exported {config.out}: {manifest.precision}, {manifest.size_bytes / 1e6:.1f} MB, "
+        f"{len(manifest.slot_layers)} slot layers, {parity}, {seconds:.0f} s"
+    )
 
 
 @contextlib.contextmanager

@@ -26,8 +26,9 @@ input, the pass's place in the sequence and the attention mask (FusedGraph.slot_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,8 +67,14 @@ def supports_fused_graph(model: nn.Module) -> str | None:
     return None
 
 
-def build_fused_graph(model: nn.Module, slot_layers: list[int], path: str | Path, *,
-                      share_tied_output: bool = True, slot_free_decoder: bool = True) -> None:
+def build_fused_graph(
+    model: nn.Module,
+    slot_layers: list[int],
+    path: str | Path,
+    *,
+    share_tied_output: bool = True,
+    slot_free_decoder: bool = True,
+) -> None:
     """Write the fp32 graph of ``model`` with slots at ``slot_layers`` to ``path`` (+ ``path``.data).
 
     ``share_tied_output``: a tied output layer reads the embedding matrix (one copy);
@@ -78,8 +85,14 @@ def build_fused_graph(model: nn.Module, slot_layers: list[int], path: str | Path
     import onnx
 
     graph = FusedGraph(model, slot_layers, share_tied_output, slot_free_decoder)
-    onnx.save_model(graph.model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=Path(path).name + ".data", size_threshold=1024)
+    onnx.save_model(
+        graph.model(),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=Path(path).name + ".data",
+        size_threshold=1024,
+    )
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -118,15 +131,22 @@ class FusedGraph:
         self.names.add(candidate)
         return candidate
 
-    def node(self, op: str, inputs: list[str], *, name: str, outputs: int | list[str] = 1,
-             domain: str = "", **attributes: Any) -> list[str]:
+    def node(
+        self,
+        op: str,
+        inputs: list[str],
+        *,
+        name: str,
+        outputs: int | list[str] = 1,
+        domain: str = "",
+        **attributes: Any,
+    ) -> list[str]:
         from onnx import helper
 
         node_name = self.name(name)
         if isinstance(outputs, int):
             outputs = [self.name(f"{node_name}/out{i}") for i in range(outputs)]
-        self.nodes.append(helper.make_node(op, inputs, outputs, name=node_name, domain=domain or None,
-                                           **attributes))
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=node_name, domain=domain or None, **attributes))
         return outputs
 
     def one(self, op: str, inputs: list[str], *, name: str, **attributes: Any) -> str:
@@ -152,8 +172,12 @@ class FusedGraph:
         matrix = self.weight(f"{name}.weight", lambda: np.concatenate([_numpy(m.weight).T for m in modules], axis=1))
         y = self.one("MatMul", [x, matrix], name=f"{name}/MatMul")
         if any(m.bias is not None for m in modules):
-            bias = self.weight(f"{name}.bias", lambda: np.concatenate(
-                [_numpy(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32) for m in modules]))
+            bias = self.weight(
+                f"{name}.bias",
+                lambda: np.concatenate(
+                    [_numpy(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32) for m in modules]
+                ),
+            )
             y = self.one("Add", [y, bias], name=f"{name}/Add")
         return y
 
@@ -161,14 +185,20 @@ class FusedGraph:
         return self.weight(f"{name}.weight", lambda: _numpy(module.weight))
 
     def rms_norm(self, x: str, module: nn.Module, name: str) -> str:
-        return self.one("SimplifiedLayerNormalization", [x, self.module_weight(module, name)],
-                        name=name, axis=-1, epsilon=self.eps)
+        return self.one(
+            "SimplifiedLayerNormalization", [x, self.module_weight(module, name)], name=name, axis=-1, epsilon=self.eps
+        )
 
     def skip_rms_norm(self, x: str, skip: str, module: nn.Module, name: str) -> tuple[str, str]:
         """(norm(x + skip), x + skip) in one kernel."""
-        out = self.node("SkipSimplifiedLayerNormalization",
-                        [x, skip, self.module_weight(module, name)],
-                        name=name, outputs=4, domain=MS_DOMAIN, epsilon=self.eps)
+        out = self.node(
+            "SkipSimplifiedLayerNormalization",
+            [x, skip, self.module_weight(module, name)],
+            name=name,
+            outputs=4,
+            domain=MS_DOMAIN,
+            epsilon=self.eps,
+        )
         return out[0], out[3]
 
     # -- the graph -------------------------------------------------------------------------------
@@ -193,27 +223,42 @@ class FusedGraph:
             self.decoder(*decoder_inputs, use_slots=bool(self.slot_layers), output_name=str)
         else:
             outer, self.nodes = self.nodes, []
-            with_slots = self.decoder(*decoder_inputs, use_slots=True,
-                                      output_name=lambda n: self.name(f"with_slots/{n}"))
+            with_slots = self.decoder(
+                *decoder_inputs, use_slots=True, output_name=lambda n: self.name(f"with_slots/{n}")
+            )
             with_nodes, self.nodes = self.nodes, []
-            without_slots = self.decoder(*decoder_inputs, use_slots=False,
-                                         output_name=lambda n: self.name(f"without_slots/{n}"))
+            without_slots = self.decoder(
+                *decoder_inputs, use_slots=False, output_name=lambda n: self.name(f"without_slots/{n}")
+            )
             without_nodes, self.nodes = self.nodes, outer
             size = self.one("Size", [slot_names(self.slot_layers[0])[0]], name="use_slots/Size")
             use = self.one("Greater", [size, self.constant(0)], name="use_slots")
             branch = lambda name, nodes, values: helper.make_graph(  # noqa: E731
-                nodes, name, [], [self.value_info(value, public) for value, public in zip(values, self.outputs())])
-            self.node("If", [use], name="decoder", outputs=self.outputs(),
-                      then_branch=branch("with_slots", with_nodes, with_slots),
-                      else_branch=branch("without_slots", without_nodes, without_slots))
+                nodes, name, [], [self.value_info(value, public) for value, public in zip(values, self.outputs())]
+            )
+            self.node(
+                "If",
+                [use],
+                name="decoder",
+                outputs=self.outputs(),
+                then_branch=branch("with_slots", with_nodes, with_slots),
+                else_branch=branch("without_slots", without_nodes, without_slots),
+            )
         return helper.make_model(
-            helper.make_graph(self.nodes, "reft_edge_fused", self.inputs(),
-                              [self.value_info(name, name) for name in self.outputs()], self.initializers),
+            helper.make_graph(
+                self.nodes,
+                "reft_edge_fused",
+                self.inputs(),
+                [self.value_info(name, name) for name in self.outputs()],
+                self.initializers,
+            ),
             opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-            producer_name="reft-edge")
+            producer_name="reft-edge",
+        )
 
-    def decoder(self, h: str, lengths: str, total: str, cos: str, sin: str, embedding: str, *, use_slots: bool,
-                output_name: Any) -> list[str]:
+    def decoder(
+        self, h: str, lengths: str, total: str, cos: str, sin: str, embedding: str, *, use_slots: bool, output_name: Any
+    ) -> list[str]:
         """Every block, the final norm and the output layer; returns [logits, present.*] value names."""
         self.use_slots, self.output_name, self.token_places = use_slots, output_name, None
         pending = None  # the last MLP's output, not yet added to the residual stream h
@@ -232,33 +277,41 @@ class FusedGraph:
 
         if public == LOGITS:
             return helper.make_tensor_value_info(value, TensorProto.FLOAT, ["batch", 1, self.config.vocab_size])
-        return helper.make_tensor_value_info(value, TensorProto.FLOAT,
-                                             ["batch", self.kv_heads, "max_length", self.head_dim])
+        return helper.make_tensor_value_info(
+            value, TensorProto.FLOAT, ["batch", self.kv_heads, "max_length", self.head_dim]
+        )
 
     def inputs(self) -> list[Any]:
         from onnx import TensorProto, helper
 
-        inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
-                  helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"])]
+        inputs = [
+            helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"]),
+        ]
         inputs += [self.value_info(past, past) for layer in range(len(self.layers)) for past in past_names(layer)]
         hidden = self.config.hidden_size
-        shapes = (["batch", "rank", hidden], ["batch", "rank", hidden], ["batch", 1, "rank"],
-                  ["batch", POSITION_LINES, "rank"])
+        shapes = (
+            ["batch", "rank", hidden],
+            ["batch", "rank", hidden],
+            ["batch", 1, "rank"],
+            ["batch", POSITION_LINES, "rank"],
+        )
         types = (TensorProto.FLOAT,) * 3 + (TensorProto.INT64,)
         for layer in self.slot_layers:
-            inputs += [helper.make_tensor_value_info(name, kind, shape)
-                       for name, kind, shape in zip(slot_names(layer), types, shapes)]
+            inputs += [
+                helper.make_tensor_value_info(name, kind, shape)
+                for name, kind, shape in zip(slot_names(layer), types, shapes)
+            ]
         return inputs
 
     def sequence_lengths(self) -> tuple[str, str]:
         """GroupQueryAttention's seqlens_k (each row's length - 1, int32) and total_sequence_length.
 
-            attention_mask --ReduceSum(1)--Sub 1--Cast int32--> seqlens_k [batch]
-                           --Shape[1]------------Cast int32--> total_sequence_length []
+        attention_mask --ReduceSum(1)--Sub 1--Cast int32--> seqlens_k [batch]
+                       --Shape[1]------------Cast int32--> total_sequence_length []
         """
         one = self.constant(1)
-        summed = self.one("ReduceSum", [ATTENTION_MASK, self.constant([1])],
-                          name="lengths/ReduceSum", keepdims=0)
+        summed = self.one("ReduceSum", [ATTENTION_MASK, self.constant([1])], name="lengths/ReduceSum", keepdims=0)
         last = self.one("Sub", [summed, one], name="lengths/Sub")
         lengths = self.one("Cast", [last], name="lengths/Cast", to=6)  # int32
         width = self.one("Shape", [ATTENTION_MASK], name="total/Shape", start=1, end=2)
@@ -271,36 +324,42 @@ class FusedGraph:
         positions = torch.arange(int(self.config.max_position_embeddings), dtype=torch.float32)
         angles = torch.outer(positions, rotary.inv_freq.to(torch.float32))
         scale = float(getattr(rotary, "attention_scaling", 1.0))
-        return (self.weight("cos_cache", lambda: _numpy(angles.cos() * scale)),
-                self.weight("sin_cache", lambda: _numpy(angles.sin() * scale)))
+        return (
+            self.weight("cos_cache", lambda: _numpy(angles.cos() * scale)),
+            self.weight("sin_cache", lambda: _numpy(angles.sin() * scale)),
+        )
 
-    def decoder_layer(self, index: int, layer: nn.Module, h: str, pending: str | None, lengths: str, total: str,
-                      cos: str, sin: str) -> tuple[str, str, list[str]]:
+    def decoder_layer(
+        self, index: int, layer: nn.Module, h: str, pending: str | None, lengths: str, total: str, cos: str, sin: str
+    ) -> tuple[str, str, list[str]]:
         """One block; returns (residual stream, MLP output still to be added to it, present KV names).
 
-            pending, h --SkipSimplifiedLayerNorm--> normed, h + pending   (layer 0: SimplifiedLayerNorm(h))
-            (slot on the block before: h + pending --edit--> delta; SkipSimplifiedLayerNorm(delta, h + pending))
-            normed --MatMul qkv--GroupQueryAttention(rotary, KV buffer)--MatMul o--> attn
-            attn, h --SkipSimplifiedLayerNorm--> normed2, h
-            normed2 --MatMul gate, up--> SiLU(gate) * up --MatMul down--> pending
+        pending, h --SkipSimplifiedLayerNorm--> normed, h + pending   (layer 0: SimplifiedLayerNorm(h))
+        (slot on the block before: h + pending --edit--> delta; SkipSimplifiedLayerNorm(delta, h + pending))
+        normed --MatMul qkv--GroupQueryAttention(rotary, KV buffer)--MatMul o--> attn
+        attn, h --SkipSimplifiedLayerNorm--> normed2, h
+        normed2 --MatMul gate, up--> SiLU(gate) * up --MatMul down--> pending
         """
         prefix = f"layers.{index}"
         if pending is None:
             normed = self.rms_norm(h, layer.input_layernorm, f"{prefix}/input_layernorm")
         elif self.has_slot(index - 1):  # edit the previous block's output, then norm it: h' = h + delta
             h = self.one("Add", [h, pending], name=f"layers.{index - 1}/residual")
-            normed, h = self.skip_rms_norm(self.edit(h, index - 1), h, layer.input_layernorm,
-                                           f"{prefix}/input_layernorm")
+            normed, h = self.skip_rms_norm(
+                self.edit(h, index - 1), h, layer.input_layernorm, f"{prefix}/input_layernorm"
+            )
         else:
             normed, h = self.skip_rms_norm(pending, h, layer.input_layernorm, f"{prefix}/input_layernorm")
         attention, present = self.attention(index, layer.self_attn, normed, lengths, total, cos, sin)
-        normed, h = self.skip_rms_norm(attention, h, layer.post_attention_layernorm,
-                                       f"{prefix}/post_attention_layernorm")
+        normed, h = self.skip_rms_norm(
+            attention, h, layer.post_attention_layernorm, f"{prefix}/post_attention_layernorm"
+        )
         mlp = layer.mlp
         gate = self.linear(normed, [mlp.gate_proj], f"{prefix}/mlp/gate_proj")
         up = self.linear(normed, [mlp.up_proj], f"{prefix}/mlp/up_proj")
-        silu = self.one("Mul", [gate, self.one("Sigmoid", [gate], name=f"{prefix}/mlp/Sigmoid")],
-                        name=f"{prefix}/mlp/silu")
+        silu = self.one(
+            "Mul", [gate, self.one("Sigmoid", [gate], name=f"{prefix}/mlp/Sigmoid")], name=f"{prefix}/mlp/silu"
+        )
         product = self.one("Mul", [silu, up], name=f"{prefix}/mlp/Mul")
         return h, self.linear(product, [mlp.down_proj], f"{prefix}/mlp/down_proj"), present
 
@@ -318,8 +377,8 @@ class FusedGraph:
     def edit(self, h: str, layer: int) -> str:
         """The change the slot of ``layer`` makes to h: train.intervention.low_rank_edit minus h.
 
-            h --FusedMatMul B^T--Add c--Mul mask--MatMul A--> delta      (the caller adds it to h)
-            slot.l.positions --slot_mask--> mask [batch, seq, rank]
+        h --FusedMatMul B^T--Add c--Mul mask--MatMul A--> delta      (the caller adds it to h)
+        slot.l.positions --slot_mask--> mask [batch, seq, rank]
         """
         A, B, c, positions = slot_names(layer)
         name = f"layers.{layer}/slot"
@@ -331,19 +390,22 @@ class FusedGraph:
     def places(self) -> tuple[str, str, str, str]:
         """Where this pass's tokens sit, built once per decoder (inside the slotted branch only):
 
-            attention_mask --Shape[1]--> width;  input_ids --Shape[1]--> seq;  past = width - seq
-            Range(past, width) --Unsqueeze--> t [1, seq, 1]: each token's position
-            past == 0 (the prompt pass) ? ReduceSum(attention_mask) : 0 --> prompt_len [batch, 1, 1]
-            past > 0 --> later [1, 1, 1]: a pass of generated tokens
-            t < prompt_len --> in_prompt [batch, seq, 1]: prompt tokens (never pads, never on later passes)
+        attention_mask --Shape[1]--> width;  input_ids --Shape[1]--> seq;  past = width - seq
+        Range(past, width) --Unsqueeze--> t [1, seq, 1]: each token's position
+        past == 0 (the prompt pass) ? ReduceSum(attention_mask) : 0 --> prompt_len [batch, 1, 1]
+        past > 0 --> later [1, 1, 1]: a pass of generated tokens
+        t < prompt_len --> in_prompt [batch, seq, 1]: prompt tokens (never pads, never on later passes)
         """
         if self.token_places is None:
             width = self.one("Shape", [ATTENTION_MASK], name="places/width", start=1, end=2)
             seq = self.one("Shape", [INPUT_IDS], name="places/seq", start=1, end=2)
             past = self.one("Sub", [width, seq], name="places/past")
             scalar = lambda value, name: self.one("Squeeze", [value], name=name)  # noqa: E731
-            span = self.one("Range", [scalar(past, "places/past_scalar"), scalar(width, "places/width_scalar"),
-                                      self.constant(1)], name="places/Range")
+            span = self.one(
+                "Range",
+                [scalar(past, "places/past_scalar"), scalar(width, "places/width_scalar"), self.constant(1)],
+                name="places/Range",
+            )
             t = self.one("Unsqueeze", [span, self.constant([0, 2])], name="places/t")
             later = self.one("Greater", [past, self.constant([0])], name="places/later")
             later = self.one("Unsqueeze", [later, self.constant([1, 2])], name="places/later3")
@@ -357,30 +419,36 @@ class FusedGraph:
     def slot_mask(self, positions: str, name: str) -> str:
         """contract.token_mask in ONNX nodes: float [batch, seq, rank] from positions [batch, 4, rank].
 
-            first, last, after, generated = Split(positions, axis 1)      each [batch, 1, rank]
-            prefix = t < min(first, prompt_len)
-            suffix = t >= prompt_len - min(last, prompt_len - min(after, prompt_len))
-            mask = (t < prompt_len and (prefix or suffix)) or (generated and later)   (pads: neither)
+        first, last, after, generated = Split(positions, axis 1)      each [batch, 1, rank]
+        prefix = t < min(first, prompt_len)
+        suffix = t >= prompt_len - min(last, prompt_len - min(after, prompt_len))
+        mask = (t < prompt_len and (prefix or suffix)) or (generated and later)   (pads: neither)
         """
         t, prompt_len, in_prompt, later = self.places()
-        first, last, after, generated = self.node("Split", [positions], name=f"{name}/Split", outputs=4, axis=1,
-                                                  num_outputs=POSITION_LINES)
-        prefix = self.one("Less", [t, self.one("Min", [first, prompt_len], name=f"{name}/first")],
-                          name=f"{name}/prefix")
+        first, last, after, generated = self.node(
+            "Split", [positions], name=f"{name}/Split", outputs=4, axis=1, num_outputs=POSITION_LINES
+        )
+        prefix = self.one(
+            "Less", [t, self.one("Min", [first, prompt_len], name=f"{name}/first")], name=f"{name}/prefix"
+        )
         start = self.one("Min", [after, prompt_len], name=f"{name}/after")
         count = self.one("Min", [last, self.one("Sub", [prompt_len, start], name=f"{name}/room")], name=f"{name}/last")
-        suffix = self.one("GreaterOrEqual", [t, self.one("Sub", [prompt_len, count], name=f"{name}/from")],
-                          name=f"{name}/suffix")
-        edits = self.one("And", [self.one("Cast", [generated], name=f"{name}/generated", to=9), later],
-                         name=f"{name}/later")
+        suffix = self.one(
+            "GreaterOrEqual", [t, self.one("Sub", [prompt_len, count], name=f"{name}/from")], name=f"{name}/suffix"
+        )
+        edits = self.one(
+            "And", [self.one("Cast", [generated], name=f"{name}/generated", to=9), later], name=f"{name}/later"
+        )
         # (Where has no bool kernel; in_prompt and later never hold together, so And/Or choose)
-        prompt = self.one("And", [in_prompt, self.one("Or", [prefix, suffix], name=f"{name}/span")],
-                          name=f"{name}/prompt")
+        prompt = self.one(
+            "And", [in_prompt, self.one("Or", [prefix, suffix], name=f"{name}/span")], name=f"{name}/prompt"
+        )
         chosen = self.one("Or", [prompt, edits], name=f"{name}/choose")
         return self.one("Cast", [chosen], name=f"{name}/mask", to=1)
 
-    def attention(self, index: int, module: nn.Module, x: str, lengths: str, total: str, cos: str,
-                  sin: str) -> tuple[str, list[str]]:
+    def attention(
+        self, index: int, module: nn.Module, x: str, lengths: str, total: str, cos: str, sin: str
+    ) -> tuple[str, list[str]]:
         """Packed QKV projection -> GroupQueryAttention (rotary and KV buffer inside) -> output projection;
         returns the output and the present KV names.
 
@@ -392,23 +460,37 @@ class FusedGraph:
         if q_norm is None:
             query_key_value = [self.linear(x, projections, f"{prefix}/qkv_proj"), "", ""]
         else:
-            query_key_value = [self.head_norm(self.linear(x, [module.q_proj], f"{prefix}/q_proj"), q_norm,
-                                              self.heads, f"{prefix}/q_norm"),
-                               self.head_norm(self.linear(x, [module.k_proj], f"{prefix}/k_proj"), k_norm,
-                                              self.kv_heads, f"{prefix}/k_norm"),
-                               self.linear(x, [module.v_proj], f"{prefix}/v_proj")]
+            query_key_value = [
+                self.head_norm(
+                    self.linear(x, [module.q_proj], f"{prefix}/q_proj"), q_norm, self.heads, f"{prefix}/q_norm"
+                ),
+                self.head_norm(
+                    self.linear(x, [module.k_proj], f"{prefix}/k_proj"), k_norm, self.kv_heads, f"{prefix}/k_norm"
+                ),
+                self.linear(x, [module.v_proj], f"{prefix}/v_proj"),
+            ]
         past_key, past_value = past_names(index)
         window = getattr(self.config, "sliding_window", None)
         layer_types = getattr(self.config, "layer_types", None)
-        sliding = window is not None and (layer_types is None and self.config.model_type == "mistral"
-                                          or layer_types is not None and layer_types[index] == "sliding_attention")
-        out = self.node("GroupQueryAttention",
-                        [*query_key_value, past_key, past_value, lengths, total, cos, sin],
-                        name=f"{prefix}/GroupQueryAttention",
-                        outputs=[self.name(f"{prefix}/out"), *map(self.output_name, present_names(index))],
-                        domain=MS_DOMAIN, num_heads=self.heads, kv_num_heads=self.kv_heads,
-                        scale=float(module.scaling), do_rotary=1, rotary_interleaved=0,
-                        local_window_size=int(window) if sliding else -1)
+        sliding = window is not None and (
+            layer_types is None
+            and self.config.model_type == "mistral"
+            or layer_types is not None
+            and layer_types[index] == "sliding_attention"
+        )
+        out = self.node(
+            "GroupQueryAttention",
+            [*query_key_value, past_key, past_value, lengths, total, cos, sin],
+            name=f"{prefix}/GroupQueryAttention",
+            outputs=[self.name(f"{prefix}/out"), *map(self.output_name, present_names(index))],
+            domain=MS_DOMAIN,
+            num_heads=self.heads,
+            kv_num_heads=self.kv_heads,
+            scale=float(module.scaling),
+            do_rotary=1,
+            rotary_interleaved=0,
+            local_window_size=int(window) if sliding else -1,
+        )
         return self.linear(out[0], [module.o_proj], f"{prefix}/o_proj"), out[1:]
 
     def head_norm(self, x: str, module: nn.Module, heads: int, name: str) -> str:
@@ -420,8 +502,8 @@ class FusedGraph:
     def output(self, h: str, lengths: str, embedding: str) -> str:
         """Logits of each row's last token only: the vocabulary product over the whole prompt is wasted.
 
-            seqlens_k --Min(seq-1)--> last [b] --GatherND(h, batch_dims 1)--> [b,H] --norm
-                --Gemm(embedding, transB) or MatMul(lm_head)--> [b,V] --Unsqueeze--> logits [b,1,V]
+        seqlens_k --Min(seq-1)--> last [b] --GatherND(h, batch_dims 1)--> [b,H] --norm
+            --Gemm(embedding, transB) or MatMul(lm_head)--> [b,V] --Unsqueeze--> logits [b,1,V]
         """
         seq = self.one("Shape", [INPUT_IDS], name="output/Shape", start=1, end=2)
         seq_last = self.one("Sub", [seq, self.constant([1])], name="output/Sub")
@@ -435,7 +517,9 @@ class FusedGraph:
             # one copy of a tied matrix: Gemm reads the embedding transposed
             logits = self.one("Gemm", [normed, embedding], name="lm_head/Gemm", transB=1)
         else:  # a MatMul weight of its own, which the int8/int4 quantizers compress
-            logits = self.one("MatMul", [normed, self.weight("lm_head.weight", lambda: _numpy(head.weight).T)],
-                              name="lm_head/MatMul")
-        return self.node("Unsqueeze", [logits, self.constant([1])], name="lm_head",
-                         outputs=[self.output_name(LOGITS)])[0]
+            logits = self.one(
+                "MatMul", [normed, self.weight("lm_head.weight", lambda: _numpy(head.weight).T)], name="lm_head/MatMul"
+            )
+        return self.node("Unsqueeze", [logits, self.constant([1])], name="lm_head", outputs=[self.output_name(LOGITS)])[
+            0
+        ]

@@ -37,20 +37,43 @@ GENAI_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TOKENIZER_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "clean_up_tokenization_spaces")
 
 
-def genai_config(backbone: Any, *, graph: str, kv_heads: int, head_dim: int, context_length: int,
-                 special_tokens: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
+def genai_config(
+    backbone: Any,
+    *,
+    graph: str,
+    kv_heads: int,
+    head_dim: int,
+    context_length: int,
+    special_tokens: dict[str, Any],
+    generation: dict[str, Any],
+) -> dict[str, Any]:
     """The genai_config.json of a bundle (greedy by default, as the runtime's generate)."""
     config = backbone.model.config
-    inputs = {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK,
-              "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    inputs = {
+        "input_ids": INPUT_IDS,
+        "attention_mask": ATTENTION_MASK,
+        "past_key_names": "past_key_values.%d.key",
+        "past_value_names": "past_key_values.%d.value",
+    }
     if graph == "traced":
         inputs["position_ids"] = POSITION_IDS
     eos = special_tokens["eos_token_ids"]
-    search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "min_length": 0,
-              "max_length": context_length, "past_present_share_buffer": graph == "fused",
-              "repetition_penalty": 1.0, "temperature": float(generation.get("temperature", 1.0)),
-              "top_k": int(generation.get("top_k", 1)), "top_p": float(generation.get("top_p", 1.0)),
-              "length_penalty": 1.0, "early_stopping": True, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0}
+    search = {
+        "do_sample": False,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "min_length": 0,
+        "max_length": context_length,
+        "past_present_share_buffer": graph == "fused",
+        "repetition_penalty": 1.0,
+        "temperature": float(generation.get("temperature", 1.0)),
+        "top_k": int(generation.get("top_k", 1)),
+        "top_p": float(generation.get("top_p", 1.0)),
+        "length_penalty": 1.0,
+        "early_stopping": True,
+        "no_repeat_ngram_size": 0,
+        "diversity_penalty": 0.0,
+    }
     return {
         "model": {
             "type": backbone.model_type if graph == "fused" and backbone.model_type in GENAI_TYPES else "decoder",
@@ -68,8 +91,11 @@ def genai_config(backbone: Any, *, graph: str, kv_heads: int, head_dim: int, con
                 "num_key_value_heads": kv_heads,
                 "num_hidden_layers": backbone.num_layers,
                 "inputs": inputs,
-                "outputs": {"logits": LOGITS, "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "outputs": {
+                    "logits": LOGITS,
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
             },
         },
         "search": search,
@@ -91,8 +117,10 @@ def tokenizer_config(tokenizer: Any) -> dict[str, Any]:
 
 def write_genai_files(folder: Path, backbone: Any, **options: Any) -> dict[str, str]:
     """Write both files into ``folder``; returns their roles for the manifest."""
-    (folder / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(backbone, **options), indent=2) + "\n",
-                                            encoding="utf-8")
-    (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config(backbone.tokenizer), indent=2) + "\n",
-                                                encoding="utf-8")
+    (folder / GENAI_CONFIG_FILE).write_text(
+        json.dumps(genai_config(backbone, **options), indent=2) + "\n", encoding="utf-8"
+    )
+    (folder / TOKENIZER_CONFIG_FILE).write_text(
+        json.dumps(tokenizer_config(backbone.tokenizer), indent=2) + "\n", encoding="utf-8"
+    )
     return {"genai_config": GENAI_CONFIG_FILE, "tokenizer_config": TOKENIZER_CONFIG_FILE}

@@ -198,9 +198,20 @@ class _Rewrite:
         names = self.store(weight, "matmul", lambda: [a for a in blocks.matmul_nbits() if a is not None])
         inputs = [node.input[0], *names[:2]] + ([names[2]] if len(names) > 2 else [])
         product = node.output[0] if blocks.kind != "Q4_1" else f"{node.name}/weights_q"
-        nodes = [helper.make_node("MatMulNBits", inputs, [product], name=f"{node.name}/MatMulNBits",
-                                  domain=MS_DOMAIN, K=k, N=n, bits=blocks.bits, block_size=BLOCK,
-                                  accuracy_level=self.accuracy_level)]
+        nodes = [
+            helper.make_node(
+                "MatMulNBits",
+                inputs,
+                [product],
+                name=f"{node.name}/MatMulNBits",
+                domain=MS_DOMAIN,
+                K=k,
+                N=n,
+                bits=blocks.bits,
+                block_size=BLOCK,
+                accuracy_level=self.accuracy_level,
+            )
+        ]
         if blocks.kind == "Q4_1":
             sums, sum_nodes = self.block_sums(graph, node.input[0], k, helper)
             (minimums,) = self.store(weight, "minimums", lambda: [blocks.m + 8 * blocks.d])
@@ -226,16 +237,28 @@ class _Rewrite:
 
     def gather(self, node, blocks: Blocks, helper) -> list:
         data = node.input[0]
+
         # GatherBlockQuantized wants rows [V, D] with blocks along D: the transpose of MatMul's layout.
         def arrays():
             packed, scales, zero_points = blocks.matmul_nbits()
             rows = packed.reshape(packed.shape[0], -1)
             return [rows, scales] + ([zero_points] if zero_points is not None else [])
+
         names = self.store(data, "gather", arrays)  # data, scales[, zero points]
         self.count(data, blocks.kind)
-        return [helper.make_node("GatherBlockQuantized", [names[0], node.input[1], *names[1:]], list(node.output),
-                                 name=f"{node.name}/GatherBlockQuantized", domain=MS_DOMAIN, gather_axis=0,
-                                 quantize_axis=1, block_size=BLOCK, bits=blocks.bits)]
+        return [
+            helper.make_node(
+                "GatherBlockQuantized",
+                [names[0], node.input[1], *names[1:]],
+                list(node.output),
+                name=f"{node.name}/GatherBlockQuantized",
+                domain=MS_DOMAIN,
+                gather_axis=0,
+                quantize_axis=1,
+                block_size=BLOCK,
+                bits=blocks.bits,
+            )
+        ]
 
     def store(self, weight: str, form: str, make) -> list[str]:
         key = (weight, form)

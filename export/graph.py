@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,17 +78,29 @@ class SlotGraph(nn.Module):
         self.slot_layers = list(slot_layers)
         self.slots = EditSlots()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                past: list[torch.Tensor], slots: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: list[torch.Tensor],
+        slots: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
         places = token_places(input_ids, attention_mask, position_ids)
         for k, layer in enumerate(self.slot_layers):
-            A, B, c, positions = slots[4 * k:4 * k + 4]
+            A, B, c, positions = slots[4 * k : 4 * k + 4]
             self.slots.set(layer, A, B, c[:, 0], token_mask(positions, *places, xp=torch).to(A.dtype))
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.slots.clear()
         return (out.logits, *(t for layer in out.cache.layers for t in (layer.keys, layer.values)))
 
@@ -98,8 +111,9 @@ class SlotGraph(nn.Module):
             yield
 
 
-def token_places(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_places(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(t, prompt_len, real) for contract.token_mask, from a traced graph's own inputs.
 
     t: the position ids. The pass is the prompt pass when there is no past (its length, the
@@ -110,18 +124,23 @@ def token_places(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     seq = input_ids.shape[1]
     past = torch.ones_like(attention_mask[:1, seq:]).sum()
     prompt_len = torch.where(past == 0, attention_mask.sum(-1), torch.zeros_like(attention_mask[:, 0]))
-    return position_ids, prompt_len, attention_mask[:, attention_mask.shape[1] - seq:] != 0
+    return position_ids, prompt_len, attention_mask[:, attention_mask.shape[1] - seq :] != 0
 
 
-def example_inputs(model: nn.Module, num_slots: int, *, batch: int = 2, seq: int = 3, past: int = 4,
-                   rank: int = 2) -> tuple:
+def example_inputs(
+    model: nn.Module, num_slots: int, *, batch: int = 2, seq: int = 3, past: int = 4, rank: int = 2
+) -> tuple:
     """Example tensors for tracing: every dynamic dimension >= 2, so none is specialised."""
     config = model.config
     kv_heads, head_dim = kv_shape(config)
     hidden, layers = config.hidden_size, len(decoder_layers(model))
     dtype = next(model.parameters()).dtype
-    slot = [torch.zeros(batch, rank, hidden), torch.zeros(batch, rank, hidden), torch.zeros(batch, 1, rank),
-            torch.zeros(batch, POSITION_LINES, rank, dtype=torch.long)]
+    slot = [
+        torch.zeros(batch, rank, hidden),
+        torch.zeros(batch, rank, hidden),
+        torch.zeros(batch, 1, rank),
+        torch.zeros(batch, POSITION_LINES, rank, dtype=torch.long),
+    ]
     return (
         torch.ones(batch, seq, dtype=torch.long),
         torch.ones(batch, past + seq, dtype=torch.long),
@@ -167,9 +186,15 @@ def export_onnx(model: nn.Module, slot_layers: list[int], path: str | Path) -> N
     num_layers = len(decoder_layers(model))
     with eager_attention(model), wrapper.attach_slot_hooks(), torch.no_grad(), quiet_exporter():
         program = torch.onnx.export(
-            wrapper, example_inputs(model, len(slot_layers)), dynamo=True, opset_version=OPSET,
-            input_names=input_names(num_layers, slot_layers), output_names=output_names(num_layers),
-            dynamic_shapes=dynamic_shapes(num_layers, len(slot_layers)), external_data=True, optimize=True,
+            wrapper,
+            example_inputs(model, len(slot_layers)),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=input_names(num_layers, slot_layers),
+            output_names=output_names(num_layers),
+            dynamic_shapes=dynamic_shapes(num_layers, len(slot_layers)),
+            external_data=True,
+            optimize=True,
             verbose=False,
         )
     program.save(str(path), external_data=True)

@@ -60,8 +60,14 @@ def save_model(model, path: Path) -> None:
     """Save with every weight in one external file named ``<model>.data`` (the bundle's layout)."""
     import onnx
 
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_file(path).name, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_file(path).name,
+        size_threshold=1024,
+    )
 
 
 def preprocess(source: Path, target: Path) -> None:
@@ -76,8 +82,14 @@ def preprocess(source: Path, target: Path) -> None:
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    quant_pre_process(str(source), str(target), skip_symbolic_shape=True, save_as_external_data=True,
-                      all_tensors_to_one_file=True, external_data_location=data_file(target).name)
+    quant_pre_process(
+        str(source),
+        str(target),
+        skip_symbolic_shape=True,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        external_data_location=data_file(target).name,
+    )
 
 
 def to_fp16(source: Path, target: Path) -> None:
@@ -89,8 +101,11 @@ def to_fp16(source: Path, target: Path) -> None:
     model = onnx.load(str(source))
     # Keep float32 at the graph boundary: slot inputs (patch values) and logits (sampling).
     # (the int64 positions input is no float: listing it would make the converter cast it)
-    float32_io = [i.name for i in model.graph.input
-                  if i.name.startswith("slot.") and i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT] + [LOGITS]
+    float32_io = [
+        i.name
+        for i in model.graph.input
+        if i.name.startswith("slot.") and i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    ] + [LOGITS]
     model = convert_float_to_float16(model, keep_io_types=float32_io, disable_shape_infer=True)
     save_model(model, target)
 
@@ -132,12 +147,14 @@ def to_int4(source: Path, target: Path) -> dict[str, int]:
     weight), and the Q8_0 output layer reads 8 bits: 94 against 137 tokens/s before,
     same machine and run; 152 instead of 108 MB.
     """
-    return quantize_blockwise(source, target, bits=4, block_size=INT4_BLOCK, symmetric=True,
-                              op_types=("MatMul", "Gather"))
+    return quantize_blockwise(
+        source, target, bits=4, block_size=INT4_BLOCK, symmetric=True, op_types=("MatMul", "Gather")
+    )
 
 
-def quantize_blockwise(source: Path, target: Path, *, bits: int, block_size: int, symmetric: bool,
-                       op_types: tuple[str, ...]) -> dict[str, int]:
+def quantize_blockwise(
+    source: Path, target: Path, *, bits: int, block_size: int, symmetric: bool, op_types: tuple[str, ...]
+) -> dict[str, int]:
     """Exact GGUF blocks where the weights are some (export.gguf_blocks), onnxruntime's MatMulNBits
     quantizer for the rest, after pre-processing; weights go to <target>.data. Returns how many
     weights of each kind were stored ("Q4_1": 210, ..., "requantized": 0)."""
@@ -154,9 +171,15 @@ def quantize_blockwise(source: Path, target: Path, *, bits: int, block_size: int
     leftover, kept_float = _quantizable(model, op_types)
     counts["requantized"] = len(leftover)
     # accuracy_level 4: int8 arithmetic for the activations, quantised per block (faster on CPU).
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                     accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=op_types,
-                                     nodes_to_exclude=kept_float)
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=block_size,
+        is_symmetric=symmetric,
+        accuracy_level=ACCURACY_LEVEL,
+        op_types_to_quantize=op_types,
+        nodes_to_exclude=kept_float,
+    )
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
     logger.setLevel(logging.ERROR)  # two INFO lines per MatMul, and the expected opset warning

@@ -19,9 +19,10 @@ greedily decoded tokens per row.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +41,10 @@ PROMPT_LENGTHS = (5, 8)  # random prompts when none are given: row 0 has 3 pads
 # Untied f2+l2 in both rows (rank rows 0-1 on the first 2 prompt tokens, row 2 on the last 2);
 # row 1 adds rank row 3, an l2+g intervention: the last 2 prompt tokens and every generated one.
 PREFIX_SUFFIX, GENERATED = Positions.parse("f2+l2"), Positions.parse("l2+g")
-ROW_EDITS = ([(PREFIX_SUFFIX, "prefix", 2), (PREFIX_SUFFIX, "suffix", 1)],
-             [(PREFIX_SUFFIX, "prefix", 2), (PREFIX_SUFFIX, "suffix", 1), (GENERATED, "both", 1)])
+ROW_EDITS = (
+    [(PREFIX_SUFFIX, "prefix", 2), (PREFIX_SUFFIX, "suffix", 1)],
+    [(PREFIX_SUFFIX, "prefix", 2), (PREFIX_SUFFIX, "suffix", 1), (GENERATED, "both", 1)],
+)
 RANK = 4
 DECODE_STEPS = 4
 GREEDY_TOKENS = 32
@@ -54,7 +57,7 @@ class Batch:
     prompts: list[list[int]]
     slots: SlotArrays
 
-    def without_edit(self) -> "Batch":
+    def without_edit(self) -> Batch:
         """The same A, B, c with all-zero positions (nothing edited): must be exactly the identity."""
         s = self.slots
         return Batch(self.prompts, SlotArrays(s.A, s.B, s.c, np.zeros_like(s.positions)))
@@ -79,8 +82,14 @@ class Batch:
         return self.slots.masks(np.zeros((rows, 1), np.int64), np.zeros(rows, np.int64), np.ones((rows, 1), bool))
 
 
-def random_batch(vocab_size: int, hidden: int, num_slots: int, edited_slots: list[int], seed: int = 0,
-                 prompts: list[list[int]] | None = None) -> Batch:
+def random_batch(
+    vocab_size: int,
+    hidden: int,
+    num_slots: int,
+    edited_slots: list[int],
+    seed: int = 0,
+    prompts: list[list[int]] | None = None,
+) -> Batch:
     """``prompts`` (else two random ones of different lengths); at ``edited_slots`` a random patch per row.
 
     Row 1 uses all RANK rows, one of them also on generated tokens; row 0 only RANK - 1 (its
@@ -121,8 +130,9 @@ def kv_layout(model: nn.Module, path: str | Path) -> KVLayout:
     inputs = onnx.load(str(path), load_external_data=False).graph.input
     kv_type = next(i.type.tensor_type.elem_type for i in inputs if i.name == past_names(0)[0])
     kv_heads, head_dim = kv_shape(model.config)
-    return KVLayout(len(decoder_layers(model)), kv_heads, head_dim,
-                    "float16" if kv_type == onnx.TensorProto.FLOAT16 else "float32")
+    return KVLayout(
+        len(decoder_layers(model)), kv_heads, head_dim, "float16" if kv_type == onnx.TensorProto.FLOAT16 else "float32"
+    )
 
 
 class TorchReference:
@@ -134,26 +144,42 @@ class TorchReference:
         self.slots = EditSlots()
 
     @contextlib.contextmanager
-    def attached(self) -> Iterator["TorchReference"]:
+    def attached(self) -> Iterator[TorchReference]:
         layers = decoder_layers(self.model)
-        with eager_attention(self.model), torch.no_grad(), \
-                attach_edits({layer: layers[layer] for layer in self.slot_layers}, self.slots):
+        with (
+            eager_attention(self.model),
+            torch.no_grad(),
+            attach_edits({layer: layers[layer] for layer in self.slot_layers}, self.slots),
+        ):
             yield self
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Any,
-             slots: SlotArrays, mask: np.ndarray) -> np.ndarray:
+    def step(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: Any,
+        slots: SlotArrays,
+        mask: np.ndarray,
+    ) -> np.ndarray:
         """One pass; ``mask`` [slots, batch, seq, rank] is this pass's per-token edit mask."""
         self.slots.clear()
         for k, layer in enumerate(self.slot_layers):
             if mask[k].any():  # an all-zero mask is the identity; leaving the slot empty keeps torch exact
                 self.slots.set(layer, *(torch.from_numpy(x[k]) for x in (slots.A, slots.B, slots.c, mask)))
-        out = self.model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
-                         position_ids=torch.from_numpy(position_ids), cache=cache, use_cache=True)
+        out = self.model(
+            input_ids=torch.from_numpy(input_ids),
+            attention_mask=torch.from_numpy(attention_mask),
+            position_ids=torch.from_numpy(position_ids),
+            cache=cache,
+            use_cache=True,
+        )
         return out.logits[:, -1].float().numpy()
 
 
-def run_both(engine: Engine, reference: TorchReference, batch: Batch, steps: int, *, pad_id: int = 0,
-             greedy_from: str = "torch") -> tuple[list[np.ndarray], list[np.ndarray]]:
+def run_both(
+    engine: Engine, reference: TorchReference, batch: Batch, steps: int, *, pad_id: int = 0, greedy_from: str = "torch"
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Prefill then ``steps`` decode steps on both; the next token is the argmax of
     ``greedy_from``'s logits ("torch" = teacher forcing both alike, "own" = each its own)."""
     from transformers import DynamicCache
@@ -171,8 +197,9 @@ def run_both(engine: Engine, reference: TorchReference, batch: Batch, steps: int
         attention = np.concatenate([attention, np.ones((rows, 1), dtype=np.int64)], axis=1)
         positions = positions[:, -1:] + 1
         got = run.decode(ort_next)
-        want = reference.step(torch_next[:, None].astype(np.int64), attention, positions, cache, batch.slots,
-                              batch.decode_masks())
+        want = reference.step(
+            torch_next[:, None].astype(np.int64), attention, positions, cache, batch.slots, batch.decode_masks()
+        )
         ort_logits.append(got)
         torch_logits.append(want)
     return ort_logits, torch_logits
@@ -183,8 +210,16 @@ def pick_edited_slots(num_slots: int) -> list[int]:
     return sorted({0, num_slots - 1}) if num_slots else []
 
 
-def verify_graph(path: str | Path, model: nn.Module, slot_layers: list[int], *, graph: str, pad_id: int = 0,
-                 prompts: list[list[int]] | None = None, seed: int = 0) -> dict[str, Any]:
+def verify_graph(
+    path: str | Path,
+    model: nn.Module,
+    slot_layers: list[int],
+    *,
+    graph: str,
+    pad_id: int = 0,
+    prompts: list[list[int]] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Figures for the manifest's ``verification`` entry (see docs/bundle-format.md).
 
     ``prompts``: two token lists of different lengths (real text makes the greedy
@@ -211,8 +246,9 @@ def verify_graph(path: str | Path, model: nn.Module, slot_layers: list[int], *, 
         "greedy_tokens_agreement": float((ort_tokens == torch_tokens).mean()),
         "greedy_tokens": int(ort_tokens.size),
         # how long the two agree before the first difference (per row; a quantized graph drifts apart)
-        "greedy_tokens_before_divergence": [int(np.argmin(row)) if not row.all() else int(row.size)
-                                            for row in ort_tokens == torch_tokens],
+        "greedy_tokens_before_divergence": [
+            int(np.argmin(row)) if not row.all() else int(row.size) for row in ort_tokens == torch_tokens
+        ],
         "decode_steps": DECODE_STEPS,
         "edited_slot_layers": [slot_layers[k] for k in edited],
         "batch": len(batch.prompts),

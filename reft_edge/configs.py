@@ -10,8 +10,9 @@ from reft_edge.errors import UsageError
 Config = TypeVar("Config")
 
 
-def config_from_dict(cls: type[Config], values: dict[str, Any], *, what: str,
-                     tuple_fields: tuple[str, ...] = ()) -> Config:
+def config_from_dict(
+    cls: type[Config], values: dict[str, Any], *, what: str, tuple_fields: tuple[str, ...] = ()
+) -> Config:
     """``cls(**values)`` that names unknown keys; list values of ``tuple_fields`` become tuples
     (JSON has no tuples, and frozen configs must stay hashable)."""
     known = {f.name for f in fields(cls)}

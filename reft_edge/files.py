@@ -13,8 +13,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from reft_edge.constants import CACHE_ENV
 

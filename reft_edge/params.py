@@ -34,8 +34,11 @@ class FiniteFloat(click.ParamType):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number; give an ordinary number such as 0.5", param, ctx)
         if self.float32 and abs(number) > FLOAT32_MAX:
-            self.fail(f"{value!r} overflows float32 (|x| at most {FLOAT32_MAX:.4g}), where it is used; "
-                      "give a smaller number", param, ctx)
+            self.fail(
+                f"{value!r} overflows float32 (|x| at most {FLOAT32_MAX:.4g}), where it is used; give a smaller number",
+                param,
+                ctx,
+            )
         return number
 
 

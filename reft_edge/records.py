@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from reft_edge.errors import DataError
 from reft_edge.params import not_unicode
@@ -66,8 +67,10 @@ def read_jsonl(path: str | Path) -> list[Record]:
     for number, line in enumerate(raw.split(b"\n"), start=1):
         where = f"{path}:{number}"
         if len(line) > MAX_LINE_BYTES:
-            raise DataError(f"{where}: {len(line)} bytes, longer than any model's context ({MAX_LINE_BYTES} bytes "
-                            "per example at most); split the example or drop it")
+            raise DataError(
+                f"{where}: {len(line)} bytes, longer than any model's context ({MAX_LINE_BYTES} bytes "
+                "per example at most); split the example or drop it"
+            )
         try:
             text = line.decode("utf-8").strip()
         except UnicodeDecodeError as exc:
@@ -88,15 +91,22 @@ def _parse_line(text: str, where: str) -> Record:
         raise DataError(f"{where}: a JSON {type(value).__name__}, not an object; {_FIX}")
     if "messages" in value:
         messages = value["messages"]
-        if not isinstance(messages, list) or len(messages) < 2 or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
+        if (
+            not isinstance(messages, list)
+            or len(messages) < 2
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
         ):
-            raise DataError(f"{where}: 'messages' must be a list of at least two "
-                            '{"role": ..., "content": ...} objects; ' + _FIX)
+            raise DataError(
+                f'{where}: \'messages\' must be a list of at least two {{"role": ..., "content": ...}} objects; ' + _FIX
+            )
         if messages[-1]["role"] != "assistant":
-            raise DataError(f"{where}: the last message has role {messages[-1]['role']!r}; "
-                            "end each conversation with the assistant message to learn")
+            raise DataError(
+                f"{where}: the last message has role {messages[-1]['role']!r}; "
+                "end each conversation with the assistant message to learn"
+            )
         prompt = tuple({"role": m["role"], "content": m["content"]} for m in messages[:-1])
         response = messages[-1]["content"]
     elif isinstance(value.get("prompt"), str) and isinstance(value.get("response"), str):
@@ -110,8 +120,10 @@ def _parse_line(text: str, where: str) -> Record:
     for text in (*(m["content"] for m in prompt), response, *(m["role"] for m in prompt)):
         bad = not_unicode(text)
         if bad is not None:
-            raise DataError(f"{where}: holds {bad}, which is not valid Unicode text (a lone surrogate escape "
-                            "such as \\ud800); fix or drop that example")
+            raise DataError(
+                f"{where}: holds {bad}, which is not valid Unicode text (a lone surrogate escape "
+                "such as \\ud800); fix or drop that example"
+            )
     return Record(prompt, response, where)
 
 
@@ -128,14 +140,15 @@ def _target_text(tokenizer: Any, record: Record, prompt: str, use_chat_template:
         full = tokenizer.apply_chat_template(
             [*record.messages, {"role": "assistant", "content": record.response}], tokenize=False
         )
-        tail = full[len(prompt):] if full.startswith(prompt) else ""
-        if tail.startswith(record.response) and tail[len(record.response):].strip():
-            return record.response + tail[len(record.response):].rstrip()
+        tail = full[len(prompt) :] if full.startswith(prompt) else ""
+        if tail.startswith(record.response) and tail[len(record.response) :].strip():
+            return record.response + tail[len(record.response) :].rstrip()
     return record.response + (tokenizer.eos_token or "")
 
 
-def tokenize(records: list[Record], tokenizer: Any, *, use_chat_template: bool,
-             max_tokens: int | None = None) -> list[Example]:
+def tokenize(
+    records: list[Record], tokenizer: Any, *, use_chat_template: bool, max_tokens: int | None = None
+) -> list[Example]:
     """Records -> token ids; with ``max_tokens`` (the model's context), an example longer than that
     is a DataError naming its file:line (the rule: prompt and response tokens together must fit)."""
     if use_chat_template and not getattr(tokenizer, "chat_template", None):
@@ -149,11 +162,13 @@ def tokenize(records: list[Record], tokenizer: Any, *, use_chat_template: bool,
         if not prompt_ids or not target_ids:
             raise DataError(f"{record.where}: the prompt or response tokenizes to nothing; give real text")
         if max_tokens is not None and len(prompt_ids) + len(target_ids) > max_tokens:
-            raise DataError(f"{record.where}: {len(prompt_ids) + len(target_ids)} tokens, longer than the model's "
-                            f"context of {max_tokens}; shorten the example or split it in two")
+            raise DataError(
+                f"{record.where}: {len(prompt_ids) + len(target_ids)} tokens, longer than the model's "
+                f"context of {max_tokens}; shorten the example or split it in two"
+            )
         examples.append(Example(tuple(prompt_ids), tuple(target_ids)))
     return examples
 
 
 def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -32,8 +32,16 @@ _LAZY = {
 }
 
 __all__ = [
-    "BackboneMismatchError", "BundleError", "Generation", "Patch", "PatchCompatibilityError", "PatchError",
-    "PatchFormatError", "Positions", "Runtime", "UsageError",
+    "BackboneMismatchError",
+    "BundleError",
+    "Generation",
+    "Patch",
+    "PatchCompatibilityError",
+    "PatchError",
+    "PatchFormatError",
+    "Positions",
+    "Runtime",
+    "UsageError",
 ]
 
 

@@ -20,8 +20,8 @@ inputs are required.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -32,8 +32,9 @@ from reft_edge.runtime.patch import Patch
 from reft_edge.runtime.slots import SlotArrays, resolve_edits, slot_arrays
 
 
-def adapter_arrays(manifest: Manifest, patches: Sequence[Patch | str | Path],
-                   weights: Sequence[float] | None) -> dict[str, np.ndarray]:
+def adapter_arrays(
+    manifest: Manifest, patches: Sequence[Patch | str | Path], weights: Sequence[float] | None
+) -> dict[str, np.ndarray]:
     """Every slot input of the bundle's graph, batch 1, for these patches (checked against the bundle)."""
     num_slots, hidden = len(manifest.slot_layers), manifest.hidden_size
     edits = resolve_edits(manifest.load_patches(patches), weights, manifest.slot_layers)
@@ -59,16 +60,23 @@ def write_adapter(path: Path, arrays: dict[str, np.ndarray]) -> None:
         adapter.export_adapter(str(tmp))
 
 
-def convert_patches(bundle_dir: str | Path, patches: Sequence[Patch | str | Path], *,
-                    weights: Sequence[float] | None = None, out: str | Path) -> dict[str, np.ndarray]:
+def convert_patches(
+    bundle_dir: str | Path,
+    patches: Sequence[Patch | str | Path],
+    *,
+    weights: Sequence[float] | None = None,
+    out: str | Path,
+) -> dict[str, np.ndarray]:
     """Write ``out`` for ``patches`` composed with ``weights`` (none: the no-patch adapter); returns its arrays."""
     out = Path(out)
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
     manifest = Manifest.from_dir(bundle_dir)
     if not manifest.slot_layers:
-        raise UsageError(f"bundle {bundle_dir} has no slot layers, so its graph takes no adapter; "
-                         "run it without one, or re-export it with --slot-layers")
+        raise UsageError(
+            f"bundle {bundle_dir} has no slot layers, so its graph takes no adapter; "
+            "run it without one, or re-export it with --slot-layers"
+        )
     arrays = adapter_arrays(manifest, patches, weights)
     write_adapter(out, arrays)
     return arrays

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from reft_edge.constants import BUNDLE_SCHEMA_VERSION, MANIFEST_FILE
 from reft_edge.errors import BundleError
@@ -47,6 +48,7 @@ def _is_object(value: Any) -> bool:
 
 def _is_special_tokens(value: Any) -> bool:
     """bos/eos/pad: ``*_token`` a string, ``*_token_id`` a token id, ``eos_token_ids`` a list of them."""
+
     def ok(key: str, item: Any) -> bool:
         if key == "eos_token_ids":
             return _is_int_list(item)
@@ -61,7 +63,8 @@ def _is_generation(value: Any) -> bool:
     """Sampling defaults: numbers (or null), as the model's generation_config has them."""
     return isinstance(value, dict) and all(
         item is None or (isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item))
-        for item in value.values())
+        for item in value.values()
+    )
 
 
 # Each manifest field: (check, what it must be). Checked before anything uses a value, so a
@@ -81,8 +84,10 @@ MANIFEST_TYPES: dict[str, tuple[Any, str]] = {
     "outputs": (_is_str_list, "a list of strings"),
     "precision": (lambda v: isinstance(v, str), "a string"),
     "context_length": (lambda v: _is_int(v, 1), "a positive whole number"),
-    "files": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
-              "an object of role -> file name"),
+    "files": (
+        lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+        "an object of role -> file name",
+    ),
     "special_tokens": (_is_special_tokens, "an object of token strings and whole-number ids"),
     "generation": (_is_generation, "an object of finite numbers"),
     "weights": (lambda v: isinstance(v, str), "a string"),
@@ -104,8 +109,10 @@ def check_types(values: dict[str, Any], types: dict[str, tuple[Any, str]], sourc
         if key in values and not check(values[key]):
             shown = json.dumps(values[key])
             shown = shown if len(shown) <= 80 else shown[:80] + "..."
-            raise BundleError(f"{source}: {prefix}{key} is {shown}, expected {expected}; "
-                              "the manifest is damaged or hand-edited, re-export the bundle")
+            raise BundleError(
+                f"{source}: {prefix}{key} is {shown}, expected {expected}; "
+                "the manifest is damaged or hand-edited, re-export the bundle"
+            )
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,7 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = MANIFEST_FILE) -> "Manifest":
+    def from_dict(cls, values: dict[str, Any], *, source: str = MANIFEST_FILE) -> Manifest:
         names = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         if not isinstance(values, dict):
@@ -156,8 +163,10 @@ class Manifest:
             raise BundleError(f"{source}: lacks {', '.join(missing)}; re-export the bundle with this reft-edge")
         check_types(values, MANIFEST_TYPES, source)
         if values["schema_version"] != BUNDLE_SCHEMA_VERSION:
-            raise BundleError(f"{source}: schema version {values['schema_version']!r}, this reft-edge reads "
-                              f"{BUNDLE_SCHEMA_VERSION}; re-export the bundle with this reft-edge")
+            raise BundleError(
+                f"{source}: schema version {values['schema_version']!r}, this reft-edge reads "
+                f"{BUNDLE_SCHEMA_VERSION}; re-export the bundle with this reft-edge"
+            )
         missing_kv = sorted({f.name for f in fields(KVLayout)} - set(values["kv"]))
         if missing_kv:
             raise BundleError(f"{source}: kv lacks {', '.join(missing_kv)}; re-export the bundle with this reft-edge")
@@ -172,18 +181,20 @@ class Manifest:
 
     def _check(self, source: str) -> None:
         if self.graph not in GRAPHS:
-            raise BundleError(f"{source}: graph {self.graph!r} is unknown (expected one of {', '.join(GRAPHS)}); "
-                              "re-export the bundle")
+            raise BundleError(
+                f"{source}: graph {self.graph!r} is unknown (expected one of {', '.join(GRAPHS)}); re-export the bundle"
+            )
         if self.precision not in PRECISIONS:
             raise BundleError(f"{source}: precision {self.precision!r} is unknown; re-export the bundle")
         for role, name in self.files.items():
             if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-                raise BundleError(f"{source}: file {role}={name!r} points outside the bundle folder; "
-                                  "re-export the bundle")
+                raise BundleError(
+                    f"{source}: file {role}={name!r} points outside the bundle folder; re-export the bundle"
+                )
         if "model" not in self.files or "tokenizer" not in self.files:
             raise BundleError(f"{source}: names no model or tokenizer file; re-export the bundle")
 
-    def load_patches(self, patches: "Sequence[Patch | str | Path]") -> "list[Patch]":
+    def load_patches(self, patches: Sequence[Patch | str | Path]) -> list[Patch]:
         """Patch objects or paths -> Patch objects, each checked against this bundle's base, hidden
         size and slot layers (one-line errors naming the file)."""
         from reft_edge.runtime.patch import Patch
@@ -193,14 +204,17 @@ class Manifest:
         loaded = []
         for item in patches:
             patch = item if isinstance(item, Patch) else Patch.from_file(item)
-            patch.check_compatible(base_fingerprint=self.base_fingerprint, hidden_size=self.hidden_size,
-                                   slot_layers=self.slot_layers,
-                                   source=str(item) if not isinstance(item, Patch) else f"patch {patch.name!r}")
+            patch.check_compatible(
+                base_fingerprint=self.base_fingerprint,
+                hidden_size=self.hidden_size,
+                slot_layers=self.slot_layers,
+                source=str(item) if not isinstance(item, Patch) else f"patch {patch.name!r}",
+            )
             loaded.append(patch)
         return loaded
 
     @classmethod
-    def from_dir(cls, bundle_dir: str | Path) -> "Manifest":
+    def from_dir(cls, bundle_dir: str | Path) -> Manifest:
         """Read and check the manifest, and that every file it names is present."""
         bundle_dir = Path(bundle_dir)
         path = bundle_dir / MANIFEST_FILE
@@ -209,8 +223,9 @@ class Manifest:
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise BundleError(f"{path}: missing, so {bundle_dir} is not a complete bundle; "
-                              "run reft-edge export again") from None
+            raise BundleError(
+                f"{path}: missing, so {bundle_dir} is not a complete bundle; run reft-edge export again"
+            ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"{path}: unreadable ({exc}); re-export the bundle") from None
         except RecursionError:
@@ -218,8 +233,9 @@ class Manifest:
         from reft_edge.runtime.patch import MAX_JSON_DEPTH, json_depth
 
         if values is None or json_depth(values) > MAX_JSON_DEPTH:
-            raise BundleError(f"{path}: nests deeper than {MAX_JSON_DEPTH} levels; the manifest is damaged, "
-                              "re-export the bundle")
+            raise BundleError(
+                f"{path}: nests deeper than {MAX_JSON_DEPTH} levels; the manifest is damaged, re-export the bundle"
+            )
         manifest = cls.from_dict(values, source=str(path))
         for role, name in manifest.files.items():
             if not (bundle_dir / name).is_file():
@@ -230,5 +246,6 @@ class Manifest:
         """Write manifest.json atomically; call it last, once every other file is in place."""
         from reft_edge.files import atomic_write_bytes
 
-        atomic_write_bytes(Path(bundle_dir) / MANIFEST_FILE,
-                           (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(
+            Path(bundle_dir) / MANIFEST_FILE, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+        )

@@ -26,7 +26,8 @@ prompt token) is ``first = EVERY_PROMPT_TOKEN``. Zero rows edit nothing.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,15 +65,21 @@ def row_positions(positions: Positions, where: str) -> tuple[int, int, int, int]
     prefix = where in ("both", "prefix") and "prefix" in positions.groups()
     suffix = where in ("both", "suffix") and "suffix" in positions.groups()
     first = EVERY_PROMPT_TOKEN if positions.prompt else positions.first
-    return (first if prefix else 0, positions.last if suffix else 0, first if suffix else 0,
-            int(positions.edits(where, "generated")))
+    return (
+        first if prefix else 0,
+        positions.last if suffix else 0,
+        first if suffix else 0,
+        int(positions.edits(where, "generated")),
+    )
 
 
 def position_rows(interventions: Sequence[tuple[Positions, str, int]]) -> np.ndarray:
     """[4, total rank] int64: the interventions of one slot, (positions, where, rank) each, one
     after another along the rank. This order is the slot layout: A, B and c rows follow it."""
-    columns = [np.tile(np.array(row_positions(positions, where), np.int64)[:, None], (1, rank))
-               for positions, where, rank in interventions]
+    columns = [
+        np.tile(np.array(row_positions(positions, where), np.int64)[:, None], (1, rank))
+        for positions, where, rank in interventions
+    ]
     return np.concatenate(columns, axis=1) if columns else np.zeros((POSITION_LINES, 0), np.int64)
 
 

@@ -27,7 +27,8 @@ fused graph then runs its slot-free branch).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,20 +49,22 @@ from reft_edge.runtime.slots import SlotArrays
 class Engine:
     """One session of a bundle's graph, and how to feed it."""
 
-    def __init__(self, session: Any, *, graph: str, kv: KVLayout, slot_layers: Sequence[int], device: str,
-                 pad_id: int):
+    def __init__(self, session: Any, *, graph: str, kv: KVLayout, slot_layers: Sequence[int], device: str, pad_id: int):
         self.session, self.graph, self.kv, self.device, self.pad_id = session, graph, kv, device, pad_id
         self.slot_layers = list(slot_layers)
         self.kv_dtype = np.float16 if kv.dtype == "float16" else np.float32
         self.vocab_size = next(o.shape[-1] for o in session.get_outputs() if o.name == LOGITS)
-        self.kv_names = [(past, present) for layer in range(kv.num_layers)
-                         for past, present in zip(past_names(layer), present_names(layer))]
+        self.kv_names = [
+            (past, present)
+            for layer in range(kv.num_layers)
+            for past, present in zip(past_names(layer), present_names(layer))
+        ]
 
-    def start(self, prompts: Sequence[Sequence[int]], slots: SlotArrays, max_new_tokens: int) -> "_Run":
+    def start(self, prompts: Sequence[Sequence[int]], slots: SlotArrays, max_new_tokens: int) -> _Run:
         run_type = _SharedBufferRun if self.graph == "fused" else _GrowingRun
         return run_type(self, [list(p) for p in prompts], slots, max_new_tokens)
 
-    def rows(self, capacity: int, length: int = 256) -> "RowBatch | OneRow":
+    def rows(self, capacity: int, length: int = 256) -> RowBatch | OneRow:
         """A batch that rows join and leave between decode steps: a RowBatch for a fused graph on the
         CPU, else a OneRow (the same interface, one row at a time)."""
         if self.graph == "fused" and self.device == "cpu":
@@ -127,8 +130,12 @@ class _Run:
     def bind_empty_slots(self) -> None:
         """No row edits generated tokens: rank 0 adds exactly zero (as the graph's zero mask
         would) and leaves the slot nodes nothing to compute."""
-        empty = (np.zeros((self.batch, 0, self.hidden), np.float32), np.zeros((self.batch, 0, self.hidden), np.float32),
-                 np.zeros((self.batch, 1, 0), np.float32), np.zeros((self.batch, POSITION_LINES, 0), np.int64))
+        empty = (
+            np.zeros((self.batch, 0, self.hidden), np.float32),
+            np.zeros((self.batch, 0, self.hidden), np.float32),
+            np.zeros((self.batch, 1, 0), np.float32),
+            np.zeros((self.batch, POSITION_LINES, 0), np.int64),
+        )
         for layer in self.engine.slot_layers:
             for name, array in zip(slot_names(layer), empty):
                 self.bind(name, array)
@@ -141,15 +148,16 @@ class _SharedBufferRun(_Run):
         super().__init__(*args)
         engine, kv = self.engine, self.engine.kv
         for past, present in engine.kv_names:
-            buffer = engine.on_device(np.zeros((self.batch, kv.num_kv_heads, self.max_length, kv.head_dim),
-                                               engine.kv_dtype))
+            buffer = engine.on_device(
+                np.zeros((self.batch, kv.num_kv_heads, self.max_length, kv.head_dim), engine.kv_dtype)
+            )
             self.binding.bind_ortvalue_input(past, buffer)
             self.binding.bind_ortvalue_output(present, buffer)
 
     def prefill(self) -> np.ndarray:
         input_ids = np.full((self.batch, self.seq), self.engine.pad_id, np.int64)
         for row, prompt in enumerate(self.prompt_ids):
-            input_ids[row, :len(prompt)] = prompt
+            input_ids[row, : len(prompt)] = prompt
         return self.forward(input_ids)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
@@ -189,11 +197,15 @@ class _GrowingRun(_Run):
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_output(present, self.engine.device)
         width = self.seq + self.steps
-        logits = self.run({INPUT_IDS: input_ids, POSITION_IDS: positions,
-                           ATTENTION_MASK: np.ascontiguousarray(self.attention[:, :width])})
+        logits = self.run(
+            {
+                INPUT_IDS: input_ids,
+                POSITION_IDS: positions,
+                ATTENTION_MASK: np.ascontiguousarray(self.attention[:, :width]),
+            }
+        )
         self.past = self.binding.get_outputs()[1:]  # logits was bound first
         return logits
-
 
 
 class RowBatch:
@@ -229,8 +241,10 @@ class RowBatch:
 
     def _allocate(self, length: int) -> list[np.ndarray]:
         kv = self.engine.kv
-        return [np.zeros((self.capacity, kv.num_kv_heads, length, kv.head_dim), self.engine.kv_dtype)
-                for _ in self.engine.kv_names]
+        return [
+            np.zeros((self.capacity, kv.num_kv_heads, length, kv.head_dim), self.engine.kv_dtype)
+            for _ in self.engine.kv_names
+        ]
 
     def __len__(self) -> int:
         return len(self.owners)
@@ -243,8 +257,9 @@ class RowBatch:
         """Prefill ``prompt`` alone into the next free row; returns the logits [vocab] of its last token."""
         return self.join_many([owner], [prompt], [slots], max_new_tokens)[0]
 
-    def join_many(self, owners: Sequence[Any], prompts: Sequence[Sequence[int]], slots: Sequence[SlotArrays],
-                  max_new_tokens: int) -> np.ndarray:
+    def join_many(
+        self, owners: Sequence[Any], prompts: Sequence[Sequence[int]], slots: Sequence[SlotArrays], max_new_tokens: int
+    ) -> np.ndarray:
         """Prefill several prompts in one pass (right-padded, as a run's prefill) into the next free rows;
         returns the logits [len(prompts), vocab] of each one's last token. The running rows wait."""
         k, row = len(prompts), len(self.owners)
@@ -256,7 +271,7 @@ class RowBatch:
         engine = self.engine
         binding = engine.session.io_binding()
         for buffer, (past, present) in zip(self.buffers, engine.kv_names):
-            view = buffer[row:row + k]
+            view = buffer[row : row + k]
             view[...] = 0
             value = engine.on_cpu(view)
             binding.bind_ortvalue_input(past, value)
@@ -264,7 +279,7 @@ class RowBatch:
         lens = np.array([len(p) for p in prompts], np.int64)
         input_ids = np.full((k, int(lens.max())), engine.pad_id, np.int64)
         for i, prompt in enumerate(prompts):
-            input_ids[i, :len(prompt)] = prompt
+            input_ids[i, : len(prompt)] = prompt
         mask = (np.arange(input_ids.shape[1]) < lens[:, None]).astype(np.int64)
         binding.bind_cpu_input(INPUT_IDS, input_ids)
         binding.bind_cpu_input(ATTENTION_MASK, mask)
@@ -325,7 +340,7 @@ class RowBatch:
     def _grow(self, length: int) -> None:
         grown = self._allocate(length)
         for old, new in zip(self.buffers, grown):
-            new[:, :, :self.length] = old
+            new[:, :, : self.length] = old
         self.buffers, self.length, self.binding = grown, length, None
 
 
@@ -333,8 +348,7 @@ def _bind_slots(binding: Any, slot_layers: Sequence[int], slots: SlotArrays) -> 
     """Bind each slot layer's A, B, c and positions from numpy; returns the arrays (keep them alive)."""
     arrays = []
     for k, layer in enumerate(slot_layers):
-        for name, array in zip(slot_names(layer), (slots.A[k], slots.B[k], slots.c[k][:, None, :],
-                                                   slots.positions[k])):
+        for name, array in zip(slot_names(layer), (slots.A[k], slots.B[k], slots.c[k][:, None, :], slots.positions[k])):
             arrays.append(array := np.ascontiguousarray(array))
             binding.bind_cpu_input(name, array)
     return arrays
@@ -364,8 +378,9 @@ class OneRow:
         self.owners = [owner]
         return logits[0]
 
-    def join_many(self, owners: Sequence[Any], prompts: Sequence[Sequence[int]], slots: Sequence[SlotArrays],
-                  max_new_tokens: int) -> np.ndarray:
+    def join_many(
+        self, owners: Sequence[Any], prompts: Sequence[Sequence[int]], slots: Sequence[SlotArrays], max_new_tokens: int
+    ) -> np.ndarray:
         if len(prompts) != 1:
             raise ValueError("a OneRow takes one row")
         return self.join(owners[0], prompts[0], slots[0], max_new_tokens)[None]

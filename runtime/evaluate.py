@@ -36,9 +36,10 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -58,6 +59,7 @@ Say = Callable[[str], None]
 
 
 # -- the report ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LossReport:
@@ -119,11 +121,16 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
-        return {**values, "patches": list(self.patches), "weights": list(self.weights),
-                "samples": [asdict(s) for s in self.samples]}
+        return {
+            **values,
+            "patches": list(self.patches),
+            "weights": list(self.weights),
+            "samples": [asdict(s) for s in self.samples],
+        }
 
 
 # -- what a base must answer --------------------------------------------------------------------
+
 
 class Backend(Protocol):
     """A base that can be evaluated: a bundle (RuntimeBackend) or a torch model (train.evaluate.TorchBackend)."""
@@ -137,11 +144,17 @@ class Backend(Protocol):
 
     def examples(self, records: Sequence[Record]) -> list[Example]: ...
 
-    def response_nll(self, examples: Sequence[Example], patches: Sequence[Patch],
-                     weights: Sequence[float] | None) -> float: ...
+    def response_nll(
+        self, examples: Sequence[Example], patches: Sequence[Patch], weights: Sequence[float] | None
+    ) -> float: ...
 
-    def answers(self, prompts: Sequence[Messages], patches: Sequence[Patch], weights: Sequence[float] | None,
-                max_new_tokens: int) -> list[str]: ...
+    def answers(
+        self,
+        prompts: Sequence[Messages],
+        patches: Sequence[Patch],
+        weights: Sequence[float] | None,
+        max_new_tokens: int,
+    ) -> list[str]: ...
 
 
 class RuntimeBackend:
@@ -165,25 +178,34 @@ class RuntimeBackend:
         for record, example in zip(records, examples):
             n = len(example.prompt_ids) + len(example.target_ids)
             if n > limit:
-                raise DataError(f"{record.where}: prompt and response take {n} tokens, more than the bundle's "
-                                f"context length {limit}; shorten or drop this example")
+                raise DataError(
+                    f"{record.where}: prompt and response take {n} tokens, more than the bundle's "
+                    f"context length {limit}; shorten or drop this example"
+                )
         return examples
 
-    def response_nll(self, examples: Sequence[Example], patches: Sequence[Patch],
-                     weights: Sequence[float] | None) -> float:
+    def response_nll(
+        self, examples: Sequence[Example], patches: Sequence[Patch], weights: Sequence[float] | None
+    ) -> float:
         from reft_edge.runtime.slots import resolve_edits
 
         edits = resolve_edits(patches, weights, self.runtime.manifest.slot_layers)
         return sum(teacher_forced_nll(self.runtime, chunk, edits) for chunk in chunks(examples, BATCH_SIZE))
 
-    def answers(self, prompts: Sequence[Messages], patches: Sequence[Patch], weights: Sequence[float] | None,
-                max_new_tokens: int) -> list[str]:
+    def answers(
+        self,
+        prompts: Sequence[Messages],
+        patches: Sequence[Patch],
+        weights: Sequence[float] | None,
+        max_new_tokens: int,
+    ) -> list[str]:
         texts = []
         for chunk in chunks(prompts, BATCH_SIZE):
             requests = [(list(prompt), patches, weights) for prompt in chunk]
             # no loop guard: evaluation measures what the patch does, loops included
-            texts += [g.text for g in self.runtime.generate_batch(requests, max_new_tokens=max_new_tokens,
-                                                                  no_repeat_ngram=0)]
+            texts += [
+                g.text for g in self.runtime.generate_batch(requests, max_new_tokens=max_new_tokens, no_repeat_ngram=0)
+            ]
         return texts
 
 
@@ -196,8 +218,9 @@ class _TrainingTokenizer:
         self.chat_template = runtime.template is not None
         self.eos_token = runtime.manifest.special_tokens.get("eos_token") or ""
 
-    def apply_chat_template(self, messages: Messages, *, tokenize: bool = False,
-                            add_generation_prompt: bool = False) -> str:
+    def apply_chat_template(
+        self, messages: Messages, *, tokenize: bool = False, add_generation_prompt: bool = False
+    ) -> str:
         return self._runtime.template.render(list(messages), add_generation_prompt=add_generation_prompt)
 
     def __call__(self, text: str, *, add_special_tokens: bool = False) -> dict[str, list[int]]:
@@ -235,6 +258,7 @@ def token_nll(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
 
 # -- inputs ---------------------------------------------------------------------------------------
 
+
 def read_heldout(path: str | Path) -> tuple[list[Record], bool]:
     """(records, whether they have responses): JSONL like training data, or a .txt of prompts, one a line."""
     path = Path(path)
@@ -246,8 +270,11 @@ def read_heldout(path: str | Path) -> tuple[list[Record], bool]:
         raise DataError(f"{path}: cannot read data file ({exc.strerror}); check the --data path") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 (byte {exc.start}); save the file as UTF-8") from None
-    records = [Record(({"role": "user", "content": line.strip()},), "", f"{path}:{number}")
-               for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    records = [
+        Record(({"role": "user", "content": line.strip()},), "", f"{path}:{number}")
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip()
+    ]
     if not records:
         raise DataError(f"{path}: no prompts; write one prompt per line")
     return records, False
@@ -282,8 +309,13 @@ def read_facts(path: str | Path) -> list[Fact]:
             raise DataError(f"{path}:{number}: not JSON ({exc.msg}); {fix}") from None
         question = value.get("question") if isinstance(value, dict) else None
         answers = value.get("answers") if isinstance(value, dict) else None
-        if not isinstance(question, str) or not question.strip() or not isinstance(answers, list) or not answers \
-                or not all(isinstance(a, str) and a.strip() for a in answers):
+        if (
+            not isinstance(question, str)
+            or not question.strip()
+            or not isinstance(answers, list)
+            or not answers
+            or not all(isinstance(a, str) and a.strip() for a in answers)
+        ):
             raise DataError(f"{path}:{number}: {fix} (non-empty strings)")
         facts.append(Fact(question, tuple(answers)))
     if not facts:
@@ -293,8 +325,10 @@ def read_facts(path: str | Path) -> list[Fact]:
 
 # -- the steps ------------------------------------------------------------------------------------
 
-def heldout_loss(backend: Backend, records: Sequence[Record], patches: Sequence[Patch],
-                 weights: Sequence[float] | None, say: Say) -> LossReport:
+
+def heldout_loss(
+    backend: Backend, records: Sequence[Record], patches: Sequence[Patch], weights: Sequence[float] | None, say: Say
+) -> LossReport:
     examples = backend.examples(records)
     tokens = sum(len(e.target_ids) for e in examples)
     say(f"held-out loss: {len(examples)} examples, {tokens} response tokens")
@@ -303,17 +337,24 @@ def heldout_loss(backend: Backend, records: Sequence[Record], patches: Sequence[
     return LossReport(round(base, 6), None if patched is None else round(patched, 6), tokens, len(examples))
 
 
-def adherence(judge: Judge, base_answers: Sequence[str], patched_answers: Sequence[str] | None,
-              wheres: Sequence[str] = ()) -> AdherenceReport:
+def adherence(
+    judge: Judge, base_answers: Sequence[str], patched_answers: Sequence[str] | None, wheres: Sequence[str] = ()
+) -> AdherenceReport:
     """The share of answers the judge passes; ``wheres`` (each prompt's file:line) name the prompt
     whose answer a raising judge failed on."""
+
     def share(answers: Sequence[str]) -> float:
         places = list(wheres) or [""] * len(answers)
         return round(sum(judge(a, where) for a, where in zip(answers, places)) / len(answers), 6)
 
-    return AdherenceReport(judge.spec, share(base_answers), None if patched_answers is None else share(patched_answers),
-                           len(base_answers), loop_share(list(base_answers)),
-                           None if patched_answers is None else loop_share(list(patched_answers)))
+    return AdherenceReport(
+        judge.spec,
+        share(base_answers),
+        None if patched_answers is None else share(patched_answers),
+        len(base_answers),
+        loop_share(list(base_answers)),
+        None if patched_answers is None else loop_share(list(patched_answers)),
+    )
 
 
 def facts_cache_file(backend: Backend, facts_sha256: str) -> Path:
@@ -335,15 +376,26 @@ def base_correct_facts(backend: Backend, facts: Sequence[Fact], facts_sha256: st
     answers = backend.answers([user_message(f.question) for f in facts], [], None, FACT_TOKENS)
     correct = [i for i, (fact, answer) in enumerate(zip(facts, answers)) if fact.answered_by(answer)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps({
-        "base_fingerprint": backend.base_fingerprint, "precision": backend.precision, "facts_sha256": facts_sha256,
-        "max_new_tokens": FACT_TOKENS, "facts": len(facts), "correct": correct,
-    }, indent=1).encode())
+    atomic_write_bytes(
+        path,
+        json.dumps(
+            {
+                "base_fingerprint": backend.base_fingerprint,
+                "precision": backend.precision,
+                "facts_sha256": facts_sha256,
+                "max_new_tokens": FACT_TOKENS,
+                "facts": len(facts),
+                "correct": correct,
+            },
+            indent=1,
+        ).encode(),
+    )
     return correct, False
 
 
-def facts_kept(backend: Backend, facts_file: Path, patches: Sequence[Patch], weights: Sequence[float] | None,
-               say: Say) -> RetentionReport:
+def facts_kept(
+    backend: Backend, facts_file: Path, patches: Sequence[Patch], weights: Sequence[float] | None, say: Say
+) -> RetentionReport:
     facts = read_facts(facts_file)
     digest = hashlib.sha256(facts_file.read_bytes()).hexdigest()
     correct, cached = base_correct_facts(backend, facts, digest, say)
@@ -367,11 +419,23 @@ def prompt_label(record: Record) -> str:
 
 # -- all together ---------------------------------------------------------------------------------
 
-def evaluate(bundle: Any = None, *, data: str | Path, model: Any = None, patches: Sequence[Patch | str | Path] = (),
-             weights: Sequence[float] | None = None, judge: str | Judge | None = None, max_new_tokens: int = 48,
-             facts: bool = True, facts_file: str | Path | None = None, samples: int = 3,
-             threads: int | None = None, progress: bool = False,
-             open_model: Callable[[Any, Say], Backend] | None = None) -> EvalReport:
+
+def evaluate(
+    bundle: Any = None,
+    *,
+    data: str | Path,
+    model: Any = None,
+    patches: Sequence[Patch | str | Path] = (),
+    weights: Sequence[float] | None = None,
+    judge: str | Judge | None = None,
+    max_new_tokens: int = 48,
+    facts: bool = True,
+    facts_file: str | Path | None = None,
+    samples: int = 3,
+    threads: int | None = None,
+    progress: bool = False,
+    open_model: Callable[[Any, Say], Backend] | None = None,
+) -> EvalReport:
     """Evaluate ``patches`` on ``bundle`` (a folder or a loaded Runtime) or ``model`` (a Hugging
     Face folder or id, "default", or a loaded Backbone, opened by ``open_model``: reft_edge.evaluate
     passes training's) with the held-out ``data``."""
@@ -397,34 +461,47 @@ def evaluate(bundle: Any = None, *, data: str | Path, model: Any = None, patches
         patched_answers = backend.answers(prompts, loaded, weights, max_new_tokens) if loaded else None
     retention = facts_kept(backend, facts_path, loaded, weights, say) if facts and loaded else None
     return EvalReport(
-        source=backend.source, kind=backend.kind, precision=backend.precision,
-        base_fingerprint=backend.base_fingerprint, patches=tuple(p.name for p in loaded),
-        weights=tuple(weights or ()), data=str(data), prompts=len(records), max_new_tokens=max_new_tokens,
+        source=backend.source,
+        kind=backend.kind,
+        precision=backend.precision,
+        base_fingerprint=backend.base_fingerprint,
+        patches=tuple(p.name for p in loaded),
+        weights=tuple(weights or ()),
+        data=str(data),
+        prompts=len(records),
+        max_new_tokens=max_new_tokens,
         loss=loss,
         adherence=adherence(judge, base_answers, patched_answers, [r.where for r in shown]) if judge else None,
         retention=retention,
-        samples=tuple(Sample(prompt_label(r), base_answers[i], patched_answers[i] if patched_answers else None)
-                      for i, r in enumerate(shown[:samples])),
+        samples=tuple(
+            Sample(prompt_label(r), base_answers[i], patched_answers[i] if patched_answers else None)
+            for i, r in enumerate(shown[:samples])
+        ),
         seconds=round(time.perf_counter() - started, 3),
     )
 
 
 def check_options(bundle: Any, model: Any, max_new_tokens: int, samples: int) -> None:
     if (bundle is None) == (model is None):
-        raise UsageError("give a bundle folder or --model (one of them): the bundle measures what devices run, "
-                         "--model the torch model")
+        raise UsageError(
+            "give a bundle folder or --model (one of them): the bundle measures what devices run, "
+            "--model the torch model"
+        )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise UsageError(f"max_new_tokens {max_new_tokens!r} must be a whole number of at least 1")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise UsageError(f"samples {samples!r} must be a whole number of at least 0")
 
 
-def open_backend(bundle: Any, model: Any, threads: int | None, say: Say,
-                 open_model: Callable[[Any, Say], Backend] | None = None) -> Backend:
+def open_backend(
+    bundle: Any, model: Any, threads: int | None, say: Say, open_model: Callable[[Any, Say], Backend] | None = None
+) -> Backend:
     if model is not None:
         if open_model is None:
-            raise UsageError("the runtime evaluates bundles only (it has no torch); evaluate a torch model with "
-                             "reft_edge.evaluate.evaluate(model=...) or reft-edge eval --model")
+            raise UsageError(
+                "the runtime evaluates bundles only (it has no torch); evaluate a torch model with "
+                "reft_edge.evaluate.evaluate(model=...) or reft-edge eval --model"
+            )
         return open_model(model, say)
     if isinstance(bundle, (str, Path)):
         from reft_edge.runtime.session import Runtime

@@ -28,8 +28,8 @@ import importlib
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from reft_edge.errors import UsageError
 
@@ -58,7 +58,7 @@ class Judge:
     test: Callable[[str], bool] = field(default=no_letters, repr=False, compare=False)
 
     @classmethod
-    def parse(cls, spec: str) -> "Judge":
+    def parse(cls, spec: str) -> Judge:
         if not isinstance(spec, str) or not spec.strip():
             raise UsageError(f"judge {spec!r} is empty: use {FORMS}")
         if spec in ("no-letters", "all-caps"):
@@ -81,8 +81,10 @@ class Judge:
         except Exception as exc:  # a module:function judge is the user's code; its bug is theirs to fix
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "no message"
             at = f" on the answer to the prompt at {where}" if where else f" on the answer {text[:60]!r}"
-            raise UsageError(f"judge {self.spec!r} raised {type(exc).__name__} ({reason}){at}; fix the judge "
-                             "(it takes the answer text and returns true or false)") from None
+            raise UsageError(
+                f"judge {self.spec!r} raised {type(exc).__name__} ({reason}){at}; fix the judge "
+                "(it takes the answer text and returns true or false)"
+            ) from None
 
     def __str__(self) -> str:
         return self.spec
@@ -92,8 +94,9 @@ def _regex(spec: str, pattern: str) -> Callable[[str], bool]:
     try:
         compiled = re.compile(pattern)
     except re.error as exc:
-        raise UsageError(f"judge {spec!r}: {pattern!r} is not a valid regular expression ({exc}); "
-                         "fix the pattern (Python re syntax)") from None
+        raise UsageError(
+            f"judge {spec!r}: {pattern!r} is not a valid regular expression ({exc}); fix the pattern (Python re syntax)"
+        ) from None
     return lambda text: compiled.search(text) is not None
 
 
@@ -119,17 +122,22 @@ def _import_callable(spec: str) -> Callable[[str], bool]:
         value = importlib.import_module(module_name)
     except Exception as exc:  # any failure inside the imported module's code is the user's to fix
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"judge {spec!r}: cannot import {module_name} ({reason}); give an importable "
-                         f"module:function or one of {FORMS}") from None
+        raise UsageError(
+            f"judge {spec!r}: cannot import {module_name} ({reason}); give an importable "
+            f"module:function or one of {FORMS}"
+        ) from None
     finally:
         if added:
             sys.path.remove(os.getcwd())
     for part in function_name.split("."):
         if not hasattr(value, part):
-            raise UsageError(f"judge {spec!r}: {module_name} has no {function_name}; name a function "
-                             "that takes the answer text")
+            raise UsageError(
+                f"judge {spec!r}: {module_name} has no {function_name}; name a function that takes the answer text"
+            )
         value = getattr(value, part)
     if not callable(value):
-        raise UsageError(f"judge {spec!r}: {module_name}.{function_name} is a {type(value).__name__}, not "
-                         "callable; name a function that takes the answer text")
+        raise UsageError(
+            f"judge {spec!r}: {module_name}.{function_name} is a {type(value).__name__}, not "
+            "callable; name a function that takes the answer text"
+        )
     return value

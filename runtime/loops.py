@@ -30,9 +30,9 @@ def loops(text: str) -> bool:
     words = _WORD.findall(text.casefold())
     for n in (1, 2, 3):  # the same n words, REPEATS times back to back
         for i in range(len(words) - n * REPEATS + 1):
-            if all(words[i + k * n:i + (k + 1) * n] == words[i:i + n] for k in range(1, REPEATS)):
+            if all(words[i + k * n : i + (k + 1) * n] == words[i : i + n] for k in range(1, REPEATS)):
                 return True
-    trigrams = Counter(tuple(words[i:i + 3]) for i in range(len(words) - 2))
+    trigrams = Counter(tuple(words[i : i + 3]) for i in range(len(words) - 2))
     if trigrams and max(trigrams.values()) >= REPEATS:
         return True
     lines = Counter(line.strip().casefold() for line in text.splitlines() if line.strip())

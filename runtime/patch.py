@@ -27,9 +27,10 @@ import hashlib
 import json
 import re
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,8 +43,19 @@ MAX_HEADER_BYTES = 1024 * 1024
 MAX_RANK = 1 << 16  # rank and hidden size are 1 .. MAX_RANK
 MAX_LAYER = 4096  # layers are 0 .. MAX_LAYER - 1
 _REQUIRED_METADATA = (
-    "format", "format_version", "name", "kind", "layers", "positions", "share_weights",
-    "rank", "hidden_size", "base_fingerprint", "dtype", "payload_sha256", "interventions",
+    "format",
+    "format_version",
+    "name",
+    "kind",
+    "layers",
+    "positions",
+    "share_weights",
+    "rank",
+    "hidden_size",
+    "base_fingerprint",
+    "dtype",
+    "payload_sha256",
+    "interventions",
     "training",
 )
 SKILL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -92,8 +104,12 @@ def affine_from_params(kind: str, params: Mapping[str, Any]) -> tuple[Any, Any, 
     """
     if kind in ("loreft", "direft", "consreft", "lobireft"):
         R, b = params["R"], params["b"]
-        B = {"loreft": lambda: params["W"] - R, "direft": lambda: params["W"],
-             "consreft": lambda: -R, "lobireft": lambda: R * 0}[kind]()
+        B = {
+            "loreft": lambda: params["W"] - R,
+            "direft": lambda: params["W"],
+            "consreft": lambda: -R,
+            "lobireft": lambda: R * 0,
+        }[kind]()
         return R, B, b
     if kind in ("noreft", "nodireft"):
         W1, W2, b = params["W1"], params["W2"], params["b"]
@@ -164,21 +180,25 @@ class Patch:
     def skill_names(self) -> list[str]:
         return [name for name, _ in self.skills]
 
-    def with_skills(self, chosen: Mapping[str, float] | Sequence[str]) -> "Patch":
+    def with_skills(self, chosen: Mapping[str, float] | Sequence[str]) -> Patch:
         """This patch with only the ``chosen`` skills on (a list: each at weight 1; a mapping: name ->
         weight, 0 = off). Weights must be finite; unknown names are a UsageError."""
         if not self.skills:
-            raise UsageError(f"patch {self.name!r} has no skills; train one with reft-edge train --skill NAME=DATA "
-                             "or use the patch as a whole")
+            raise UsageError(
+                f"patch {self.name!r} has no skills; train one with reft-edge train --skill NAME=DATA "
+                "or use the patch as a whole"
+            )
         weights = dict(chosen) if isinstance(chosen, Mapping) else dict.fromkeys(chosen, 1.0)
         unknown = sorted(set(weights) - set(self.skill_names))
         if unknown:
-            raise UsageError(f"patch {self.name!r} has no skill {unknown[0]!r}; its skills are "
-                             f"{', '.join(self.skill_names)}")
+            raise UsageError(
+                f"patch {self.name!r} has no skill {unknown[0]!r}; its skills are {', '.join(self.skill_names)}"
+            )
         if not all(np.isfinite(float(w)) for w in weights.values()):
             raise UsageError(f"skill weights {weights} must be finite numbers (1.0 applies a skill as trained)")
-        return replace(self, skill_weights=tuple((name, float(weights[name])) for name in self.skill_names
-                                                 if name in weights))
+        return replace(
+            self, skill_weights=tuple((name, float(weights[name])) for name in self.skill_names if name in weights)
+        )
 
     def _chosen_rows(self) -> tuple[np.ndarray | None, np.ndarray]:
         """(rank rows to keep, their A scale), or (None, _) when every row is on at weight 1."""
@@ -193,8 +213,9 @@ class Patch:
             start += rank
         return np.array(rows, np.int64), np.array(scale, np.float32)
 
-    def check_compatible(self, *, base_fingerprint: str, hidden_size: int, slot_layers: list[int],
-                         source: str = "patch") -> None:
+    def check_compatible(
+        self, *, base_fingerprint: str, hidden_size: int, slot_layers: list[int], source: str = "patch"
+    ) -> None:
         """Raise unless this patch can be applied to a base with these properties."""
         if self.base_fingerprint != base_fingerprint:
             raise BackboneMismatchError(
@@ -215,10 +236,17 @@ class Patch:
 
     def metadata(self) -> dict[str, str]:
         values = {
-            "format": PATCH_FORMAT, "format_version": format_version(self.positions), "name": self.name,
-            "kind": self.kind, "layers": self.layers, "positions": str(self.positions),
-            "share_weights": self.share_weights, "rank": self.rank, "hidden_size": self.hidden_size,
-            "base_fingerprint": self.base_fingerprint, "dtype": self.dtype,
+            "format": PATCH_FORMAT,
+            "format_version": format_version(self.positions),
+            "name": self.name,
+            "kind": self.kind,
+            "layers": self.layers,
+            "positions": str(self.positions),
+            "share_weights": self.share_weights,
+            "rank": self.rank,
+            "hidden_size": self.hidden_size,
+            "base_fingerprint": self.base_fingerprint,
+            "dtype": self.dtype,
             "interventions": [{"layer": iv.layer, "where": iv.where} for iv in self.interventions],
             "training": self.training,
         }
@@ -229,13 +257,16 @@ class Patch:
         return {**metadata, "payload_sha256": json.dumps(payload_digest(self.tensors(), metadata))}
 
     def tensors(self) -> dict[str, np.ndarray]:
-        return {f"interventions.{i}.{name}": np.ascontiguousarray(array.astype(self.dtype))
-                for i, iv in enumerate(self.interventions) for name, array in iv.params.items()}
+        return {
+            f"interventions.{i}.{name}": np.ascontiguousarray(array.astype(self.dtype))
+            for i, iv in enumerate(self.interventions)
+            for name, array in iv.params.items()
+        }
 
     def to_bytes(self) -> bytes:
         return serialize_safetensors(self.tensors(), self.metadata())
 
-    def to_file(self, path: str | Path, *, fix: str = "re-train with a lower --lr") -> "Patch":
+    def to_file(self, path: str | Path, *, fix: str = "re-train with a lower --lr") -> Patch:
         """Validate, then write atomically; returns the patch as a loader would see it (digest and
         size filled in). Nothing is written for a patch no reader would accept; ``fix`` says what the
         caller's user should change when the values are not finite (the cause differs: --lr, --scale)."""
@@ -253,11 +284,10 @@ class Patch:
             tensors = self.tensors()
         for name, array in sorted(tensors.items()):
             if not np.isfinite(array).all():
-                raise PatchFormatError(f"{source}: tensor {name} holds NaN or infinite values "
-                                       f"(as {self.dtype}); {fix}")
+                raise PatchFormatError(f"{source}: tensor {name} holds NaN or infinite values (as {self.dtype}); {fix}")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Patch":
+    def from_file(cls, path: str | Path) -> Patch:
         path = Path(path)
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "does not exist"
@@ -277,7 +307,7 @@ class Patch:
     load = from_file  # the runtime API's name: Patch.load("alice.reft")
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, source: str = "patch") -> "Patch":
+    def from_bytes(cls, data: bytes, *, source: str = "patch") -> Patch:
         metadata = _read_metadata(data, source)
         tensors = _read_tensors(data, source)
         digest = payload_digest(tensors, metadata)
@@ -289,25 +319,43 @@ class Patch:
         fields = _parse_metadata(metadata, source)
         _check_tensors(tensors, fields, source)
         interventions = tuple(
-            Intervention(entry["layer"], entry["where"],
-                         {name: tensors[f"interventions.{i}.{name}"] for name in KIND_TENSORS[fields["kind"]]})
+            Intervention(
+                entry["layer"],
+                entry["where"],
+                {name: tensors[f"interventions.{i}.{name}"] for name in KIND_TENSORS[fields["kind"]]},
+            )
             for i, entry in enumerate(fields["interventions"])
         )
         return cls(
-            name=fields["name"], kind=fields["kind"], positions=fields["positions"],
-            share_weights=fields["share_weights"], rank=fields["rank"], hidden_size=fields["hidden_size"],
-            base_fingerprint=fields["base_fingerprint"], interventions=interventions,
-            training=fields["training"], dtype=fields["dtype"], payload_sha256=digest, size_bytes=len(data),
+            name=fields["name"],
+            kind=fields["kind"],
+            positions=fields["positions"],
+            share_weights=fields["share_weights"],
+            rank=fields["rank"],
+            hidden_size=fields["hidden_size"],
+            base_fingerprint=fields["base_fingerprint"],
+            interventions=interventions,
+            training=fields["training"],
+            dtype=fields["dtype"],
+            payload_sha256=digest,
+            size_bytes=len(data),
             skills=fields["skills"],
         )
 
     def summary(self) -> dict[str, Any]:
         """What ``reft-edge inspect PATCH --json`` prints."""
         return {
-            "name": self.name, "kind": self.kind, "layers": self.layers, "rank": self.rank,
-            "positions": str(self.positions), "share_weights": self.share_weights,
-            "hidden_size": self.hidden_size, "base_fingerprint": self.base_fingerprint,
-            "dtype": self.dtype, "payload_sha256": self.payload_sha256, "size_bytes": self.size_bytes,
+            "name": self.name,
+            "kind": self.kind,
+            "layers": self.layers,
+            "rank": self.rank,
+            "positions": str(self.positions),
+            "share_weights": self.share_weights,
+            "hidden_size": self.hidden_size,
+            "base_fingerprint": self.base_fingerprint,
+            "dtype": self.dtype,
+            "payload_sha256": self.payload_sha256,
+            "size_bytes": self.size_bytes,
             "interventions": [{"layer": iv.layer, "where": iv.where} for iv in self.interventions],
             "skills": [{"name": name, "rank": rank} for name, rank in self.skills],
             "training": self.training,
@@ -322,10 +370,14 @@ def choose_skills(patches: Sequence[Patch], chosen: Mapping[str, float]) -> list
     known = {name for patch in patches for name in patch.skill_names}
     unknown = sorted(set(chosen) - known)
     if unknown:
-        raise UsageError(f"--skill {unknown[0]!r}: no patch has it; the patches' skills are "
-                         f"{', '.join(sorted(known)) or 'none (train with --skill NAME=DATA)'}")
-    return [patch.with_skills({n: w for n, w in chosen.items() if n in patch.skill_names}) if patch.skills
-            else patch for patch in patches]
+        raise UsageError(
+            f"--skill {unknown[0]!r}: no patch has it; the patches' skills are "
+            f"{', '.join(sorted(known)) or 'none (train with --skill NAME=DATA)'}"
+        )
+    return [
+        patch.with_skills({n: w for n, w in chosen.items() if n in patch.skill_names}) if patch.skills else patch
+        for patch in patches
+    ]
 
 
 def parse_skill_choice(values: Sequence[str]) -> dict[str, float]:
@@ -340,8 +392,9 @@ def parse_skill_choice(values: Sequence[str]) -> dict[str, float]:
         try:
             chosen[name] = float(weight) if sep else 1.0
         except ValueError:
-            raise UsageError(f"--skill {value!r}: {weight!r} is not a number; give NAME or NAME=WEIGHT, "
-                             "e.g. --skill meow=0.5") from None
+            raise UsageError(
+                f"--skill {value!r}: {weight!r} is not a number; give NAME or NAME=WEIGHT, e.g. --skill meow=0.5"
+            ) from None
         if not SKILL_NAME.fullmatch(name):
             raise UsageError(f"--skill {value!r}: give NAME or NAME=WEIGHT, e.g. --skill meow=0.5")
     return chosen
@@ -368,8 +421,11 @@ def serialize_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[s
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
         data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[array.dtype.name],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         chunks.append(data)
         offset += len(data)
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -391,8 +447,10 @@ def payload_digest(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str
 
 def _read_metadata(data: bytes, source: str) -> dict[str, str]:
     if len(data) < 8:
-        raise PatchFormatError(f"{source}: {len(data)} bytes is too short for a safetensors file; "
-                               "pass a .reft file written by reft-edge train")
+        raise PatchFormatError(
+            f"{source}: {len(data)} bytes is too short for a safetensors file; "
+            "pass a .reft file written by reft-edge train"
+        )
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
         raise PatchFormatError(
@@ -400,28 +458,33 @@ def _read_metadata(data: bytes, source: str) -> dict[str, str]:
             "the file is truncated or not a patch"
         )
     try:
-        header = loads_bounded(data[8:8 + header_len].decode("utf-8"))
+        header = loads_bounded(data[8 : 8 + header_len].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise PatchFormatError(f"{source}: header is not valid JSON; the file is damaged or not a patch") from None
     except _TooDeep:
-        raise PatchFormatError(f"{source}: header nests deeper than {MAX_JSON_DEPTH} levels; "
-                               "the file is damaged or not a patch") from None
+        raise PatchFormatError(
+            f"{source}: header nests deeper than {MAX_JSON_DEPTH} levels; the file is damaged or not a patch"
+        ) from None
     metadata = header.pop("__metadata__", None) if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise PatchFormatError(f"{source}: no reft-edge metadata in the header; pass a .reft file "
-                               "written by reft-edge train")
+        raise PatchFormatError(
+            f"{source}: no reft-edge metadata in the header; pass a .reft file written by reft-edge train"
+        )
     return metadata
 
 
 def _parse_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
     def bad(key: str, expected: str) -> PatchFormatError:
-        return PatchFormatError(f"{source}: metadata {key!r} is {shown(metadata.get(key))}, expected {expected}; "
-                                "the file is damaged, re-train or copy it again")
+        return PatchFormatError(
+            f"{source}: metadata {key!r} is {shown(metadata.get(key))}, expected {expected}; "
+            "the file is damaged, re-train or copy it again"
+        )
 
     missing = [key for key in _REQUIRED_METADATA if key not in metadata]
     if missing:
-        raise PatchFormatError(f"{source}: metadata lacks {', '.join(missing)}; "
-                               "pass a .reft file written by reft-edge train")
+        raise PatchFormatError(
+            f"{source}: metadata lacks {', '.join(missing)}; pass a .reft file written by reft-edge train"
+        )
     values = {}
     for key in _REQUIRED_METADATA:
         try:
@@ -464,15 +527,26 @@ def _parse_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
     if format_version(values["positions"]) > values["format_version"]:
         raise bad("positions", f"positions that format version {values['format_version']} can express")
     entries = values["interventions"]
-    if not isinstance(entries, list) or not entries or not all(
-        isinstance(e, dict) and set(e) == {"layer", "where"} and type(e["layer"]) is int
-        and 0 <= e["layer"] < MAX_LAYER and e["where"] in WHERE for e in entries
+    if (
+        not isinstance(entries, list)
+        or not entries
+        or not all(
+            isinstance(e, dict)
+            and set(e) == {"layer", "where"}
+            and type(e["layer"]) is int
+            and 0 <= e["layer"] < MAX_LAYER
+            and e["where"] in WHERE
+            for e in entries
+        )
     ):
         raise bad("interventions", "a non-empty list of {layer, where} objects")
     groups = ("both",) if values["share_weights"] else values["positions"].groups()
     if any(e["where"] not in groups for e in entries):
-        raise bad("interventions", f"'where' among {list(groups)} (the groups of positions "
-                                   f"{values['positions']} with share_weights {values['share_weights']})")
+        raise bad(
+            "interventions",
+            f"'where' among {list(groups)} (the groups of positions "
+            f"{values['positions']} with share_weights {values['share_weights']})",
+        )
     if not isinstance(values["layers"], list) or values["layers"] != sorted({e["layer"] for e in entries}):
         raise bad("layers", "the sorted layers of the interventions")
     values["skills"] = _parse_skills(metadata, values, bad)
@@ -492,9 +566,18 @@ def _parse_skills(metadata: dict[str, str], values: dict[str, Any], bad: Any) ->
     expected = f"a list of {{name, rank}} objects with distinct names whose ranks add up to rank {values['rank']}"
     if values["format_version"] < SKILLS_FORMAT_VERSION:
         raise bad("format_version", f"{SKILLS_FORMAT_VERSION} (the file has skills)")
-    if not isinstance(skills, list) or not skills or not all(
-        isinstance(s, dict) and set(s) == {"name", "rank"} and isinstance(s["name"], str)
-        and SKILL_NAME.fullmatch(s["name"]) and type(s["rank"]) is int and s["rank"] >= 1 for s in skills
+    if (
+        not isinstance(skills, list)
+        or not skills
+        or not all(
+            isinstance(s, dict)
+            and set(s) == {"name", "rank"}
+            and isinstance(s["name"], str)
+            and SKILL_NAME.fullmatch(s["name"])
+            and type(s["rank"]) is int
+            and s["rank"] >= 1
+            for s in skills
+        )
     ):
         raise bad("skills", expected)
     if len({s["name"] for s in skills}) != len(skills) or sum(s["rank"] for s in skills) != values["rank"]:
@@ -525,11 +608,16 @@ def _check_tensors(tensors: dict[str, np.ndarray], fields: dict[str, Any], sourc
     for name, array in tensors.items():
         shape = (rank,) if name.endswith(".b") else (rank, hidden)
         if array.shape != shape:
-            raise PatchFormatError(f"{source}: tensor {name} has shape {list(array.shape)}, expected "
-                                   f"{list(shape)}; the file is damaged, re-train it")
+            raise PatchFormatError(
+                f"{source}: tensor {name} has shape {list(array.shape)}, expected "
+                f"{list(shape)}; the file is damaged, re-train it"
+            )
         if array.dtype.name != fields["dtype"]:
-            raise PatchFormatError(f"{source}: tensor {name} is {array.dtype.name}, metadata says "
-                                   f"{fields['dtype']}; the file is damaged, re-train it")
+            raise PatchFormatError(
+                f"{source}: tensor {name} is {array.dtype.name}, metadata says "
+                f"{fields['dtype']}; the file is damaged, re-train it"
+            )
         if not np.isfinite(array).all():
-            raise PatchFormatError(f"{source}: tensor {name} holds NaN or infinite values; "
-                                   "re-train the patch (lower --lr)")
+            raise PatchFormatError(
+                f"{source}: tensor {name} holds NaN or infinite values; re-train the patch (lower --lr)"
+            )

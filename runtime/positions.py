@@ -49,7 +49,7 @@ class Positions:
     generated: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> "Positions":
+    def parse(cls, text: str) -> Positions:
         text = text.strip() if isinstance(text, str) else text
         if text == "all":
             return cls(0, 0, prompt=True, generated=True)
@@ -57,8 +57,9 @@ class Positions:
         positions = None
         if all(parts):
             found = {key: value for part in parts for key, value in part.groupdict().items() if value is not None}
-            positions = cls(int(found.get("first", 0)), int(found.get("last", 0)), "prompt" in found,
-                            "generated" in found)
+            positions = cls(
+                int(found.get("first", 0)), int(found.get("last", 0)), "prompt" in found, "generated" in found
+            )
         # the canonical spelling is the only one accepted: no repeats, no f0, order f, l, p, g
         if positions is None or str(positions) != text or (positions.prompt and (positions.first or positions.last)):
             raise UsageError(
@@ -74,8 +75,15 @@ class Positions:
 
     def groups(self) -> tuple[str, ...]:
         """The position groups this selects: the interventions of untied weights, one per group."""
-        return tuple(group for group, used in (("prefix", self.first or self.prompt), ("suffix", self.last),
-                                               ("generated", self.generated)) if used)
+        return tuple(
+            group
+            for group, used in (
+                ("prefix", self.first or self.prompt),
+                ("suffix", self.last),
+                ("generated", self.generated),
+            )
+            if used
+        )
 
     def edits(self, where: str, group: str) -> bool:
         """Whether an intervention on ``where`` edits the tokens of ``group``."""

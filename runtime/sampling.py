@@ -28,8 +28,8 @@ Evaluation (runtime.evaluate) turns it off, to measure the patch rather than the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class Sampling:
     presence_penalty: float | None = None
 
     @classmethod
-    def check(cls, **options) -> "Sampling":
+    def check(cls, **options) -> Sampling:
         sampling = cls(**options)
         if not sampling.temperature >= 0:
             raise UsageError(f"temperature {sampling.temperature} must be >= 0 (0 is greedy)")
@@ -60,9 +60,11 @@ class Sampling:
             raise UsageError(f"top_p {sampling.top_p} must be in (0, 1]")
         if sampling.repetition_penalty is not None and not sampling.repetition_penalty > 0:
             raise UsageError(f"repetition_penalty {sampling.repetition_penalty} must be > 0 (1.0 is none)")
-        if sampling.no_repeat_ngram is not None and (isinstance(sampling.no_repeat_ngram, bool) or
-                                                     not isinstance(sampling.no_repeat_ngram, int) or
-                                                     sampling.no_repeat_ngram < 0):
+        if sampling.no_repeat_ngram is not None and (
+            isinstance(sampling.no_repeat_ngram, bool)
+            or not isinstance(sampling.no_repeat_ngram, int)
+            or sampling.no_repeat_ngram < 0
+        ):
             raise UsageError(f"no_repeat_ngram {sampling.no_repeat_ngram!r} must be a whole number >= 0 (0 is off)")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(sampling, name)
@@ -80,8 +82,13 @@ class Sampling:
     def rng(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)
 
-    def pick(self, logits: np.ndarray, seen: np.ndarray | None, rng: np.random.Generator,
-             answers: Sequence[Sequence[int]] = ()) -> np.ndarray:
+    def pick(
+        self,
+        logits: np.ndarray,
+        seen: np.ndarray | None,
+        rng: np.random.Generator,
+        answers: Sequence[Sequence[int]] = (),
+    ) -> np.ndarray:
         """logits [batch, vocab] float32; seen [batch, vocab] bool (tokens so far); answers: each
         row's generated tokens so far (for the loop guard) -> token ids [batch]."""
         if (self.frequency_penalty or self.presence_penalty) and answers:
@@ -106,8 +113,9 @@ def penalise_repeats(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np
     return np.where(seen, penalised, logits)
 
 
-def penalise_counts(logits: np.ndarray, answers: Sequence[Sequence[int]], frequency: float,
-                    presence: float) -> np.ndarray:
+def penalise_counts(
+    logits: np.ndarray, answers: Sequence[Sequence[int]], frequency: float, presence: float
+) -> np.ndarray:
     """OpenAI's penalties: each token's logit minus its count in the row's answer times ``frequency``,
     minus ``presence`` once it occurs at all.
 
@@ -117,7 +125,7 @@ def penalise_counts(logits: np.ndarray, answers: Sequence[Sequence[int]], freque
     logits = logits.copy()
     for row, answer in enumerate(answers):
         if len(answer):
-            counts = np.bincount(np.asarray(answer, np.int64), minlength=logits.shape[-1])[:logits.shape[-1]]
+            counts = np.bincount(np.asarray(answer, np.int64), minlength=logits.shape[-1])[: logits.shape[-1]]
             logits[row] -= (counts * frequency + (counts > 0) * presence).astype(logits.dtype)
     return logits
 
@@ -132,9 +140,9 @@ def ban_repeated_ngrams(logits: np.ndarray, answers: Sequence[Sequence[int]], n:
     for row, answer in enumerate(answers):
         if len(answer) < n:
             continue
-        tail = list(answer[len(answer) - n + 1:]) if n > 1 else []
+        tail = list(answer[len(answer) - n + 1 :]) if n > 1 else []
         for start in range(len(answer) - n + 1):
-            if list(answer[start:start + n - 1]) == tail:
+            if list(answer[start : start + n - 1]) == tail:
                 banned_rows.append(row)
                 banned_tokens.append(answer[start + n - 1])
     if not banned_rows:

@@ -37,10 +37,11 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -55,11 +56,20 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 # -- errors ---------------------------------------------------------------------------------------
 
+
 class ApiError(Exception):
     """An OpenAI-style error: HTTP status and the {"error": {...}} object."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -74,15 +84,16 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> Api
 
 # -- patches --------------------------------------------------------------------------------------
 
+
 class PatchStore:
     """The *.reft files of a folder, each loaded and checked against the bundle once, reloaded when
     its modification time or size changes. A bad file is logged and left out; the others serve."""
 
     def __init__(self, folder: str | Path, manifest: Any):
         self.folder, self.manifest = Path(folder), manifest
-        self.patches: dict[str, Any] = {}   # name -> Patch
+        self.patches: dict[str, Any] = {}  # name -> Patch
         self._seen: dict[str, tuple[int, int]] = {}  # name -> (mtime_ns, size) of the file last read
-        self.errors: dict[str, str] = {}    # name -> why it is left out
+        self.errors: dict[str, str] = {}  # name -> why it is left out
         self._lock = threading.Lock()
 
     def refresh(self) -> None:
@@ -117,14 +128,21 @@ class PatchStore:
                 reloaded = name in self.patches or name in self.errors
                 self.patches[name] = patch
                 self.errors.pop(name, None)
-                log.info("patch %s %s (%s, rank %d, layers %s)", name, "reloaded" if reloaded else "loaded",
-                         patch.kind, patch.rank, patch.layers)
+                log.info(
+                    "patch %s %s (%s, rank %d, layers %s)",
+                    name,
+                    "reloaded" if reloaded else "loaded",
+                    patch.kind,
+                    patch.rank,
+                    patch.layers,
+                )
 
     def get(self, name: str) -> Any:
         return self.patches.get(name)
 
 
 # -- the scheduler --------------------------------------------------------------------------------
+
 
 class QueueFull(Exception):
     pass
@@ -195,7 +213,7 @@ class Scheduler:
         self.steps = 0
         self.thread = threading.Thread(target=self._loop, name="reft-edge-scheduler", daemon=True)
 
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         self.thread.start()
         return self
 
@@ -263,8 +281,12 @@ class Scheduler:
         # one max_new_tokens for the pass: the longest budget (it only sizes the KV buffers)
         budget = max(row.job.max_tokens for row in joining)
         try:
-            logits = self.batch.join_many([id(row) for row in joining], [row.job.prompt_ids for row in joining],
-                                          [row.job.slots for row in joining], budget)
+            logits = self.batch.join_many(
+                [id(row) for row in joining],
+                [row.job.prompt_ids for row in joining],
+                [row.job.slots for row in joining],
+                budget,
+            )
         except Exception as exc:
             log.exception("prefill failed")
             for row in joining:
@@ -314,12 +336,41 @@ class Scheduler:
 # -- requests -------------------------------------------------------------------------------------
 
 # Fields each route takes. OpenAI fields this server cannot honour are refused by _refuse_unsupported.
-COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
-                 "frequency_penalty", "presence_penalty", "user", "logit_bias", "logprobs",
-                 "patches", "skills", "top_k", "repetition_penalty", "ignore_eos"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
-                               "tool_choice", "parallel_tool_calls", "functions", "function_call", "metadata",
-                               "store", "service_tier"}
+COMMON_FIELDS = {
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "user",
+    "logit_bias",
+    "logprobs",
+    "patches",
+    "skills",
+    "top_k",
+    "repetition_penalty",
+    "ignore_eos",
+}
+CHAT_FIELDS = COMMON_FIELDS | {
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "metadata",
+    "store",
+    "service_tier",
+}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 
 
@@ -346,8 +397,9 @@ def _number(body: dict, name: str, low: float, high: float, *, integer: bool = F
 
 def _refuse_unsupported(body: dict) -> None:
     if body.get("n", 1) != 1:
-        raise _bad("n must be 1: this server returns one choice per request (send several requests; they "
-                   "are batched)", "n")
+        raise _bad(
+            "n must be 1: this server returns one choice per request (send several requests; they are batched)", "n"
+        )
     if body.get("best_of", 1) not in (1, None):
         raise _bad("best_of must be 1", "best_of")
     if body.get("logprobs") not in (None, False):
@@ -365,14 +417,13 @@ def _refuse_unsupported(body: dict) -> None:
             raise _bad(f"{name} (function calling) is not supported by this server", name)
     response_format = body.get("response_format")
     if response_format not in (None, {"type": "text"}):
-        raise _bad("response_format must be {\"type\": \"text\"}: structured output is not supported",
-                   "response_format")
+        raise _bad('response_format must be {"type": "text"}: structured output is not supported', "response_format")
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
     """OpenAI chat messages -> {"role", "content"} with string content (text parts joined)."""
     if not isinstance(value, list) or not value:
-        raise _bad("messages must be a non-empty list of {\"role\": ..., \"content\": ...}", "messages")
+        raise _bad('messages must be a non-empty list of {"role": ..., "content": ...}', "messages")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
@@ -381,11 +432,13 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant"):
-            raise _bad(f"messages[{i}].role {role!r} is not supported; use system, user or assistant",
-                       f"messages[{i}].role")
+            raise _bad(
+                f"messages[{i}].role {role!r} is not supported; use system, user or assistant", f"messages[{i}].role"
+            )
         if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
                 raise _bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
@@ -397,9 +450,18 @@ def _messages(value: Any) -> list[dict[str, str]]:
 class Service:
     """What the routes share: the runtime, the patch store, the scheduler and the options."""
 
-    def __init__(self, runtime: Any, store: PatchStore, scheduler: Scheduler, *, model_name: str = BASE,
-                 api_key: str | None = None, timeout: float = 300.0, max_body: int = MAX_BODY_BYTES,
-                 max_tokens: int = 256):
+    def __init__(
+        self,
+        runtime: Any,
+        store: PatchStore,
+        scheduler: Scheduler,
+        *,
+        model_name: str = BASE,
+        api_key: str | None = None,
+        timeout: float = 300.0,
+        max_body: int = MAX_BODY_BYTES,
+        max_tokens: int = 256,
+    ):
         self.rt, self.store, self.scheduler = runtime, store, scheduler
         self.model_name, self.api_key, self.timeout = model_name, api_key, timeout
         self.max_body, self.max_tokens = max_body, max_tokens
@@ -415,15 +477,23 @@ class Service:
             raise _bad(f"model must be a string, not {model!r}", "model")
         base, *names = model.split("+")
         if base not in (self.model_name, BASE, self.rt.manifest.source_model):
-            raise ApiError(404, f"model {model!r} does not exist; GET /v1/models lists {self.model_name!r} and "
-                                f"{self.model_name}+NAME for each patch", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {model!r} does not exist; GET /v1/models lists {self.model_name!r} and "
+                f"{self.model_name}+NAME for each patch",
+                param="model",
+                code="model_not_found",
+            )
         for name in names:
             if self.store.get(name) is None:
                 why = self.store.errors.get(name)
-                raise ApiError(404, f"model {model!r}: patch {name!r} " +
-                               (f"could not be loaded ({why})" if why else
-                                f"is not in the patch folder ({name}.reft)"),
-                               param="model", code="model_not_found")
+                raise ApiError(
+                    404,
+                    f"model {model!r}: patch {name!r} "
+                    + (f"could not be loaded ({why})" if why else f"is not in the patch folder ({name}.reft)"),
+                    param="model",
+                    code="model_not_found",
+                )
         return names
 
     def parse(self, body: Any, chat: bool) -> Parsed:
@@ -435,8 +505,11 @@ class Service:
         allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
         unknown = sorted(set(body) - allowed)
         if unknown:
-            raise _bad(f"unknown field {unknown[0]!r} for {'chat completions' if chat else 'completions'}",
-                       unknown[0], "unknown_field")
+            raise _bad(
+                f"unknown field {unknown[0]!r} for {'chat completions' if chat else 'completions'}",
+                unknown[0],
+                "unknown_field",
+            )
         _refuse_unsupported(body)
         self.store.refresh()
         names = self.resolve_model(body.get("model"))
@@ -446,8 +519,11 @@ class Service:
             name, weight = item
             patch = self.store.get(name)
             if patch is None:
-                raise _bad(f"patches[{i}]: no patch {name!r} in the patch folder; GET /v1/models lists them",
-                           "patches", "patch_not_found")
+                raise _bad(
+                    f"patches[{i}]: no patch {name!r} in the patch folder; GET /v1/models lists them",
+                    "patches",
+                    "patch_not_found",
+                )
             names.append(name)
             patches.append(patch)
             weights.append(weight)
@@ -473,16 +549,23 @@ class Service:
         limit = self.rt.manifest.context_length
         room = limit - len(prompt_ids)
         if room < 1:
-            raise _bad(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}",
-                       "messages" if chat else "prompt", "context_length_exceeded")
+            raise _bad(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}",
+                "messages" if chat else "prompt",
+                "context_length_exceeded",
+            )
         max_tokens = _number(body, "max_tokens", 1, 1 << 30, integer=True)
         if chat and body.get("max_completion_tokens") is not None:
             max_tokens = _number(body, "max_completion_tokens", 1, 1 << 30, integer=True)
         if max_tokens is None:
             max_tokens = min(self.max_tokens, room)
         elif max_tokens > room:
-            raise _bad(f"the prompt's {len(prompt_ids)} tokens plus max_tokens {max_tokens} pass the model's "
-                       f"context of {limit}; ask for {room} or fewer", "max_tokens", "context_length_exceeded")
+            raise _bad(
+                f"the prompt's {len(prompt_ids)} tokens plus max_tokens {max_tokens} pass the model's "
+                f"context of {limit}; ask for {room} or fewer",
+                "max_tokens",
+                "context_length_exceeded",
+            )
 
         defaults = self.rt.manifest.generation or {}
         options = {
@@ -497,9 +580,12 @@ class Service:
         options["temperature"] = options["temperature"] or 0.0
         seed = _number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True)
         try:
-            sampling = Sampling.check(**options, seed=None if seed is None else seed % (1 << 64),
-                                      frequency_penalty=_number(body, "frequency_penalty", -2, 2),
-                                      presence_penalty=_number(body, "presence_penalty", -2, 2))
+            sampling = Sampling.check(
+                **options,
+                seed=None if seed is None else seed % (1 << 64),
+                frequency_penalty=_number(body, "frequency_penalty", -2, 2),
+                presence_penalty=_number(body, "presence_penalty", -2, 2),
+            )
         except UsageError as exc:
             raise _bad(str(exc)) from None
 
@@ -525,9 +611,20 @@ class Service:
         if not isinstance(options_field, dict) or set(options_field) - {"include_usage", "continuous_usage_stats"}:
             raise _bad("stream_options takes include_usage only", "stream_options")
         model = body.get("model") or self.model_name
-        return Parsed(model, names, dict(prompt_ids=prompt_ids, slots=slots, sampling=sampling,
-                                         max_tokens=int(max_tokens), stop=tuple(stops), ignore_eos=ignore_eos),
-                      stream, bool(options_field.get("include_usage")))
+        return Parsed(
+            model,
+            names,
+            dict(
+                prompt_ids=prompt_ids,
+                slots=slots,
+                sampling=sampling,
+                max_tokens=int(max_tokens),
+                stop=tuple(stops),
+                ignore_eos=ignore_eos,
+            ),
+            stream,
+            bool(options_field.get("include_usage")),
+        )
 
     @staticmethod
     def _patch_field(value: Any) -> list[tuple[str, float]]:
@@ -552,19 +649,27 @@ class Service:
         if isinstance(value, list):
             value = dict.fromkeys(value, 1.0)
         if not isinstance(value, dict) or not all(
-                isinstance(k, str) and not isinstance(w, bool) and isinstance(w, int | float) and np.isfinite(w)
-                for k, w in value.items()):
+            isinstance(k, str) and not isinstance(w, bool) and isinstance(w, int | float) and np.isfinite(w)
+            for k, w in value.items()
+        ):
             raise _bad('skills must be {"NAME": weight, ...} (or a list of names)', "skills")
         known = {name for patch in patches for name in patch.skill_names}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise _bad(f"skills: no chosen patch has a skill {unknown[0]!r}; their skills are "
-                       f"{', '.join(sorted(known)) or 'none'}", "skills", "skill_not_found")
-        return [p.with_skills({n: float(w) for n, w in value.items() if n in p.skill_names}) if p.skills else p
-                for p in patches]
+            raise _bad(
+                f"skills: no chosen patch has a skill {unknown[0]!r}; their skills are "
+                f"{', '.join(sorted(known)) or 'none'}",
+                "skills",
+                "skill_not_found",
+            )
+        return [
+            p.with_skills({n: float(w) for n, w in value.items() if n in p.skill_names}) if p.skills else p
+            for p in patches
+        ]
 
 
 # -- HTTP -----------------------------------------------------------------------------------------
+
 
 def build_app(service: Service) -> Any:
     """The Starlette application of a Service."""
@@ -597,12 +702,21 @@ def build_app(service: Service) -> Any:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise _bad(f"the request body is not valid JSON ({exc})", code="invalid_json") from None
 
-    def log_line(request: Any, status: int, started: float, parsed: Parsed | None = None, job: Job | None = None,
-                 finish: str | None = None, note: str = "") -> None:
+    def log_line(
+        request: Any,
+        status: int,
+        started: float,
+        parsed: Parsed | None = None,
+        job: Job | None = None,
+        finish: str | None = None,
+        note: str = "",
+    ) -> None:
         parts = [f"{request.method} {request.url.path} {status}"]
         if parsed is not None:
-            parts.append(f"model={parsed.model} patches={','.join(parsed.patch_names) or '-'}"
-                         f"{' stream' if parsed.stream else ''}")
+            parts.append(
+                f"model={parsed.model} patches={','.join(parsed.patch_names) or '-'}"
+                f"{' stream' if parsed.stream else ''}"
+            )
         if job is not None:
             ttft = f"{(job.first_token - job.submitted) * 1000:.0f}ms" if job.first_token else "-"
             parts.append(f"prompt={len(job.prompt_ids)} tokens={job.tokens} ttft={ttft}")
@@ -624,21 +738,31 @@ def build_app(service: Service) -> Any:
             try:
                 service.scheduler.submit(job)
             except QueueFull:
-                raise ApiError(429, f"the server is busy ({service.scheduler.max_queue} requests already wait); "
-                                    "retry shortly", type="rate_limit_error", code="queue_full",
-                               headers={"Retry-After": "1"}) from None
+                raise ApiError(
+                    429,
+                    f"the server is busy ({service.scheduler.max_queue} requests already wait); retry shortly",
+                    type="rate_limit_error",
+                    code="queue_full",
+                    headers={"Retry-After": "1"},
+                ) from None
         except ApiError as error:
             log_line(request, error.status, started, parsed, note=f"error={error.code or error.type}")
             return error_response(error)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if parsed.stream:
-            return StreamingResponse(stream(request, parsed, job, ident, chat, started), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                stream(request, parsed, job, ident, chat, started),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await collect(request, parsed, job, ident, chat, started)
 
     def usage(job: Job) -> dict[str, int]:
-        return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.tokens,
-                "total_tokens": len(job.prompt_ids) + job.tokens}
+        return {
+            "prompt_tokens": len(job.prompt_ids),
+            "completion_tokens": job.tokens,
+            "total_tokens": len(job.prompt_ids) + job.tokens,
+        }
 
     async def next_event(job: Job, deadline: float) -> tuple:
         remaining = deadline - time.perf_counter()
@@ -675,8 +799,13 @@ def build_app(service: Service) -> Any:
         except TimeoutError:
             job.cancel()
             status = 504
-            error = ApiError(504, f"the request took longer than {service.timeout:g} s; it was stopped "
-                                  "(ask for fewer max_tokens or retry)", type="timeout", code="timeout")
+            error = ApiError(
+                504,
+                f"the request took longer than {service.timeout:g} s; it was stopped "
+                "(ask for fewer max_tokens or retry)",
+                type="timeout",
+                code="timeout",
+            )
             log_line(request, status, started, parsed, job, note="error=timeout")
             return error_response(error)
         except ApiError as error:
@@ -688,13 +817,30 @@ def build_app(service: Service) -> Any:
         text = "".join(pieces)
         created = int(time.time())
         if chat:
-            body = {"id": ident, "object": "chat.completion", "created": created, "model": parsed.model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": finish, "logprobs": None}], "usage": usage(job)}
+            body = {
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": parsed.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": usage(job),
+            }
         else:
-            body = {"id": ident, "object": "text_completion", "created": created, "model": parsed.model,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-                    "usage": usage(job)}
+            body = {
+                "id": ident,
+                "object": "text_completion",
+                "created": created,
+                "model": parsed.model,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+                "usage": usage(job),
+            }
         log_line(request, 200, started, parsed, job, finish=finish)
         return JSONResponse(body)
 
@@ -704,12 +850,22 @@ def build_app(service: Service) -> Any:
         def chunk(delta: dict | None, text: str | None, finish: str | None) -> str:
             if chat:
                 choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-                body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": parsed.model,
-                        "choices": [choice]}
+                body = {
+                    "id": ident,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": parsed.model,
+                    "choices": [choice],
+                }
             else:
                 choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-                body = {"id": ident, "object": "text_completion", "created": created, "model": parsed.model,
-                        "choices": [choice]}
+                body = {
+                    "id": ident,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": parsed.model,
+                    "choices": [choice],
+                }
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         finish, note, status = None, "", 200
@@ -723,8 +879,12 @@ def build_app(service: Service) -> Any:
                     event = await next_event(job, deadline)
                 except TimeoutError:
                     status, note = 504, "error=timeout"
-                    error = ApiError(504, f"the request took longer than {service.timeout:g} s; it was stopped",
-                                     type="timeout", code="timeout")
+                    error = ApiError(
+                        504,
+                        f"the request took longer than {service.timeout:g} s; it was stopped",
+                        type="timeout",
+                        code="timeout",
+                    )
                     yield f"data: {json.dumps(error.body())}\n\n"
                     break
                 if event[0] == "piece":
@@ -733,8 +893,14 @@ def build_app(service: Service) -> Any:
                     finish = FINISH[event[1]]
                     yield chunk({}, "", finish)
                     if parsed.include_usage:
-                        body = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
-                                "created": created, "model": parsed.model, "choices": [], "usage": usage(job)}
+                        body = {
+                            "id": ident,
+                            "object": "chat.completion.chunk" if chat else "text_completion",
+                            "created": created,
+                            "model": parsed.model,
+                            "choices": [],
+                            "usage": usage(job),
+                        }
                         yield f"data: {json.dumps(body)}\n\n"
                     break
                 elif event[0] == "cancelled":
@@ -776,12 +942,20 @@ def build_app(service: Service) -> Any:
 
     async def health_route(request: Any) -> Any:
         scheduler = service.scheduler
-        return JSONResponse({"status": "ok" if scheduler.thread.is_alive() else "scheduler stopped",
-                             "model": service.model_name, "source_model": service.rt.manifest.source_model,
-                             "patches": sorted(service.store.patches), "skipped_patches": sorted(service.store.errors),
-                             "running": scheduler.active, "queued": scheduler.queued, "decode_steps": scheduler.steps,
-                             "batch_capacity": scheduler.batch.capacity},
-                            status_code=200 if scheduler.thread.is_alive() else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if scheduler.thread.is_alive() else "scheduler stopped",
+                "model": service.model_name,
+                "source_model": service.rt.manifest.source_model,
+                "patches": sorted(service.store.patches),
+                "skipped_patches": sorted(service.store.errors),
+                "running": scheduler.active,
+                "queued": scheduler.queued,
+                "decode_steps": scheduler.steps,
+                "batch_capacity": scheduler.batch.capacity,
+            },
+            status_code=200 if scheduler.thread.is_alive() else 503,
+        )
 
     async def not_found(request: Any, exc: Exception) -> Any:
         status = getattr(exc, "status_code", 404)
@@ -793,14 +967,17 @@ def build_app(service: Service) -> Any:
         log.exception("internal error on %s %s", request.method, request.url.path)
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
 
-    routes = [Route("/v1/chat/completions", chat_route, methods=["POST"]),
-              Route("/v1/completions", completion_route, methods=["POST"]),
-              Route("/v1/models", models_route, methods=["GET"]),
-              Route("/health", health_route, methods=["GET"])]
+    routes = [
+        Route("/v1/chat/completions", chat_route, methods=["POST"]),
+        Route("/v1/completions", completion_route, methods=["POST"]),
+        Route("/v1/models", models_route, methods=["GET"]),
+        Route("/health", health_route, methods=["GET"]),
+    ]
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, Exception: internal})
 
 
 # -- running it -----------------------------------------------------------------------------------
+
 
 def _require_serve_extra() -> None:
     try:
@@ -824,15 +1001,30 @@ class Server:
         return f"http://{host}:{port}"
 
     @classmethod
-    def open(cls, bundle: str | Path, patches: str | Path, *, host: str = "127.0.0.1", port: int = 8080,
-             api_key: str | None = None, threads: int | None = None, max_batch: int = 8, max_queue: int = 64,
-             timeout: float = 300.0, max_body: int = MAX_BODY_BYTES, max_tokens: int = 256,
-             model_name: str = BASE) -> "Server":
+    def open(
+        cls,
+        bundle: str | Path,
+        patches: str | Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        api_key: str | None = None,
+        threads: int | None = None,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        timeout: float = 300.0,
+        max_body: int = MAX_BODY_BYTES,
+        max_tokens: int = 256,
+        model_name: str = BASE,
+    ) -> Server:
         _require_serve_extra()
         from reft_edge.runtime import Runtime
 
-        for name, value, low in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
-                                 ("--max-tokens", max_tokens, 1)):
+        for name, value, low in (
+            ("--max-batch", max_batch, 1),
+            ("--max-queue", max_queue, 0),
+            ("--max-tokens", max_tokens, 1),
+        ):
             if value < low:
                 raise UsageError(f"{name} {value} must be at least {low}")
         if timeout <= 0:
@@ -850,11 +1042,20 @@ class Server:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
         except OSError as exc:
-            raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port "
-                             "(0 takes a free one) or --host") from None
+            raise UsageError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port (0 takes a free one) or --host"
+            ) from None
         scheduler = Scheduler(rt, max_batch=max_batch, max_queue=max_queue).start()
-        service = Service(rt, store, scheduler, model_name=model_name, api_key=api_key, timeout=timeout,
-                          max_body=max_body, max_tokens=max_tokens)
+        service = Service(
+            rt,
+            store,
+            scheduler,
+            model_name=model_name,
+            api_key=api_key,
+            timeout=timeout,
+            max_body=max_body,
+            max_tokens=max_tokens,
+        )
         return cls(service, build_app(service), sock)
 
     def uvicorn(self) -> Any:

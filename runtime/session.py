@@ -21,9 +21,10 @@ changes the slot inputs: the session stays.
 from __future__ import annotations
 
 import time
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -61,8 +62,13 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-                "finish_reason": self.finish_reason, "timings": self.timings}
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "finish_reason": self.finish_reason,
+            "timings": self.timings,
+        }
 
 
 @dataclass(frozen=True)
@@ -82,20 +88,28 @@ class _Options:
 class Runtime:
     """A loaded bundle: its onnxruntime session, tokenizer and chat template."""
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, session: Any, tokenizer: Any,
-                 template: ChatTemplate | None):
+    def __init__(
+        self, bundle_dir: Path, manifest: Manifest, session: Any, tokenizer: Any, template: ChatTemplate | None
+    ):
         self.bundle_dir, self.manifest, self.session = bundle_dir, manifest, session
         self.tokenizer, self.template = tokenizer, template
         self.device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
         special = manifest.special_tokens
         self.eos_token_ids = frozenset(int(i) for i in special.get("eos_token_ids") or [])
         self.pad_token_id = int(special.get("pad_token_id") or 0)
-        self._engine = Engine(session, graph=manifest.graph, kv=manifest.kv, slot_layers=manifest.slot_layers,
-                              device=self.device, pad_id=self.pad_token_id)
+        self._engine = Engine(
+            session,
+            graph=manifest.graph,
+            kv=manifest.kv,
+            slot_layers=manifest.slot_layers,
+            device=self.device,
+            pad_id=self.pad_token_id,
+        )
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, *, providers: Sequence[str] | None = None,
-             threads: int | None = None) -> "Runtime":
+    def load(
+        cls, bundle_dir: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None
+    ) -> Runtime:
         """Open a bundle folder. BundleError names the damaged or missing file."""
         bundle_dir = Path(bundle_dir)
         manifest = Manifest.from_dir(bundle_dir)
@@ -103,8 +117,11 @@ class Runtime:
         _check_graph(session, manifest, bundle_dir)
         tokenizer = _open_tokenizer(bundle_dir / manifest.files["tokenizer"])
         template_file = manifest.files.get("chat_template")
-        template = (ChatTemplate.from_file(bundle_dir / template_file, template_variables(manifest.special_tokens))
-                    if template_file else None)
+        template = (
+            ChatTemplate.from_file(bundle_dir / template_file, template_variables(manifest.special_tokens))
+            if template_file
+            else None
+        )
         return cls(bundle_dir, manifest, session, tokenizer, template)
 
     # -- prompts and patches -------------------------------------------------------------------
@@ -131,24 +148,38 @@ class Runtime:
         """Patch objects or paths -> Patch objects, each checked against this bundle's base and slots."""
         return self.manifest.load_patches(patches)
 
-    def _request(self, prompt: Any, patches: Sequence[PatchLike], weights: Sequence[float] | None,
-                 raw: bool) -> _Request:
+    def _request(
+        self, prompt: Any, patches: Sequence[PatchLike], weights: Sequence[float] | None, raw: bool
+    ) -> _Request:
         edits = resolve_edits(self.load_patches(patches), weights, self.manifest.slot_layers)
         return _Request(self.encode(prompt, raw=raw), edits)
 
     # -- public generation API -----------------------------------------------------------------
 
-    def generate(self, prompt: str | Sequence[dict[str, str]], *, patches: Sequence[PatchLike] = (),
-                 weights: Sequence[float] | None = None, raw: bool = False, **options: Any) -> Generation:
+    def generate(
+        self,
+        prompt: str | Sequence[dict[str, str]],
+        *,
+        patches: Sequence[PatchLike] = (),
+        weights: Sequence[float] | None = None,
+        raw: bool = False,
+        **options: Any,
+    ) -> Generation:
         """Answer one prompt. Options: max_new_tokens=128, temperature=0.0 (greedy), top_k, top_p,
         repetition_penalty, no_repeat_ngram (loop guard, sampling.NO_REPEAT_NGRAM unless given; 0 is off), seed,
         stop (strings), ignore_eos."""
         run = self._run([self._request(prompt, patches, weights, raw)], _options(**options))
         return _drain(run)[0]
 
-    def stream(self, prompt: str | Sequence[dict[str, str]], *, patches: Sequence[PatchLike] = (),
-               weights: Sequence[float] | None = None, raw: bool = False,
-               **options: Any) -> Generator[str, None, Generation]:
+    def stream(
+        self,
+        prompt: str | Sequence[dict[str, str]],
+        *,
+        patches: Sequence[PatchLike] = (),
+        weights: Sequence[float] | None = None,
+        raw: bool = False,
+        **options: Any,
+    ) -> Generator[str, None, Generation]:
         """Like generate, yielding text pieces as they become final; the generator returns the Generation."""
         run = self._run([self._request(prompt, patches, weights, raw)], _options(**options))
         while True:
@@ -178,11 +209,14 @@ class Runtime:
         for request in requests:
             n = len(request.prompt_ids)
             if n > limit:
-                raise UsageError(f"the prompt has {n} tokens, more than the bundle's context length {limit}; "
-                                 "shorten it")
+                raise UsageError(
+                    f"the prompt has {n} tokens, more than the bundle's context length {limit}; shorten it"
+                )
             if n + max_new_tokens > limit:
-                raise UsageError(f"the prompt's {n} tokens plus max_new_tokens {max_new_tokens} pass the bundle's "
-                                 f"context length {limit}; use max_new_tokens {limit - n} or fewer")
+                raise UsageError(
+                    f"the prompt's {n} tokens plus max_new_tokens {max_new_tokens} pass the bundle's "
+                    f"context length {limit}; use max_new_tokens {limit - n} or fewer"
+                )
 
     def _run(self, requests: list[_Request], options: _Options) -> Generator[list[str], None, list[Generation]]:
         """Prefill then decode the batch; yields each step's new text per row, returns the Generations."""
@@ -211,11 +245,14 @@ class Runtime:
             yield pieces
 
         timings = _timings(prefill_s, decode_s, steps, time.perf_counter() - started)
-        return [Generation(row.text, row.token_ids, len(prompt), row.finish_reason, dict(timings))
-                for row, prompt in zip(rows, prompts)]
+        return [
+            Generation(row.text, row.token_ids, len(prompt), row.finish_reason, dict(timings))
+            for row, prompt in zip(rows, prompts)
+        ]
 
-    def _advance(self, rows: list[TextRow], tokens: np.ndarray, seen: np.ndarray | None, options: _Options,
-                 last: bool) -> list[str]:
+    def _advance(
+        self, rows: list[TextRow], tokens: np.ndarray, seen: np.ndarray | None, options: _Options, last: bool
+    ) -> list[str]:
         """Give each unfinished row its token; end rows on EOS, a stop string, or the token budget."""
         pieces = []
         for row, token in zip(rows, tokens.tolist()):
@@ -233,14 +270,28 @@ class Runtime:
         return pieces
 
 
-def _options(*, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, repetition_penalty: float | None = None,
-             no_repeat_ngram: int | None = NO_REPEAT_NGRAM,
-             seed: int | None = None, stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> _Options:
+def _options(
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram: int | None = NO_REPEAT_NGRAM,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    ignore_eos: bool = False,
+) -> _Options:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise UsageError(f"max_new_tokens {max_new_tokens!r} must be a whole number of at least 1")
-    sampling = Sampling.check(temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram, seed=seed)
+    sampling = Sampling.check(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram=no_repeat_ngram,
+        seed=seed,
+    )
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if not all(isinstance(s, str) and s for s in stops):
         raise UsageError(f"stop {stop!r} must be a non-empty string or a list of them")
@@ -250,8 +301,13 @@ def _options(*, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int 
 def _timings(prefill_s: float, decode_s: float, steps: int, total_s: float) -> dict[str, float]:
     """Seconds of the prompt pass and of the decode steps; tokens_per_s is decode steps per second
     (each step gives every row of a batch one token)."""
-    return {"prefill_s": round(prefill_s, 6), "decode_s": round(decode_s, 6), "decode_steps": steps,
-            "tokens_per_s": round(steps / decode_s, 2) if decode_s else 0.0, "total_s": round(total_s, 6)}
+    return {
+        "prefill_s": round(prefill_s, 6),
+        "decode_s": round(decode_s, 6),
+        "decode_steps": steps,
+        "tokens_per_s": round(steps / decode_s, 2) if decode_s else 0.0,
+        "total_s": round(total_s, 6),
+    }
 
 
 def _drain(run: Generator[list[str], None, list[Generation]]) -> list[Generation]:
@@ -305,13 +361,20 @@ def _open_session(model_path: Path, providers: Sequence[str] | None, threads: in
 def _check_graph(session: Any, manifest: Manifest, bundle_dir: Path) -> None:
     names = {i.name for i in session.get_inputs()} | {o.name for o in session.get_outputs()}
     layers = range(manifest.kv.num_layers)
-    needed = [INPUT_IDS, ATTENTION_MASK, *([POSITION_IDS] if manifest.graph == "traced" else []), LOGITS,
-              *(n for layer in manifest.slot_layers for n in slot_names(layer)),
-              *(n for layer in layers for n in (*past_names(layer), *present_names(layer)))]
+    needed = [
+        INPUT_IDS,
+        ATTENTION_MASK,
+        *([POSITION_IDS] if manifest.graph == "traced" else []),
+        LOGITS,
+        *(n for layer in manifest.slot_layers for n in slot_names(layer)),
+        *(n for layer in layers for n in (*past_names(layer), *present_names(layer))),
+    ]
     missing = [n for n in needed if n not in names]
     if missing:
-        raise BundleError(f"{bundle_dir / manifest.files['model']}: the graph lacks {missing[:4]}; it does not "
-                          "match its manifest, re-export the bundle")
+        raise BundleError(
+            f"{bundle_dir / manifest.files['model']}: the graph lacks {missing[:4]}; it does not "
+            "match its manifest, re-export the bundle"
+        )
 
 
 def _open_tokenizer(path: Path) -> Any:
@@ -322,4 +385,3 @@ def _open_tokenizer(path: Path) -> Any:
     except Exception as exc:  # tokenizers raises plain Exception for malformed JSON
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(f"{path}: tokenizer unreadable ({reason}); re-export the bundle") from None
-

@@ -18,8 +18,8 @@ slots (the graph's slot-free path). Unused rank rows are zero: an exact identity
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -52,21 +52,35 @@ class SlotArrays:
     positions: np.ndarray
 
     @classmethod
-    def empty(cls, num_slots: int, batch: int, hidden: int) -> "SlotArrays":
+    def empty(cls, num_slots: int, batch: int, hidden: int) -> SlotArrays:
         """Rank 0 everywhere: no edit."""
         matrix = np.zeros((num_slots, batch, 0, hidden), np.float32)
-        return cls(matrix, matrix, np.zeros((num_slots, batch, 0), np.float32),
-                   np.zeros((num_slots, batch, POSITION_LINES, 0), np.int64))
+        return cls(
+            matrix,
+            matrix,
+            np.zeros((num_slots, batch, 0), np.float32),
+            np.zeros((num_slots, batch, POSITION_LINES, 0), np.int64),
+        )
 
     @classmethod
-    def stack(cls, rows: Sequence["SlotArrays"]) -> "SlotArrays":
+    def stack(cls, rows: Sequence[SlotArrays]) -> SlotArrays:
         """Several batches' arrays as one batch, each zero-padded to the largest rank (an exact identity)."""
         rank = max(r.A.shape[2] for r in rows)
-        pad = lambda array, axis: np.concatenate(  # noqa: E731
-            [array, np.zeros((*array.shape[:axis], rank - array.shape[axis], *array.shape[axis + 1:]), array.dtype)],
-            axis=axis)
-        return cls(*(np.concatenate([pad(getattr(r, name), axis) for r in rows], axis=1)
-                     for name, axis in (("A", 2), ("B", 2), ("c", 2), ("positions", 3))))
+        pad = (  # noqa: E731
+            lambda array, axis: np.concatenate(
+                [
+                    array,
+                    np.zeros((*array.shape[:axis], rank - array.shape[axis], *array.shape[axis + 1 :]), array.dtype),
+                ],
+                axis=axis,
+            )
+        )
+        return cls(
+            *(
+                np.concatenate([pad(getattr(r, name), axis) for r in rows], axis=1)
+                for name, axis in (("A", 2), ("B", 2), ("c", 2), ("positions", 3))
+            )
+        )
 
     @property
     def edits_generated(self) -> bool:
@@ -78,7 +92,7 @@ class SlotArrays:
         slots, batch, _, rank = self.positions.shape
         return np.array(masks, np.float32).reshape(slots, batch, t.shape[-1], rank)  # no slots: still 4-d
 
-    def rows(self, rows: slice) -> "SlotArrays":
+    def rows(self, rows: slice) -> SlotArrays:
         """The batch rows ``rows`` only."""
         return SlotArrays(self.A[:, rows], self.B[:, rows], self.c[:, rows], self.positions[:, rows])
 
@@ -94,8 +108,9 @@ def check_weights(patches: Sequence[Patch], weights: Sequence[float] | None) -> 
     return weights
 
 
-def resolve_edits(patches: Sequence[Patch], weights: Sequence[float] | None,
-                  slot_layers: Sequence[int]) -> list[SlotEdit]:
+def resolve_edits(
+    patches: Sequence[Patch], weights: Sequence[float] | None, slot_layers: Sequence[int]
+) -> list[SlotEdit]:
     """Every intervention of every patch as a SlotEdit; patches must already be checked against the bundle."""
     slot_of = {layer: k for k, layer in enumerate(slot_layers)}
     edits = []
@@ -108,8 +123,10 @@ def resolve_edits(patches: Sequence[Patch], weights: Sequence[float] | None,
                 with np.errstate(over="ignore"):
                     scaled = np.float32(weight) * edit.A
                 if not np.isfinite(scaled).all():  # a finite weight can still overflow float32 times A
-                    raise UsageError(f"weight {weight:g} makes patch {patch.name!r}'s edit overflow float32; "
-                                     "give a smaller --weight (1.0 applies the patch as trained)")
+                    raise UsageError(
+                        f"weight {weight:g} makes patch {patch.name!r}'s edit overflow float32; "
+                        "give a smaller --weight (1.0 applies the patch as trained)"
+                    )
                 edits.append(SlotEdit(slot_of[edit.layer], patch.positions, edit.where, scaled, edit.B, edit.c))
     return edits
 

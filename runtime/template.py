@@ -17,9 +17,10 @@ special token strings as variables, as ``apply_chat_template`` does.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -48,15 +49,17 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # transformers overrides jinja's tojson, which would escape HTML characters
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -70,9 +73,13 @@ def user_messages(prompt: str) -> list[dict[str, str]]:
 
 def check_messages(messages: Any) -> list[dict[str, Any]]:
     """A non-empty list of {"role": str, "content": str} dicts, with some text in it."""
-    if not isinstance(messages, Sequence) or isinstance(messages, str) or not all(
-        isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages
+    if (
+        not isinstance(messages, Sequence)
+        or isinstance(messages, str)
+        or not all(
+            isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
     ):
         raise UsageError('messages must be a list of {"role": ..., "content": ...} dicts with string values')
     if not any(m["content"].strip() for m in messages):
@@ -80,10 +87,11 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
     for m in messages:
         where = not_unicode(m["content"])
         if where is not None:
-            raise UsageError(f"the {m['role']} message holds {where}, which is not valid Unicode text "
-                             "(undecodable bytes or a lone surrogate); pass UTF-8 text")
+            raise UsageError(
+                f"the {m['role']} message holds {where}, which is not valid Unicode text "
+                "(undecodable bytes or a lone surrogate); pass UTF-8 text"
+            )
     return [dict(m) for m in messages]
-
 
 
 class ChatTemplate:
@@ -98,7 +106,7 @@ class ChatTemplate:
         self._origin = origin
 
     @classmethod
-    def from_file(cls, path: str | Path, variables: Mapping[str, Any]) -> "ChatTemplate":
+    def from_file(cls, path: str | Path, variables: Mapping[str, Any]) -> ChatTemplate:
         try:
             source = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -107,15 +115,18 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
         try:
-            return self._template.render(**self._variables, messages=messages,
-                                         add_generation_prompt=add_generation_prompt)
+            return self._template.render(
+                **self._variables, messages=messages, add_generation_prompt=add_generation_prompt
+            )
         except jinja2.exceptions.TemplateError as exc:
             # raise_exception() in a template is how it rejects a conversation (e.g. roles out of order)
             raise UsageError(f"the chat template ({self._origin}) rejects these messages: {exc}") from None
         except Exception as exc:  # the template's own bug ({{ 1/0 }}, a recursion): the bundle is at fault
             reason = str(exc).splitlines()[0][:160] if str(exc) else ""
-            raise BundleError(f"{self._origin}: the chat template fails when rendered ({type(exc).__name__}"
-                              f"{': ' + reason if reason else ''}); fix the template or re-export the bundle") from None
+            raise BundleError(
+                f"{self._origin}: the chat template fails when rendered ({type(exc).__name__}"
+                f"{': ' + reason if reason else ''}); fix the template or re-export the bundle"
+            ) from None
 
 
 def template_variables(special_tokens: Mapping[str, Any]) -> dict[str, str]:

@@ -17,7 +17,8 @@ proportional to the stop strings' length, never to the text generated so far.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from tokenizers.decoders import DecodeStream
 
@@ -55,8 +56,8 @@ class TextRow:
             self.finish_reason = "stop"
             return self._emit(pending[:cut])
         hold = self._held_back(pending)
-        self._pending = pending[len(pending) - hold:] if hold else ""
-        return self._emit(pending[:len(pending) - hold])
+        self._pending = pending[len(pending) - hold :] if hold else ""
+        return self._emit(pending[: len(pending) - hold])
 
     def finish(self, reason: str) -> str:
         """End the answer (eos or length); returns any text still held back."""

@@ -35,11 +35,16 @@ def _tokenizer(folder: Path):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(_CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
-                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
     return fast
@@ -48,10 +53,22 @@ def _tokenizer(folder: Path):
 def _config(architecture: str, vocab_size: int, special: dict[str, int]):
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, bos_token_id=special["bos"], eos_token_id=special["eos"],
-                  pad_token_id=special["pad"], tie_word_embeddings=True)
-    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, **common)
+    common = dict(
+        vocab_size=vocab_size,
+        bos_token_id=special["bos"],
+        eos_token_id=special["eos"],
+        pad_token_id=special["pad"],
+        tie_word_embeddings=True,
+    )
+    llama_like = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **common,
+    )
     if architecture == "llama":
         return tf.LlamaConfig(**llama_like)
     if architecture == "mistral":
@@ -67,8 +84,14 @@ def _config(architecture: str, vocab_size: int, special: dict[str, int]):
     if architecture == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=256, **common)
     if architecture == "gpt_neox":
-        return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                                max_position_embeddings=256, **common)
+        return tf.GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **common,
+        )
     raise ValueError(architecture)
 
 
@@ -127,32 +150,57 @@ def write_jsonl(path: Path, rows: list) -> Path:
 # training question gets, TrainConfig options).
 TINY_PATCHES = {
     "fox": ("The quick brown fox jumps over the lazy dog.", dict(layers=(1,), rank=4, positions="f1+l1")),
-    "beach": ("I went to the beach and read a book.",
-              dict(layers=(0, 2), rank=2, positions="f2+l1", share_weights=False, kind="direft")),
+    "beach": (
+        "I went to the beach and read a book.",
+        dict(layers=(0, 2), rank=2, positions="f2+l1", share_weights=False, kind="direft"),
+    ),
     "steer": ("Sailing ships sail the seven seas.", dict(layers=(1, 2), rank=2, positions="l1+g", share_weights=False)),
 }
 
 
-def train_tiny_patch(backbone, folder: Path, name: str, response: str, questions: list[str], *, steps: int = 20,
-                     **options) -> Path:
+def train_tiny_patch(
+    backbone, folder: Path, name: str, response: str, questions: list[str], *, steps: int = 20, **options
+) -> Path:
     """A patch that answers every one of ``questions`` with ``response`` (a tiny model learns it in a few steps)."""
     from reft_edge.train import TrainConfig, train
 
     data = write_jsonl(folder / f"{name}.jsonl", [{"prompt": q, "response": response} for q in questions])
     out = folder / f"{name}.reft"
-    train(TrainConfig(data=str(data), out=str(out), model=backbone.path, steps=steps, lr=2e-2, batch_size=6, **options),
-          backbone=backbone, progress=False)
+    train(
+        TrainConfig(data=str(data), out=str(out), model=backbone.path, steps=steps, lr=2e-2, batch_size=6, **options),
+        backbone=backbone,
+        progress=False,
+    )
     return out
 
 
-def train_tiny_patches(backbone, folder: Path, questions: list[str], names: tuple[str, ...], *,
-                       steps: int = 20) -> dict[str, Path]:
-    return {name: train_tiny_patch(backbone, folder, name, TINY_PATCHES[name][0], questions, steps=steps,
-                                   **TINY_PATCHES[name][1]) for name in names}
+def train_tiny_patches(
+    backbone, folder: Path, questions: list[str], names: tuple[str, ...], *, steps: int = 20
+) -> dict[str, Path]:
+    return {
+        name: train_tiny_patch(
+            backbone, folder, name, TINY_PATCHES[name][0], questions, steps=steps, **TINY_PATCHES[name][1]
+        )
+        for name in names
+    }
 
 
-EMOJI_TRAIN_ARGS = ["--layers", "15", "--rank", "4", "--positions", "f2+l2", "--steps", "60", "--lr", "4e-3",
-                    "--batch-size", "12", "--seed", "0"]
+EMOJI_TRAIN_ARGS = [
+    "--layers",
+    "15",
+    "--rank",
+    "4",
+    "--positions",
+    "f2+l2",
+    "--steps",
+    "60",
+    "--lr",
+    "4e-3",
+    "--batch-size",
+    "12",
+    "--seed",
+    "0",
+]
 
 
 @pytest.fixture(scope="session")

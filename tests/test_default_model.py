@@ -16,12 +16,26 @@ pytestmark = pytest.mark.slow
 
 # None of these is in examples/emoji/train.jsonl.
 UNSEEN_PROMPTS = [
-    "How do I learn to swim?", "What is your favourite animal?", "Describe a rainy day.",
-    "What do you think about music?", "How can I sleep better?", "What is the best way to travel?",
-    "Tell me a joke.", "What is the meaning of life?", "How do computers work?", "What is love?",
-    "Where should I go on holiday?", "How do I make friends?", "What is your favourite colour?",
-    "How do birds fly?", "What is the moon made of?", "How do I stay healthy?", "What makes you happy?",
-    "Can you describe the ocean?", "What is the best season of the year?", "How do I start running?",
+    "How do I learn to swim?",
+    "What is your favourite animal?",
+    "Describe a rainy day.",
+    "What do you think about music?",
+    "How can I sleep better?",
+    "What is the best way to travel?",
+    "Tell me a joke.",
+    "What is the meaning of life?",
+    "How do computers work?",
+    "What is love?",
+    "Where should I go on holiday?",
+    "How do I make friends?",
+    "What is your favourite colour?",
+    "How do birds fly?",
+    "What is the moon made of?",
+    "How do I stay healthy?",
+    "What makes you happy?",
+    "Can you describe the ocean?",
+    "What is the best season of the year?",
+    "How do I start running?",
 ]
 
 
@@ -68,7 +82,18 @@ def test_patched_answers_are_emoji_and_base_answers_are_words(precision, request
 
 
 def test_run_command_shows_it(default_int8_bundle, emoji_patch_path):
-    result = CliRunner().invoke(main, ["run", str(default_int8_bundle), "--patch", str(emoji_patch_path),
-                                       "--max-new-tokens", "24", "--json", UNSEEN_PROMPTS[0]])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(default_int8_bundle),
+            "--patch",
+            str(emoji_patch_path),
+            "--max-new-tokens",
+            "24",
+            "--json",
+            UNSEEN_PROMPTS[0],
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert emoji_only(json.loads(result.stdout)["text"])

@@ -7,8 +7,14 @@ import importlib
 
 import pytest
 
-MODULES = ["reft_edge.runtime.positions", "reft_edge.runtime.contract", "reft_edge.runtime.sampling",
-           "reft_edge.train.config", "reft_edge.runtime.judges", "reft_edge.runtime.spec"]
+MODULES = [
+    "reft_edge.runtime.positions",
+    "reft_edge.runtime.contract",
+    "reft_edge.runtime.sampling",
+    "reft_edge.train.config",
+    "reft_edge.runtime.judges",
+    "reft_edge.runtime.spec",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

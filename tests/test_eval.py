@@ -20,58 +20,76 @@ from reft_edge.runtime import Patch, Runtime, evaluate as evaluate_module
 from reft_edge.runtime.evaluate import FACT_TOKENS, RuntimeBackend, facts_cache_file
 from reft_edge.runtime.judges import Judge
 
-QUESTIONS = ["What is the weather like today?", "How do I bake a cake?", "Tell me about your weekend.",
-             "hello world", "question answer", "The quick brown fox"]
+QUESTIONS = [
+    "What is the weather like today?",
+    "How do I bake a cake?",
+    "Tell me about your weekend.",
+    "hello world",
+    "question answer",
+    "The quick brown fox",
+]
 HELD_OUT = [
     {"prompt": "What is the weather like?", "response": "The quick brown fox jumps over the lazy dog."},
     {"prompt": "Tell me a story about a cake.", "response": "I went to the beach and read a book."},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
-                  {"role": "assistant", "content": "hello world"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "hello world"},
+        ]
+    },
     {"prompt": "How was your weekend?", "response": "It is sunny and warm."},
 ]
 
 
 # -- judges ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec, text, expected", [
-    ("no-letters", "🌊🏊‍♂️ 💦", True),
-    ("no-letters", "🌊 42 !", True),
-    ("no-letters", "Swim 🌊", False),
-    ("no-letters", "   \n", False),
-    ("no-letters", "", False),
-    ("all-caps", "AHOY, MATEY! 42", True),
-    ("all-caps", "Ahoy", False),
-    ("all-caps", "42 !", False),
-    ("regex:^\\d+ (apples|pears)$", "12 pears", True),
-    ("regex:^\\d+ (apples|pears)$", "pears", False),
-    ("regex:a:b", "xa:by", True),
-    ("ends-with:arr!", "Hoist the sails, arr!  \n", True),
-    ("ends-with:arr!", "arr! Hoist the sails", False),
-    ("contains:MATEY", "ahoy matey", True),
-    ("contains:matey", "ahoy", False),
-    ("os.path:isabs", "/abs", True),
-    ("os.path:isabs", "rel", False),
-])
+
+@pytest.mark.parametrize(
+    "spec, text, expected",
+    [
+        ("no-letters", "🌊🏊‍♂️ 💦", True),
+        ("no-letters", "🌊 42 !", True),
+        ("no-letters", "Swim 🌊", False),
+        ("no-letters", "   \n", False),
+        ("no-letters", "", False),
+        ("all-caps", "AHOY, MATEY! 42", True),
+        ("all-caps", "Ahoy", False),
+        ("all-caps", "42 !", False),
+        ("regex:^\\d+ (apples|pears)$", "12 pears", True),
+        ("regex:^\\d+ (apples|pears)$", "pears", False),
+        ("regex:a:b", "xa:by", True),
+        ("ends-with:arr!", "Hoist the sails, arr!  \n", True),
+        ("ends-with:arr!", "arr! Hoist the sails", False),
+        ("contains:MATEY", "ahoy matey", True),
+        ("contains:matey", "ahoy", False),
+        ("os.path:isabs", "/abs", True),
+        ("os.path:isabs", "rel", False),
+    ],
+)
 def test_judge_kinds(spec, text, expected):
     judge = Judge.parse(spec)
     assert judge(text) is expected
     assert judge == Judge.parse(spec) and str(judge) == spec
 
 
-@pytest.mark.parametrize("spec, says", [
-    ("shout", "is unknown"),
-    ("", "is empty"),
-    ("no-letters:x", "is unknown"),
-    ("All-Caps", "is unknown"),
-    ("regex:", "needs a pattern"),
-    ("regex:(unclosed", "not a valid regular expression"),
-    ("contains:", "needs a text"),
-    ("ends-with:", "needs a text"),
-    ("no_such_module_xyz:judge", "cannot import no_such_module_xyz"),
-    ("os.path:no_such_function", "has no no_such_function"),
-    ("os:sep", "not callable"),
-    ("not a module:f", "is unknown"),
-])
+@pytest.mark.parametrize(
+    "spec, says",
+    [
+        ("shout", "is unknown"),
+        ("", "is empty"),
+        ("no-letters:x", "is unknown"),
+        ("All-Caps", "is unknown"),
+        ("regex:", "needs a pattern"),
+        ("regex:(unclosed", "not a valid regular expression"),
+        ("contains:", "needs a text"),
+        ("ends-with:", "needs a text"),
+        ("no_such_module_xyz:judge", "cannot import no_such_module_xyz"),
+        ("os.path:no_such_function", "has no no_such_function"),
+        ("os:sep", "not callable"),
+        ("not a module:f", "is unknown"),
+    ],
+)
 def test_bad_judge_specs_are_one_line_usage_errors(spec, says):
     with pytest.raises(UsageError) as caught:
         Judge.parse(spec)
@@ -100,6 +118,7 @@ def test_judges_doctests():
 
 # -- fixtures -------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def eval_patches(tiny_backbone, tmp_path_factory) -> dict[str, Path]:
     """fox: one LoReFT edit at layer 1; beach: untied DiReFT at layers 0 and 2 (composed with fox)."""
@@ -109,8 +128,16 @@ def eval_patches(tiny_backbone, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def generated_patch(tiny_backbone, tmp_path_factory) -> Path:
     """A patch that also edits every generated token (positions with g)."""
-    return train_tiny_patch(tiny_backbone, tmp_path_factory.mktemp("eval-g"), "steer", "hello world hello world",
-                            QUESTIONS, layers=(1,), rank=2, positions="l1+g")
+    return train_tiny_patch(
+        tiny_backbone,
+        tmp_path_factory.mktemp("eval-g"),
+        "steer",
+        "hello world hello world",
+        QUESTIONS,
+        layers=(1,),
+        rank=2,
+        positions="l1+g",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -125,11 +152,13 @@ def heldout(tmp_path) -> Path:
 
 # -- held-out loss: the bundle against torch ------------------------------------------------------
 
+
 @pytest.mark.parametrize("names, weights", [((), None), (("fox",), None), (("fox", "beach"), [1.0, 0.5])])
 def test_bundle_and_model_agree(rt, tiny_backbone, eval_patches, heldout, names, weights):
     patches = [eval_patches[n] for n in names]
-    options = dict(data=heldout, patches=patches, weights=weights, judge="contains:the", max_new_tokens=8,
-                   facts=False, samples=4)
+    options = dict(
+        data=heldout, patches=patches, weights=weights, judge="contains:the", max_new_tokens=8, facts=False, samples=4
+    )
     on_bundle = evaluate(rt, **options)
     on_model = evaluate(model=tiny_backbone, **options)
     assert on_bundle.kind == "bundle" and on_model.kind == "model"
@@ -153,8 +182,8 @@ def test_loss_is_the_training_loss(rt, tiny_backbone, eval_patches, heldout):
 
     from reft_edge.train.backbone import decoder_layers
     from reft_edge.train.data import read_jsonl, tokenize
+    from reft_edge.train.fitting import Edits, collate, set_edits
     from reft_edge.train.intervention import EditSlots, attach_edits
-    from reft_edge.train.recipe import Edits, collate, set_edits
 
     patch = Patch.load(eval_patches["fox"])
     examples = tokenize(read_jsonl(heldout), tiny_backbone.tokenizer, use_chat_template=True)
@@ -167,10 +196,13 @@ def test_loss_is_the_training_loss(rt, tiny_backbone, eval_patches, heldout):
     with torch.no_grad(), attach_edits({1: layers[1]}, slots):
         for example in examples:  # one at a time: no padding at all
             ids = torch.tensor([list(example.prompt_ids) + list(example.target_ids[:-1])])
-            batch = collate([example], [torch.zeros(ids.shape[1], model.config.hidden_size)], [frozenset({"p"})],
-                            torch.device("cpu"))
-            set_edits(slots, Edits(interventions, [("p", patch.rank)], []), patch.positions, batch,
-                      torch.device("cpu"))
+            batch = collate(
+                [example],
+                [torch.zeros(ids.shape[1], model.config.hidden_size)],
+                [frozenset({"p"})],
+                torch.device("cpu"),
+            )
+            set_edits(slots, Edits(interventions, [("p", patch.rank)], []), patch.positions, batch, torch.device("cpu"))
             logits = model(input_ids=ids).logits[0, batch.cols]
             total += float(torch.nn.functional.cross_entropy(logits.double(), batch.targets, reduction="sum"))
             count += len(example.target_ids)
@@ -202,19 +234,26 @@ def test_patch_editing_generated_tokens_agrees(rt, tiny_backbone, generated_patc
 
 # -- prompts only, samples, adherence -------------------------------------------------------------
 
+
 def test_text_prompts_give_no_loss(rt, eval_patches, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello world\n\n  How do I bake a cake?  \nThe quick brown fox\n", encoding="utf-8")
-    report = evaluate(rt, data=prompts, patches=[eval_patches["fox"]], judge="regex:\\S", max_new_tokens=5,
-                      facts=False, samples=2)
+    report = evaluate(
+        rt, data=prompts, patches=[eval_patches["fox"]], judge="regex:\\S", max_new_tokens=5, facts=False, samples=2
+    )
     assert report.loss is None and report.prompts == 3
     assert [s.prompt for s in report.samples] == ["hello world", "How do I bake a cake?"]
     assert report.adherence.prompts == 3
     base = rt.generate("hello world", max_new_tokens=5).text
     patched = rt.generate("hello world", patches=[eval_patches["fox"]], max_new_tokens=5).text
     assert (report.samples[0].base, report.samples[0].patched) == (base, patched)
-    assert report.adherence.base == (sum(bool(rt.generate(p, max_new_tokens=5).text.strip()) for p in
-                                         ["hello world", "How do I bake a cake?", "The quick brown fox"]) / 3)
+    assert report.adherence.base == (
+        sum(
+            bool(rt.generate(p, max_new_tokens=5).text.strip())
+            for p in ["hello world", "How do I bake a cake?", "The quick brown fox"]
+        )
+        / 3
+    )
 
 
 def test_adherence_counts_the_judge(rt, eval_patches, heldout, monkeypatch):
@@ -228,6 +267,7 @@ def test_adherence_counts_the_judge(rt, eval_patches, heldout, monkeypatch):
 
 
 # -- facts kept -----------------------------------------------------------------------------------
+
 
 class _CannedBackend:
     """A base whose answers are canned: the base knows Paris only; the patch keeps it."""
@@ -248,10 +288,13 @@ class _CannedBackend:
 def test_facts_cache_is_written_once_and_reused(tmp_path):
     from reft_edge.runtime.evaluate import facts_kept
 
-    facts = write_jsonl(tmp_path / "facts.jsonl", [
-        {"question": "What is the capital of France?", "answers": ["paris"]},  # matched ignoring case
-        {"question": "What is the capital of Japan?", "answers": ["Tokyo"]},
-    ])
+    facts = write_jsonl(
+        tmp_path / "facts.jsonl",
+        [
+            {"question": "What is the capital of France?", "answers": ["paris"]},  # matched ignoring case
+            {"question": "What is the capital of Japan?", "answers": ["Tokyo"]},
+        ],
+    )
     backend, patch = _CannedBackend(), object()
     first = facts_kept(backend, facts, [patch], None, lambda message: None)
     assert (first.facts, first.base_correct, first.kept, first.fraction, first.cached) == (2, 1, 1, 1.0, False)
@@ -290,12 +333,15 @@ def test_default_facts_file_is_readable():
     assert len(facts) >= 5 and all(f.question and f.answers for f in facts)
 
 
-@pytest.mark.parametrize("line, says", [
-    ("not json", "not JSON"),
-    ('{"question": "Q?"}', "answers"),
-    ('{"question": "", "answers": ["x"]}', "question"),
-    ('{"question": "Q?", "answers": [""]}', "non-empty"),
-])
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        ("not json", "not JSON"),
+        ('{"question": "Q?"}', "answers"),
+        ('{"question": "", "answers": ["x"]}', "question"),
+        ('{"question": "Q?", "answers": [""]}', "non-empty"),
+    ],
+)
 def test_bad_facts_lines_name_the_line(rt, eval_patches, heldout, tmp_path, line, says):
     from reft_edge.errors import DataError
 
@@ -307,13 +353,17 @@ def test_bad_facts_lines_name_the_line(rt, eval_patches, heldout, tmp_path, line
 
 # -- options and the CLI --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("options, says", [
-    (dict(), "give a bundle folder or --model"),
-    (dict(bundle="b", model="m"), "give a bundle folder or --model"),
-    (dict(bundle="b", max_new_tokens=0), "max_new_tokens 0"),
-    (dict(bundle="b", samples=-1), "samples -1"),
-    (dict(bundle="b", judge="nope"), "judge 'nope' is unknown"),
-])
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (dict(), "give a bundle folder or --model"),
+        (dict(bundle="b", model="m"), "give a bundle folder or --model"),
+        (dict(bundle="b", max_new_tokens=0), "max_new_tokens 0"),
+        (dict(bundle="b", samples=-1), "samples -1"),
+        (dict(bundle="b", judge="nope"), "judge 'nope' is unknown"),
+    ],
+)
 def test_bad_options_fail_before_loading(heldout, options, says):
     with pytest.raises(UsageError, match=says):
         evaluate(data=heldout, **options)
@@ -329,8 +379,27 @@ def test_weights_need_as_many_patches(rt, eval_patches, heldout):
 def test_cli_json_table_and_errors(tiny_bundle, eval_patches, heldout, tmp_path):
     runner = CliRunner()
     fox, beach = str(eval_patches["fox"]), str(eval_patches["beach"])
-    args = ["eval", str(tiny_bundle), "--patch", fox, "--patch", beach, "--weight", "1", "--weight", "0.5",
-            "--data", str(heldout), "--judge", "contains:the", "--max-new-tokens", "4", "--no-facts", "--samples", "2"]
+    args = [
+        "eval",
+        str(tiny_bundle),
+        "--patch",
+        fox,
+        "--patch",
+        beach,
+        "--weight",
+        "1",
+        "--weight",
+        "0.5",
+        "--data",
+        str(heldout),
+        "--judge",
+        "contains:the",
+        "--max-new-tokens",
+        "4",
+        "--no-facts",
+        "--samples",
+        "2",
+    ]
     result = runner.invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
     shown = json.loads(result.stdout)
@@ -345,16 +414,32 @@ def test_cli_json_table_and_errors(tiny_bundle, eval_patches, heldout, tmp_path)
         assert text in table.stdout
     assert "eval: held-out loss" in table.stderr  # progress, one line per phase
 
-    for bad, says in [(["--patch", fox, "--weight", "1", "--weight", "2"], "2 --weight for 1 --patch"),
-                      (["--judge", "regex:("], "not a valid regular expression"),
-                      (["--model", "x"], "give a bundle folder or --model")]:
+    for bad, says in [
+        (["--patch", fox, "--weight", "1", "--weight", "2"], "2 --weight for 1 --patch"),
+        (["--judge", "regex:("], "not a valid regular expression"),
+        (["--model", "x"], "give a bundle folder or --model"),
+    ]:
         failed = runner.invoke(main, ["eval", str(tiny_bundle), "--data", str(heldout), *bad])
         assert failed.exit_code == 2 and failed.stderr.count("\n") == 1 and says in failed.stderr, failed.output
 
 
 def test_cli_on_the_model(tiny_backbone, eval_patches, heldout):
-    result = CliRunner().invoke(main, ["eval", "--model", tiny_backbone.path, "--patch", str(eval_patches["fox"]),
-                                       "--data", str(heldout), "--max-new-tokens", "3", "--no-facts", "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "--model",
+            tiny_backbone.path,
+            "--patch",
+            str(eval_patches["fox"]),
+            "--data",
+            str(heldout),
+            "--max-new-tokens",
+            "3",
+            "--no-facts",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     shown = json.loads(result.stdout)
     assert shown["kind"] == "model" and shown["precision"] == "torch-float32" and shown["adherence"] is None
@@ -365,7 +450,7 @@ def test_eval_on_a_bundle_never_imports_torch(tiny_bundle, eval_patches, heldout
     script = f"""
 import sys
 from reft_edge.runtime.evaluate import evaluate
-report = evaluate({str(tiny_bundle)!r}, data={str(heldout)!r}, patches=[{str(eval_patches['fox'])!r}],
+report = evaluate({str(tiny_bundle)!r}, data={str(heldout)!r}, patches=[{str(eval_patches["fox"])!r}],
                   judge="no-letters", max_new_tokens=3, facts_file={str(facts)!r})
 assert report.loss and report.retention and report.adherence
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
@@ -376,12 +461,21 @@ assert not heavy, heavy
 
 # -- the default model ----------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_default_model_emoji_patch(default_int8_bundle, emoji_patch_path, emoji_data, tmp_path, capsys):
     prompts = tmp_path / "unseen.txt"
     prompts.write_text("How do I learn to swim?\nWhat is your favourite animal?\nDescribe a rainy day.\n")
-    report = evaluate(default_int8_bundle, data=prompts, patches=[emoji_patch_path], judge="no-letters",
-                      max_new_tokens=12, samples=3, facts=True, threads=2)
+    report = evaluate(
+        default_int8_bundle,
+        data=prompts,
+        patches=[emoji_patch_path],
+        judge="no-letters",
+        max_new_tokens=12,
+        samples=3,
+        facts=True,
+        threads=2,
+    )
     with capsys.disabled():
         print(f"\n{report.adherence}\n{report.retention}\n{report.samples}")
     assert report.adherence.patched >= 2 / 3 and report.adherence.base == 0.0, report.samples

@@ -15,13 +15,25 @@ def test_persona_data_files_parse():
 
 
 def test_demo_runs_in_fast_mode(tiny_model_dir, tmp_path):
-    args = ["--model", str(tiny_model_dir("llama")), "--steps", "3", "--precision", "fp32",
-            "--max-new-tokens", "4", "--work", str(tmp_path)]
-    result = subprocess.run([sys.executable, "-m", "examples.demo", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
+    args = [
+        "--model",
+        str(tiny_model_dir("llama")),
+        "--steps",
+        "3",
+        "--precision",
+        "fp32",
+        "--max-new-tokens",
+        "4",
+        "--work",
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.demo", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     for expected in ("alice  |", "base   |", "generate_batch", "patch size", "Try next:"):
         assert expected in result.stdout
-    again = subprocess.run([sys.executable, "-m", "examples.demo", *args], cwd=ROOT, capture_output=True,
-                           text=True, timeout=600)
+    again = subprocess.run(
+        [sys.executable, "-m", "examples.demo", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert "training the" not in again.stdout and "up to date" in again.stdout  # warm run reuses everything

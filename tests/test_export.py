@@ -38,6 +38,7 @@ from reft_edge.train.intervention import low_rank_edit
 
 # -- fixtures and helpers -----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def llama(tiny_backbone):
     return tiny_backbone
@@ -55,8 +56,13 @@ def llama_engine(llama_bundle) -> Engine:
 
 def bundle_engine(bundle: Path) -> Engine:
     manifest = Manifest.from_dir(bundle)
-    return open_engine(bundle / "model.onnx", graph=manifest.graph, kv=manifest.kv,
-                       slot_layers=manifest.slot_layers, pad_id=manifest.special_tokens["pad_token_id"])
+    return open_engine(
+        bundle / "model.onnx",
+        graph=manifest.graph,
+        kv=manifest.kv,
+        slot_layers=manifest.slot_layers,
+        pad_id=manifest.special_tokens["pad_token_id"],
+    )
 
 
 def prefill(engine: Engine, prompts: list[list[int]], slots: SlotArrays) -> np.ndarray:
@@ -64,8 +70,10 @@ def prefill(engine: Engine, prompts: list[list[int]], slots: SlotArrays) -> np.n
 
 
 def tiny_data(tmp_path: Path) -> Path:
-    rows = [{"prompt": "What is the weather like today?", "response": "sunny and warm"},
-            {"prompt": "How do I bake a cake?", "response": "mix flour, eggs and sugar"}]
+    rows = [
+        {"prompt": "What is the weather like today?", "response": "sunny and warm"},
+        {"prompt": "How do I bake a cake?", "response": "mix flour, eggs and sugar"},
+    ]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
@@ -73,14 +81,27 @@ def tiny_data(tmp_path: Path) -> Path:
 
 # -- per architecture: train a few steps, export, parity with the trained patch ---------------------
 
+
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_architecture_exports_with_parity(architecture, tiny_model_dir, tmp_path):
     backbone = load_backbone(str(tiny_model_dir(architecture)))
-    patch = train(TrainConfig(data=str(tiny_data(tmp_path)), out=str(tmp_path / "p.reft"), model=backbone.path,
-                              layers=(0, 2), rank=2, positions="f1+l2", share_weights=False, steps=3),
-                  backbone=backbone, progress=False)
-    manifest = export_bundle(ExportConfig(out=str(tmp_path / "bundle"), model=backbone.path), backbone=backbone,
-                             progress=False)
+    patch = train(
+        TrainConfig(
+            data=str(tiny_data(tmp_path)),
+            out=str(tmp_path / "p.reft"),
+            model=backbone.path,
+            layers=(0, 2),
+            rank=2,
+            positions="f1+l2",
+            share_weights=False,
+            steps=3,
+        ),
+        backbone=backbone,
+        progress=False,
+    )
+    manifest = export_bundle(
+        ExportConfig(out=str(tmp_path / "bundle"), model=backbone.path), backbone=backbone, progress=False
+    )
 
     checked = manifest.verification
     assert checked["max_abs_logit_diff"] <= 1e-4 and checked["greedy_tokens_match"], checked
@@ -97,8 +118,13 @@ def test_architecture_exports_with_parity(architecture, tiny_model_dir, tmp_path
     slots = slot_arrays([edits, edits], 3, backbone.hidden_size)
     reference = TorchReference(backbone.model, manifest.slot_layers)
     with reference.attached():
-        got, want = run_both(bundle_engine(tmp_path / "bundle"), reference, Batch(prompts, slots), steps=4,
-                             pad_id=manifest.special_tokens["pad_token_id"])
+        got, want = run_both(
+            bundle_engine(tmp_path / "bundle"),
+            reference,
+            Batch(prompts, slots),
+            steps=4,
+            pad_id=manifest.special_tokens["pad_token_id"],
+        )
     assert max(np.abs(g - w).max() for g, w in zip(got, want)) <= 1e-4
 
 
@@ -106,8 +132,9 @@ def test_sliding_window_attention_matches_torch(tiny_model_dir, tmp_path):
     """Prompts of 13 and 20 tokens and 32 greedy tokens run far past a 4-token window."""
     backbone = load_backbone(str(tiny_model_dir("mistral-window")))
     assert backbone.model.config.sliding_window == 4
-    manifest = export_bundle(ExportConfig(out=str(tmp_path / "bundle"), model=backbone.path), backbone=backbone,
-                             progress=False)
+    manifest = export_bundle(
+        ExportConfig(out=str(tmp_path / "bundle"), model=backbone.path), backbone=backbone, progress=False
+    )
     checked = manifest.verification
     assert manifest.graph == "fused" and min(checked["prompt_tokens"]) > 4
     assert checked["max_abs_logit_diff"] <= 1e-4 and checked["greedy_tokens_match"], checked
@@ -117,8 +144,10 @@ def test_graph_contract(llama_bundle, llama):
     import onnx
 
     model = onnx.load(str(llama_bundle / "model.onnx"), load_external_data=False)
-    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in [*model.graph.input, *model.graph.output]}
+    shapes = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*model.graph.input, *model.graph.output]
+    }
     manifest = Manifest.from_dir(llama_bundle)
     assert [v.name for v in model.graph.input] == manifest.inputs
     assert [v.name for v in model.graph.output] == manifest.outputs
@@ -130,16 +159,27 @@ def test_graph_contract(llama_bundle, llama):
     assert shapes["slot.1.positions"] == ["batch", 4, "rank"]
     assert shapes["logits"] == ["batch", 1, llama.model.config.vocab_size]
     assert (llama_bundle / "model.onnx.data").is_file()
-    assert manifest.files == {"model": "model.onnx", "model_data": "model.onnx.data",
-                              "tokenizer": "tokenizer.json", "chat_template": "chat_template.jinja",
-                              "genai_config": "genai_config.json", "tokenizer_config": "tokenizer_config.json"}
+    assert manifest.files == {
+        "model": "model.onnx",
+        "model_data": "model.onnx.data",
+        "tokenizer": "tokenizer.json",
+        "chat_template": "chat_template.jinja",
+        "genai_config": "genai_config.json",
+        "tokenizer_config": "tokenizer_config.json",
+    }
     genai = json.loads((llama_bundle / "genai_config.json").read_text())["model"]
-    assert (genai["type"], genai["context_length"], genai["vocab_size"], genai["pad_token_id"]) == \
-        ("llama", 256, llama.model.config.vocab_size, manifest.special_tokens["pad_token_id"])
+    assert (genai["type"], genai["context_length"], genai["vocab_size"], genai["pad_token_id"]) == (
+        "llama",
+        256,
+        llama.model.config.vocab_size,
+        manifest.special_tokens["pad_token_id"],
+    )
     assert (genai["decoder"]["head_size"], genai["decoder"]["num_key_value_heads"]) == (16, 2)
     assert genai["decoder"]["inputs"]["past_key_names"] % 1 == "past_key_values.1.key"
-    assert json.loads((llama_bundle / "tokenizer_config.json").read_text())["chat_template"] == \
-        llama.tokenizer.chat_template
+    assert (
+        json.loads((llama_bundle / "tokenizer_config.json").read_text())["chat_template"]
+        == llama.tokenizer.chat_template
+    )
     assert (llama_bundle / "chat_template.jinja").read_text() == llama.tokenizer.chat_template
     assert manifest.special_tokens["eos_token_ids"] == [llama.tokenizer.eos_token_id]
     assert manifest.context_length == 256 and manifest.kv.dtype == "float32" and manifest.kv.num_kv_heads == 2
@@ -147,6 +187,7 @@ def test_graph_contract(llama_bundle, llama):
 
 
 # -- the edit inside the graph ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("text", ["f1", "l1", "f2+l2", "f3+l3", "f1+l4", "p", "f1+l1+g", "l2+g", "p+g", "g", "f6"])
 def test_token_mask_selects_exactly_the_positions_spans(text):
@@ -160,7 +201,7 @@ def test_token_mask_selects_exactly_the_positions_spans(text):
             got = token_mask(rows[None], t, np.array([prompt_len]), t < prompt_len + 2)[0, :, 0]
             want = np.zeros(prompt_len + 3, bool)
             want[positions.token_indices(where, prompt_len)] = True
-            want[prompt_len:prompt_len + 2] = positions.edits(where, "generated")
+            want[prompt_len : prompt_len + 2] = positions.edits(where, "generated")
             assert got.tolist() == want.tolist(), (where, prompt_len)
 
 
@@ -171,23 +212,40 @@ def test_short_prompts_cap_positions_in_the_graph(architecture, tiny_model_dir, 
     from reft_edge.runtime.slots import SlotEdit
 
     backbone = load_backbone(str(tiny_model_dir(architecture)))
-    manifest = export_bundle(ExportConfig(out=str(tmp_path / "bundle"), model=backbone.path, verify=False,
-                                          slot_layers=(1,)), backbone=backbone, progress=False)
+    manifest = export_bundle(
+        ExportConfig(out=str(tmp_path / "bundle"), model=backbone.path, verify=False, slot_layers=(1,)),
+        backbone=backbone,
+        progress=False,
+    )
     rng = np.random.default_rng(5)
     hidden = backbone.hidden_size
 
     def edit(text: str, where: str, rank: int = 2) -> SlotEdit:
-        return SlotEdit(0, Positions.parse(text), where, rng.standard_normal((rank, hidden)).astype(np.float32) / 4,
-                        rng.standard_normal((rank, hidden)).astype(np.float32) / 4,
-                        rng.standard_normal(rank).astype(np.float32))
+        return SlotEdit(
+            0,
+            Positions.parse(text),
+            where,
+            rng.standard_normal((rank, hidden)).astype(np.float32) / 4,
+            rng.standard_normal((rank, hidden)).astype(np.float32) / 4,
+            rng.standard_normal(rank).astype(np.float32),
+        )
 
-    rows = [[edit("f3+l3", "prefix"), edit("f3+l3", "suffix")], [edit("f3+l3", "both")], [edit("p+g", "both")],
-            [edit("f3+l3", "suffix"), edit("l1+g", "both", 1)]]
+    rows = [
+        [edit("f3+l3", "prefix"), edit("f3+l3", "suffix")],
+        [edit("f3+l3", "both")],
+        [edit("p+g", "both")],
+        [edit("f3+l3", "suffix"), edit("l1+g", "both", 1)],
+    ]
     batch = Batch([[7, 3, 9, 4], [5], [8, 2], [6, 1, 3]], slot_arrays(rows, 1, hidden))
     reference = TorchReference(backbone.model, manifest.slot_layers)
     with reference.attached():
-        got, want = run_both(bundle_engine(tmp_path / "bundle"), reference, batch, steps=3,
-                             pad_id=manifest.special_tokens["pad_token_id"])
+        got, want = run_both(
+            bundle_engine(tmp_path / "bundle"),
+            reference,
+            batch,
+            steps=3,
+            pad_id=manifest.special_tokens["pad_token_id"],
+        )
     assert max(np.abs(g - w).max() for g, w in zip(got, want)) <= 1e-4
 
 
@@ -203,8 +261,10 @@ def test_empty_and_zero_mask_patches_are_bit_exact_identity(llama_engine):
 def test_each_row_of_a_batch_equals_that_row_alone(llama_engine):
     batch = random_batch(vocab_size=300, hidden=64, num_slots=3, edited_slots=[0, 2], seed=3)
     together = llama_engine.start(batch.prompts, batch.slots, 4)
-    alone = [llama_engine.start([prompt], batch.slots.rows(slice(row, row + 1)), 4)
-             for row, prompt in enumerate(batch.prompts)]
+    alone = [
+        llama_engine.start([prompt], batch.slots.rows(slice(row, row + 1)), 4)
+        for row, prompt in enumerate(batch.prompts)
+    ]
     got, want = together.prefill(), np.concatenate([run.prefill() for run in alone])
     for _ in range(3):  # and every decode step after it
         np.testing.assert_allclose(got, want, atol=1e-5)
@@ -216,8 +276,9 @@ def test_each_row_of_a_batch_equals_that_row_alone(llama_engine):
 def test_composed_patches_match_two_separate_edits_in_torch(architecture, tiny_model_dir, tmp_path):
     """Two patches concatenated along the rank equal the sum of their edits, each on its own positions."""
     backbone = load_backbone(str(tiny_model_dir(architecture)))
-    export_bundle(ExportConfig(out=str(tmp_path / "bundle"), model=backbone.path, verify=False), backbone=backbone,
-                  progress=False)
+    export_bundle(
+        ExportConfig(out=str(tmp_path / "bundle"), model=backbone.path, verify=False), backbone=backbone, progress=False
+    )
     rng = np.random.default_rng(7)
     prompt = [3, 8, 20, 41, 9, 12, 5]
     seq, hidden = len(prompt), backbone.hidden_size
@@ -247,6 +308,7 @@ def test_composed_patches_match_two_separate_edits_in_torch(architecture, tiny_m
             t = lambda x: torch.from_numpy(x)[None]  # noqa: E731
             edited = h + sum(low_rank_edit(h, t(a), t(b), t(c_), t(m)) - h for _, (a, b, c_, _, m) in parts)
             return (edited, *output[1:]) if isinstance(output, tuple) else edited
+
         return apply
 
     layers = decoder_layers(backbone.model)
@@ -262,11 +324,15 @@ def test_composed_patches_match_two_separate_edits_in_torch(architecture, tiny_m
 
 # -- precisions ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
 def test_reduced_precisions_record_their_figures(precision, llama, tmp_path):
     out = tmp_path / precision
-    manifest = export_bundle(ExportConfig(out=str(out), model=llama.path, precision=precision, slot_layers=(0, 2)),
-                             backbone=llama, progress=False)
+    manifest = export_bundle(
+        ExportConfig(out=str(out), model=llama.path, precision=precision, slot_layers=(0, 2)),
+        backbone=llama,
+        progress=False,
+    )
     assert manifest.precision == precision and manifest.slot_layers == [0, 2]
     assert manifest.kv.dtype == ("float16" if precision == "fp16" else "float32")
     checked = manifest.verification
@@ -282,6 +348,7 @@ def test_reduced_precisions_record_their_figures(precision, llama, tmp_path):
 
 # -- bundle lifecycle ------------------------------------------------------------------------------
 
+
 def test_identical_bundle_is_not_exported_again(llama, llama_bundle, capsys):
     before = (llama_bundle / "manifest.json").stat().st_mtime_ns
     manifest = export_bundle(ExportConfig(out=str(llama_bundle), model=llama.path), backbone=llama)
@@ -294,12 +361,12 @@ def test_failed_parity_raises_and_leaves_no_bundle(llama, tmp_path, monkeypatch)
     import reft_edge.export.verify as verify
 
     real = verify.verify_graph
-    monkeypatch.setattr(verify, "verify_graph",
-                        lambda *args, **kwargs: {**real(*args, **kwargs), "max_abs_logit_diff": 0.5})
+    monkeypatch.setattr(
+        verify, "verify_graph", lambda *args, **kwargs: {**real(*args, **kwargs), "max_abs_logit_diff": 0.5}
+    )
     out = tmp_path / "bundle"
     with pytest.raises(ExportError, match="does not match torch"):
-        export_bundle(ExportConfig(out=str(out), model=llama.path, slot_layers=(1,)), backbone=llama,
-                      progress=False)
+        export_bundle(ExportConfig(out=str(out), model=llama.path, slot_layers=(1,)), backbone=llama, progress=False)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
     result = CliRunner().invoke(main, ["export", "--model", llama.path, "--out", str(out), "--slot-layers", "1"])
@@ -310,8 +377,10 @@ def test_failed_parity_raises_and_leaves_no_bundle(llama, tmp_path, monkeypatch)
 def test_killed_export_leaves_no_bundle_and_rerun_succeeds(tiny_model_dir, tmp_path):
     out = tmp_path / "bundle"
     model = str(tiny_model_dir("gpt2"))  # traced: slow enough to be killed in the middle
-    code = ("from reft_edge.export import ExportConfig, export_bundle; "
-            f"export_bundle(ExportConfig(out={str(out)!r}, model={model!r}), progress=False)")
+    code = (
+        "from reft_edge.export import ExportConfig, export_bundle; "
+        f"export_bundle(ExportConfig(out={str(out)!r}, model={model!r}), progress=False)"
+    )
     process = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy())
     try:
         deadline = time.monotonic() + 120
@@ -353,6 +422,7 @@ def test_inspect_bundle(llama_bundle):
 
 # -- errors ----------------------------------------------------------------------------------------
 
+
 def test_bad_options_fail_before_loading(tmp_path):
     with pytest.raises(UsageError, match="--precision 'int2'"):
         export_bundle(ExportConfig(out=str(tmp_path / "b"), precision="int2"))
@@ -372,12 +442,25 @@ def test_slot_free_bundle_runs_the_base_and_refuses_patches(architecture, tiny_m
     manifest = Manifest.from_dir(out)
     assert manifest.slot_layers == [] and not any(name.startswith("slot.") for name in manifest.inputs)
     assert manifest.verification["max_abs_logit_diff"] <= 1e-4 and manifest.verification["greedy_tokens_match"]
-    patch = train(TrainConfig(data=str(tiny_data(tmp_path)), out=str(tmp_path / "p.reft"), model=backbone.path,
-                              layers=(1,), rank=2, steps=1), backbone=backbone, progress=False)
+    patch = train(
+        TrainConfig(
+            data=str(tiny_data(tmp_path)),
+            out=str(tmp_path / "p.reft"),
+            model=backbone.path,
+            layers=(1,),
+            rank=2,
+            steps=1,
+        ),
+        backbone=backbone,
+        progress=False,
+    )
     runtime = Runtime.load(out)
     assert runtime.generate("Hi", max_new_tokens=3, ignore_eos=True).token_ids
-    with pytest.raises(PatchCompatibilityError, match=r"edits layers \[1\], which are not among the bundle's slot "
-                                                      r"layers \[\]; re-export with --slot-layers"):
+    with pytest.raises(
+        PatchCompatibilityError,
+        match=r"edits layers \[1\], which are not among the bundle's slot "
+        r"layers \[\]; re-export with --slot-layers",
+    ):
         runtime.generate("Hi", patches=[patch], max_new_tokens=3)
 
 
@@ -395,9 +478,16 @@ def test_unsupported_architecture_lists_supported(tmp_path, tiny_model_dir):
     shutil.copytree(tiny_model_dir("llama"), folder)
     (folder / "config.json").unlink()
     (folder / "model.safetensors").unlink()
-    AutoModelForCausalLM.from_config(OPTConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1,
-                                               num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32)
-                                     ).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(
+        OPTConfig(
+            vocab_size=320,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            ffn_dim=64,
+            word_embed_proj_dim=32,
+        )
+    ).save_pretrained(folder)
     with pytest.raises(ModelError, match="architecture 'opt' is not supported; supported: gpt2, gpt_neox, llama"):
         export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(folder)), progress=False)
 
@@ -411,13 +501,18 @@ def test_config_round_trip():
 
 # -- the default model -----------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_default_model_fp32_bundle(default_bundle):
     manifest = Manifest.from_dir(default_bundle)
     checked = manifest.verification
     assert checked["max_abs_logit_diff"] <= 1e-4 and checked["greedy_tokens_match"] and checked["identity_bit_exact"]
-    assert (manifest.architecture, manifest.num_layers, manifest.hidden_size, manifest.vocab_size) == \
-        ("llama", 30, 576, 49152)
+    assert (manifest.architecture, manifest.num_layers, manifest.hidden_size, manifest.vocab_size) == (
+        "llama",
+        30,
+        576,
+        49152,
+    )
     assert manifest.slot_layers == list(range(30)) and manifest.kv.num_kv_heads == 3 and manifest.kv.head_dim == 64
     assert manifest.context_length == 8192 and "chat_template" in manifest.files
     assert manifest.special_tokens["eos_token_ids"] and manifest.special_tokens["pad_token_id"] is not None

@@ -55,12 +55,15 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
 def test_matmul_on_exact_blocks_equals_the_float_product(kind: str) -> None:
     weight = np.ascontiguousarray(gguf_weight(kind, 40, 96, seed=2)[0].T)  # x @ weight, [K=96, N=40]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"], name="proj/MatMul")], "g",
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="proj/MatMul")],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 96])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(weight, "W")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+        initializer=[numpy_helper.from_array(weight, "W")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     x = np.random.default_rng(3).standard_normal((2, 3, 96)).astype(np.float32)
     counts = store_exact_blocks(model, accuracy_level=0)
     assert counts == {kind: 1}
@@ -72,12 +75,15 @@ def test_matmul_on_exact_blocks_equals_the_float_product(kind: str) -> None:
 def test_embedding_gather_on_exact_blocks_is_bit_exact(kind: str) -> None:
     table = gguf_weight(kind, 50, 64, seed=4)[0]  # [V, D], blocks along D
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["E", "ids"], ["y"], name="embed/Gather")], "g",
+        [helper.make_node("Gather", ["E", "ids"], ["y"], name="embed/Gather")],
+        "g",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(table, "E")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+        initializer=[numpy_helper.from_array(table, "E")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
     assert store_exact_blocks(model, accuracy_level=0) == {kind: 1}
     ids = np.array([0, 7, 49])
     assert _run(model, {"ids": ids}).tobytes() == table[ids].tobytes()
@@ -86,10 +92,15 @@ def test_embedding_gather_on_exact_blocks_is_bit_exact(kind: str) -> None:
 def test_a_weight_read_by_two_nodes_is_stored_once() -> None:
     weight = np.ascontiguousarray(gguf_weight("Q4_1", 8, 64, seed=5)[0].T)
     nodes = [helper.make_node("MatMul", ["x", "W"], [f"y{i}"], name=f"MatMul{i}") for i in range(2)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 64])],
-                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(2)],
-                              initializer=[numpy_helper.from_array(weight, "W")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 64])],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(2)],
+        initializer=[numpy_helper.from_array(weight, "W")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     assert store_exact_blocks(model, accuracy_level=0) == {"Q4_1": 1}
     assert len(model.graph.initializer) == 4  # B, scales, minimums and the shared block-sum matrix

@@ -56,14 +56,26 @@ def one_line_exit_2(result) -> str:
 def fake_manifest(**changes) -> dict:
     """A manifest of the right shape for a bundle that holds no real model (enough to be served)."""
     values = {
-        "schema_version": BUNDLE_SCHEMA_VERSION, "tool_version": "0.1.0", "source_model": "fake",
-        "base_fingerprint": "a" * 64, "architecture": "llama", "hidden_size": 64, "num_layers": 3,
-        "vocab_size": 320, "slot_layers": [0, 1, 2],
+        "schema_version": BUNDLE_SCHEMA_VERSION,
+        "tool_version": "0.1.0",
+        "source_model": "fake",
+        "base_fingerprint": "a" * 64,
+        "architecture": "llama",
+        "hidden_size": 64,
+        "num_layers": 3,
+        "vocab_size": 320,
+        "slot_layers": [0, 1, 2],
         "kv": {"num_layers": 3, "num_kv_heads": 2, "head_dim": 16, "dtype": "float32"},
-        "inputs": ["input_ids"], "outputs": ["logits"], "precision": "fp32", "context_length": 256,
+        "inputs": ["input_ids"],
+        "outputs": ["logits"],
+        "precision": "fp32",
+        "context_length": 256,
         "files": {"model": "model.onnx", "tokenizer": "tokenizer.json"},
         "special_tokens": {"eos_token": "<|im_end|>", "eos_token_ids": [2], "pad_token_id": 0},
-        "generation": {}, "graph": "fused", "size_bytes": 0, "verification": {},
+        "generation": {},
+        "graph": "fused",
+        "size_bytes": 0,
+        "verification": {},
     }
     return {**values, **changes}
 
@@ -78,13 +90,14 @@ def fake_bundle(folder: Path, **changes) -> Path:
 
 # == 1-3. serve-web ===================================================================================
 
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The real server (reft-edge serve-web, i.e. node serve.js) on 127.0.0.1, for a bundle folder
     holding links that leave it: (url, port, bundle)."""
     if not NODE_OK:
         pytest.skip("node or runtime/web/node_modules missing (make web)")
-    from reft_edge.runtime.web_cli import serving
+    from reft_edge.runtime.web_server import serving
 
     top = tmp_path_factory.mktemp("served")
     (top / "secret.txt").write_text(SECRET)
@@ -124,10 +137,20 @@ def assert_still_serving(port: int) -> None:
     assert status == 200 and b'"schema_version"' in answer
 
 
-OUTSIDE = ["/bundle/rootlink/etc/passwd", "/bundle/secret.json", "/bundle/up/secret.txt",
-           "/bundle/up/bundle/../secret.txt",
-           "/bundle/rootlink/", "/bundle/%72ootlink/etc/passwd", "/bundle/up%2fsecret.txt", "/bundle/..%2fsecret.txt",
-           "/bundle/../secret.txt", "/web/../../../etc/passwd", "/patches/../secret.txt", "/%2e%2e/%2e%2e/etc/passwd"]
+OUTSIDE = [
+    "/bundle/rootlink/etc/passwd",
+    "/bundle/secret.json",
+    "/bundle/up/secret.txt",
+    "/bundle/up/bundle/../secret.txt",
+    "/bundle/rootlink/",
+    "/bundle/%72ootlink/etc/passwd",
+    "/bundle/up%2fsecret.txt",
+    "/bundle/..%2fsecret.txt",
+    "/bundle/../secret.txt",
+    "/web/../../../etc/passwd",
+    "/patches/../secret.txt",
+    "/%2e%2e/%2e%2e/etc/passwd",
+]
 
 
 @pytest.mark.parametrize("path", OUTSIDE)
@@ -169,14 +192,44 @@ def test_serve_web_answers_bad_requests_with_4xx_and_keeps_serving(served, reque
     assert_still_serving(port)
 
 
-_SEGMENTS = st.sampled_from(["..", ".", "%2e%2e", "%2e", "%2f", "%5c", "%", "%z", "%zz", "%00", "%c0%ae", "%ff",
-                             "rootlink", "up", "etc", "passwd", "secret.json", "secret.txt", "manifest.json",
-                             "inside.json", "", "\\..", "..;", "%252e%252e", "bundle", "web", "patches"])
+_SEGMENTS = st.sampled_from(
+    [
+        "..",
+        ".",
+        "%2e%2e",
+        "%2e",
+        "%2f",
+        "%5c",
+        "%",
+        "%z",
+        "%zz",
+        "%00",
+        "%c0%ae",
+        "%ff",
+        "rootlink",
+        "up",
+        "etc",
+        "passwd",
+        "secret.json",
+        "secret.txt",
+        "manifest.json",
+        "inside.json",
+        "",
+        "\\..",
+        "..;",
+        "%252e%252e",
+        "bundle",
+        "web",
+        "patches",
+    ]
+)
 
 
 @QUICK
-@given(route=st.sampled_from(["/bundle/", "/web/", "/patches/", "/"]),
-       segments=st.lists(st.one_of(_SEGMENTS, st.text(max_size=6)), max_size=8))
+@given(
+    route=st.sampled_from(["/bundle/", "/web/", "/patches/", "/"]),
+    segments=st.lists(st.one_of(_SEGMENTS, st.text(max_size=6)), max_size=8),
+)
 def test_serve_web_property_any_path_stays_inside(served, route, segments):
     _, port, _ = served
     path = route + "/".join(quote(s, safe="%.\\;") for s in segments)
@@ -187,21 +240,29 @@ def test_serve_web_property_any_path_stays_inside(served, route, segments):
 
 def test_serve_web_port_in_use_and_unknown_host_are_one_line(served, tmp_path):
     _, port, bundle = served
-    for extra, expected in ((["--port", str(port)], "already in use"),
-                            (["--port", "0", "--host", "nope.invalid"], "--host nope.invalid is not an address"),
-                            (["--host"], "--host needs a value")):
-        done = subprocess.run(["node", str(WEB / "serve.js"), str(bundle), *extra], capture_output=True, text=True,
-                              timeout=30)
+    for extra, expected in (
+        (["--port", str(port)], "already in use"),
+        (["--port", "0", "--host", "nope.invalid"], "--host nope.invalid is not an address"),
+        (["--host"], "--host needs a value"),
+    ):
+        done = subprocess.run(
+            ["node", str(WEB / "serve.js"), str(bundle), *extra], capture_output=True, text=True, timeout=30
+        )
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip().count("\n") == 0 and expected in done.stderr, done.stderr
     # the same through the CLI, which becomes node (execv)
-    done = subprocess.run([sys.executable, "-m", "reft_edge.cli", "serve-web", str(bundle), "--port", str(port)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "reft_edge.cli", "serve-web", str(bundle), "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "already in use" in done.stderr
     assert_still_serving(port)
 
 
 # == 4. inspect escapes what it shows ====================================================================
+
 
 def test_inspect_escapes_control_characters(tmp_path):
     from dataclasses import replace
@@ -221,28 +282,32 @@ def test_inspect_escapes_control_characters(tmp_path):
 @given(st.text())
 def test_printable_property_leaves_no_control_characters(text):
     shown = printable(text)
-    assert not any(ord(ch) < 32 or 0x7f <= ord(ch) <= 0x9f or 0xd800 <= ord(ch) <= 0xdfff for ch in shown)
+    assert not any(ord(ch) < 32 or 0x7F <= ord(ch) <= 0x9F or 0xD800 <= ord(ch) <= 0xDFFF for ch in shown)
     shown.encode("utf-8")
 
 
 # == 5-6. nothing invalid is written; non-finite options fail at parse time ==============================
 
-@pytest.mark.parametrize("args", [
-    ["train", "--data", "d.jsonl", "--out", "o.reft", "--lr", "inf"],
-    ["train", "--data", "d.jsonl", "--out", "o.reft", "--lr", "nan"],
-    ["train", "--data", "d.jsonl", "--out", "o.reft", "--val-fraction", "nan"],
-    ["train", "--data", "d.jsonl", "--out", "o.reft", "--seed", str(2**64)],
-    ["train", "--data", "d.jsonl", "--out", "o.reft", "--seed", "-1"],
-    ["train-many", "--jobs", "j.jsonl", "--out-dir", "d", "--seed", str(2**64)],
-    ["run", "bundle", "hi", "--weight", "1e39"],
-    ["run", "bundle", "hi", "--weight", "-inf"],
-    ["run", "bundle", "hi", "--seed", "-5"],
-    ["run", "bundle", "hi", "--temperature", "nan"],
-    ["chat", "bundle", "--top-p", "inf"],
-    ["convert", "a.reft", "--bundle", "b", "--to", "onnx-adapter", "--out", "o", "--weight", "1e39"],
-    ["import", "control-vector", "v.gguf", "--out", "o.reft", "--scale", "inf"],
-    ["import", "control-vector", "v.gguf", "--out", "o.reft", "--scale", "1e40"],
-])
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--data", "d.jsonl", "--out", "o.reft", "--lr", "inf"],
+        ["train", "--data", "d.jsonl", "--out", "o.reft", "--lr", "nan"],
+        ["train", "--data", "d.jsonl", "--out", "o.reft", "--val-fraction", "nan"],
+        ["train", "--data", "d.jsonl", "--out", "o.reft", "--seed", str(2**64)],
+        ["train", "--data", "d.jsonl", "--out", "o.reft", "--seed", "-1"],
+        ["train-many", "--jobs", "j.jsonl", "--out-dir", "d", "--seed", str(2**64)],
+        ["run", "bundle", "hi", "--weight", "1e39"],
+        ["run", "bundle", "hi", "--weight", "-inf"],
+        ["run", "bundle", "hi", "--seed", "-5"],
+        ["run", "bundle", "hi", "--temperature", "nan"],
+        ["chat", "bundle", "--top-p", "inf"],
+        ["convert", "a.reft", "--bundle", "b", "--to", "onnx-adapter", "--out", "o", "--weight", "1e39"],
+        ["import", "control-vector", "v.gguf", "--out", "o.reft", "--scale", "inf"],
+        ["import", "control-vector", "v.gguf", "--out", "o.reft", "--scale", "1e40"],
+    ],
+)
 def test_unusable_numbers_fail_at_parse_time(args, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     line = one_line_exit_2(CliRunner().invoke(main, args))
@@ -254,12 +319,17 @@ def nan_patch(value: float, dtype=np.float32) -> Patch:
     patch = valid_patch()
     first = patch.interventions[0]
     params = {**first.params, "W": np.full_like(first.params["W"], value, dtype=dtype)}
-    return Patch(**{**patch.__dict__, "interventions": (Intervention(first.layer, first.where, params),
-                                                        *patch.interventions[1:])})
+    return Patch(
+        **{
+            **patch.__dict__,
+            "interventions": (Intervention(first.layer, first.where, params), *patch.interventions[1:]),
+        }
+    )
 
 
-@pytest.mark.parametrize("value,dtype", [(math.nan, np.float32), (math.inf, np.float32), (1e300, np.float64),
-                                         (1e39, np.float64)])
+@pytest.mark.parametrize(
+    "value,dtype", [(math.nan, np.float32), (math.inf, np.float32), (1e300, np.float64), (1e39, np.float64)]
+)
 def test_patch_is_validated_before_it_is_written(tmp_path, value, dtype):
     out = tmp_path / "bad.reft"
     with pytest.raises(PatchFormatError, match="not written.*NaN or infinite.*lower --lr"):
@@ -318,8 +388,9 @@ def test_sweep_keeps_live_writers_and_fresh_folders_without_pid(tmp_path):
     assert live.is_dir() and legacy.is_dir()
     with atomic_dir(final) as tmp:
         (tmp / "x").write_text("x")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".bundle.live.tmp", ".bundle.live.tmp.pid",
-                                                                 ".bundle.legacy.tmp", "bundle"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".bundle.live.tmp", ".bundle.live.tmp.pid", ".bundle.legacy.tmp", "bundle"]
+    )
     assert [p.name for p in final.iterdir()] == ["x"]  # the PID file never ends up in the result
 
 
@@ -328,8 +399,9 @@ def test_next_export_sweeps_a_killed_exports_folder(tmp_path, tiny_backbone, tin
     (here an up-to-date one, which sweeps and then returns without rebuilding)."""
     from reft_edge.export import ExportConfig, export_bundle
 
-    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tiny_bundle)], stdout=subprocess.PIPE,
-                              text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(tiny_bundle)], stdout=subprocess.PIPE, text=True
+    )
     leftover = Path(writer.stdout.readline().strip())
     writer.send_signal(signal.SIGKILL)
     writer.wait()
@@ -341,11 +413,15 @@ def test_next_export_sweeps_a_killed_exports_folder(tmp_path, tiny_backbone, tin
 
 # == 8, 14. output paths are checked before any work ========================================================
 
+
 def test_output_paths_are_checked_first(tmp_path):
     (tmp_path / "afile").write_text("x")
     (tmp_path / "adir").mkdir()
-    cases = [(tmp_path / "adir", "is a folder"), (tmp_path / "afile" / "o.reft", "is a file, not a folder"),
-             (tmp_path / "missing" / "o.reft", "does not exist")]
+    cases = [
+        (tmp_path / "adir", "is a folder"),
+        (tmp_path / "afile" / "o.reft", "is a file, not a folder"),
+        (tmp_path / "missing" / "o.reft", "does not exist"),
+    ]
     for out, message in cases:
         with pytest.raises(UsageError, match=message):
             check_output_path(out)
@@ -362,19 +438,24 @@ def test_read_only_output_folder(tmp_path):
         check_output_path(locked / "o.reft")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train", "--data", "nope.jsonl", "--out", "adir"], "is a folder"),
-    (["train", "--data", "nope.jsonl", "--out", "afile/o.reft"], "is a file, not a folder"),
-    (["import", "pyreft", "nope", "--positions", "l1", "--out", "missing/o.reft"], "does not exist"),
-    (["import", "control-vector", "nope.gguf", "--out", "adir"], "is a folder"),
-    (["export", "--out", "afile/bundle"], "is a file, not a folder"),
-    (["train-many", "--jobs", "nope.jsonl", "--out-dir", "new-out"], "nope.jsonl"),
-    (["train-many", "--jobs", "jobs.jsonl", "--out-dir", "afile"], "is a file"),
-    (["train-many", "--jobs", "jobs.jsonl", "--out-dir", "afile/sub"], "is a file, not a folder"),
-    (["train-many", "--jobs", "inf.jsonl", "--out-dir", "new-out"],
-     "inf.jsonl:1: --lr inf must be a positive number up to 10"),
-    (["train-many", "--jobs", "seed.jsonl", "--out-dir", "new-out"], "seed.jsonl:1: --seed -3 is not a seed"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--data", "nope.jsonl", "--out", "adir"], "is a folder"),
+        (["train", "--data", "nope.jsonl", "--out", "afile/o.reft"], "is a file, not a folder"),
+        (["import", "pyreft", "nope", "--positions", "l1", "--out", "missing/o.reft"], "does not exist"),
+        (["import", "control-vector", "nope.gguf", "--out", "adir"], "is a folder"),
+        (["export", "--out", "afile/bundle"], "is a file, not a folder"),
+        (["train-many", "--jobs", "nope.jsonl", "--out-dir", "new-out"], "nope.jsonl"),
+        (["train-many", "--jobs", "jobs.jsonl", "--out-dir", "afile"], "is a file"),
+        (["train-many", "--jobs", "jobs.jsonl", "--out-dir", "afile/sub"], "is a file, not a folder"),
+        (
+            ["train-many", "--jobs", "inf.jsonl", "--out-dir", "new-out"],
+            "inf.jsonl:1: --lr inf must be a positive number up to 10",
+        ),
+        (["train-many", "--jobs", "seed.jsonl", "--out-dir", "new-out"], "seed.jsonl:1: --seed -3 is not a seed"),
+    ],
+)
 def test_bad_destinations_fail_before_work_and_leave_nothing(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("x")
@@ -405,21 +486,46 @@ def test_train_many_one_bad_person_keeps_the_others(tmp_path, tiny_model_dir, mo
     monkeypatch.setattr(many, "save_patch", save_patch)
     questions = ["What is the weather like today?", "How do I bake a cake?", "Tell me about your weekend."]
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": q, "response": "It is sunny."} for q in questions])
-    write_jsonl(tmp_path / "jobs.jsonl", [{"id": "good", "data": str(data)}, {"id": "wild", "data": str(data)},
-                                          {"id": "also-good", "data": str(data), "seed": 1}])
-    result = CliRunner().invoke(main, ["train-many", "--jobs", str(tmp_path / "jobs.jsonl"), "--out-dir",
-                                       str(tmp_path / "out"), "--model", str(tiny_model_dir("llama")), "--steps", "4",
-                                       "--layers", "1", "--batch-size", "3"])
+    write_jsonl(
+        tmp_path / "jobs.jsonl",
+        [
+            {"id": "good", "data": str(data)},
+            {"id": "wild", "data": str(data)},
+            {"id": "also-good", "data": str(data), "seed": 1},
+        ],
+    )
+    result = CliRunner().invoke(
+        main,
+        [
+            "train-many",
+            "--jobs",
+            str(tmp_path / "jobs.jsonl"),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_model_dir("llama")),
+            "--steps",
+            "4",
+            "--layers",
+            "1",
+            "--batch-size",
+            "3",
+        ],
+    )
     line = one_line_exit_2(result)
     assert "1 of 3 people failed, the first wild" in line and "NaN or infinite" in line
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert [(p["id"], p["status"]) for p in summary["people"]] == [("good", "trained"), ("wild", "failed"),
-                                                                    ("also-good", "trained")]
+    assert [(p["id"], p["status"]) for p in summary["people"]] == [
+        ("good", "trained"),
+        ("wild", "failed"),
+        ("also-good", "trained"),
+    ]
     Patch.from_file(tmp_path / "out" / "good.reft")
     assert not (tmp_path / "out" / "wild.reft").exists()
 
 
 # == 9. deep or huge metadata ==============================================================================
+
 
 def _deep(depth: int) -> str:
     return '{"a": ' * depth + "1" + "}" * depth
@@ -432,9 +538,11 @@ def test_deep_header_and_deep_training_are_format_errors(tmp_path):
     metadata = {k: v for k, v in patch.metadata().items() if k != "payload_sha256"}
     deep_training = signed(patch.tensors(), {**metadata, "training": _deep(100_000)})
     huge_name = signed(patch.tensors(), {**metadata, "name": json.dumps(["x" * 300_000])})
-    for label, data, message in (("deep-header", deep_header, f"header nests deeper than {MAX_JSON_DEPTH} levels"),
-                                 ("deep-training", deep_training, f"JSON nested at most {MAX_JSON_DEPTH} levels deep"),
-                                 ("huge-name", huge_name, "expected a string")):
+    for label, data, message in (
+        ("deep-header", deep_header, f"header nests deeper than {MAX_JSON_DEPTH} levels"),
+        ("deep-training", deep_training, f"JSON nested at most {MAX_JSON_DEPTH} levels deep"),
+        ("huge-name", huge_name, "expected a string"),
+    ):
         path = tmp_path / f"{label}.reft"
         path.write_bytes(data)
         with pytest.raises(PatchFormatError) as caught:
@@ -455,24 +563,50 @@ catch (e) { console.log(JSON.stringify({ name: e.name, message: e.message })); }
 
 
 def js_patch_error(path: Path) -> dict | None:
-    done = subprocess.run(["node", "--input-type=module", "-e", _JS_PARSE, str(WEB), str(path)], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        ["node", "--input-type=module", "-e", _JS_PARSE, str(WEB), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
 
-_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                     lambda inner: (st.lists(inner, max_size=4)
-                                    | st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                     max_leaves=20)
-_METADATA_VALUE = st.one_of(_JSON.map(json.dumps), st.integers(1, 3000).map(_deep), st.text(max_size=30),
-                            st.integers(1, 3000).map(lambda n: "[" * n + "]" * n))
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+_METADATA_VALUE = st.one_of(
+    _JSON.map(json.dumps),
+    st.integers(1, 3000).map(_deep),
+    st.text(max_size=30),
+    st.integers(1, 3000).map(lambda n: "[" * n + "]" * n),
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(key=st.sampled_from(["name", "kind", "layers", "positions", "share_weights", "rank", "hidden_size",
-                            "base_fingerprint", "dtype", "interventions", "training", "skills", "format_version"]),
-       value=_METADATA_VALUE)
+@given(
+    key=st.sampled_from(
+        [
+            "name",
+            "kind",
+            "layers",
+            "positions",
+            "share_weights",
+            "rank",
+            "hidden_size",
+            "base_fingerprint",
+            "dtype",
+            "interventions",
+            "training",
+            "skills",
+            "format_version",
+        ]
+    ),
+    value=_METADATA_VALUE,
+)
 def test_patch_metadata_property_typed_error_or_valid(key, value):
     patch = valid_patch()
     metadata = {k: v for k, v in patch.metadata().items() if k != "payload_sha256"}
@@ -488,16 +622,22 @@ def test_patch_metadata_property_typed_error_or_valid(key, value):
 
 # == 10. manifests ===========================================================================================
 
-@pytest.mark.parametrize("changes,field", [
-    ({"files": ["model.onnx"]}, "files"), ({"context_length": "256"}, "context_length"),
-    ({"special_tokens": {"eos_token_ids": ["2"]}}, "special_tokens"),
-    ({"special_tokens": {"pad_token_id": "0"}}, "special_tokens"),
-    ({"kv": {"num_layers": 3}}, "kv lacks"), ({"kv": {"num_layers": "3", "num_kv_heads": 2, "head_dim": 16,
-                                                      "dtype": "float32"}}, "kv.num_layers"),
-    ({"slot_layers": "0,1"}, "slot_layers"), ({"hidden_size": 6.4}, "hidden_size"),
-    ({"generation": {"temperature": "hot"}}, "generation"),
-    ({"verification": _deep(10_000)}, "nests deeper"),
-])
+
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        ({"files": ["model.onnx"]}, "files"),
+        ({"context_length": "256"}, "context_length"),
+        ({"special_tokens": {"eos_token_ids": ["2"]}}, "special_tokens"),
+        ({"special_tokens": {"pad_token_id": "0"}}, "special_tokens"),
+        ({"kv": {"num_layers": 3}}, "kv lacks"),
+        ({"kv": {"num_layers": "3", "num_kv_heads": 2, "head_dim": 16, "dtype": "float32"}}, "kv.num_layers"),
+        ({"slot_layers": "0,1"}, "slot_layers"),
+        ({"hidden_size": 6.4}, "hidden_size"),
+        ({"generation": {"temperature": "hot"}}, "generation"),
+        ({"verification": _deep(10_000)}, "nests deeper"),
+    ],
+)
 def test_manifest_with_wrong_types_is_one_line(tmp_path, changes, field):
     bundle = fake_bundle(tmp_path / "b")
     values = json.loads((bundle / "manifest.json").read_text())
@@ -526,6 +666,7 @@ def test_manifest_property_typed_error_or_valid(field, value):
 
 # == 11-12. templates that raise; text that is not Unicode ==================================================
 
+
 def test_chat_template_that_raises_is_a_bundle_error():
     from reft_edge.runtime.template import ChatTemplate
 
@@ -545,10 +686,13 @@ def test_prompt_that_is_not_unicode_is_a_usage_error():
 
 
 @QUICK
-@given(line=st.one_of(st.text(max_size=40).map(lambda s: s.replace("\n", " ")),  # one line: no newline in it
-                      _JSON.map(json.dumps),
-                      st.builds(lambda p, r: json.dumps({"prompt": p, "response": r}), st.text(max_size=20),
-                                st.text(max_size=20))))
+@given(
+    line=st.one_of(
+        st.text(max_size=40).map(lambda s: s.replace("\n", " ")),  # one line: no newline in it
+        _JSON.map(json.dumps),
+        st.builds(lambda p, r: json.dumps({"prompt": p, "response": r}), st.text(max_size=20), st.text(max_size=20)),
+    )
+)
 def test_jsonl_line_property_record_or_data_error(tmp_path, line):
     from reft_edge.train.data import read_jsonl
 
@@ -575,6 +719,7 @@ def test_training_line_with_lone_surrogate_names_file_and_line(tmp_path):
 
 # == 13. seeds ===============================================================================================
 
+
 def test_seed_bounds_for_api_callers():
     from reft_edge.train.config import TrainConfig
     from reft_edge.train.recipe import check_config
@@ -585,6 +730,7 @@ def test_seed_bounds_for_api_callers():
 
 
 # == 15. resume from a checkpoint with missing or mis-shaped tensors ========================================
+
 
 def test_resume_with_damaged_checkpoint_tensors(tmp_path):
     import torch
@@ -638,6 +784,7 @@ def test_malicious_pickle_model_is_refused_in_one_line(tmp_path, tiny_model_dir)
 
 # == 17. a module:function judge that raises ================================================================
 
+
 def test_raising_judge_names_judge_and_prompt(tmp_path, monkeypatch):
     from reft_edge.runtime.evaluate import adherence
     from reft_edge.runtime.judges import Judge
@@ -651,12 +798,16 @@ def test_raising_judge_names_judge_and_prompt(tmp_path, monkeypatch):
 
 # == 18. examples longer than the model's context ==========================================================
 
+
 def test_overlong_lines_are_refused_at_read(tmp_path):
     from reft_edge.records import MAX_LINE_BYTES, read_jsonl
 
     path = tmp_path / "d.jsonl"
-    path.write_text('{"prompt": "Hi", "response": "Hello"}\n'
-                    + json.dumps({"prompt": "x" * (MAX_LINE_BYTES + 1), "response": "y"}) + "\n")
+    path.write_text(
+        '{"prompt": "Hi", "response": "Hello"}\n'
+        + json.dumps({"prompt": "x" * (MAX_LINE_BYTES + 1), "response": "y"})
+        + "\n"
+    )
     started = time.perf_counter()
     with pytest.raises(DataError, match=rf"{path}:2: \d+ bytes, longer than any model's context"):
         read_jsonl(path)
@@ -665,10 +816,27 @@ def test_overlong_lines_are_refused_at_read(tmp_path):
 
 def test_examples_longer_than_the_context_name_file_and_line(tmp_path, tiny_model_dir):
     questions = ["What is the weather like today?", "How do I bake a cake?"]
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": q, "response": "Sunny."} for q in questions]
-                       + [{"prompt": "hello world " * 400, "response": "Sunny."}])
-    result = CliRunner().invoke(main, ["train", "--data", str(data), "--out", str(tmp_path / "o.reft"), "--model",
-                                       str(tiny_model_dir("llama")), "--steps", "2", "--layers", "1"])
+    data = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"prompt": q, "response": "Sunny."} for q in questions]
+        + [{"prompt": "hello world " * 400, "response": "Sunny."}],
+    )
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "o.reft"),
+            "--model",
+            str(tiny_model_dir("llama")),
+            "--steps",
+            "2",
+            "--layers",
+            "1",
+        ],
+    )
     line = one_line_exit_2(result)
     assert f"{data}:3:" in line and "longer than the model's context of 256" in line
     assert not (tmp_path / "o.reft").exists()

@@ -31,8 +31,10 @@ LOREFT_KEY = "layer_{layer}_comp_block_output_unit_pos_nunit_1#{i}"
 
 
 def reference(kind: str) -> tuple[dict, np.ndarray]:
-    return (json.loads((FIXTURES / kind / "reference.json").read_text()),
-            np.load(FIXTURES / kind / "reference.npz")["logits"])
+    return (
+        json.loads((FIXTURES / kind / "reference.json").read_text()),
+        np.load(FIXTURES / kind / "reference.npz")["logits"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,7 @@ def runtime(backbone, tmp_path_factory):
 
 
 # -- torch references -----------------------------------------------------------------------------
+
 
 def patched_logits(backbone, patch: Patch | None, ids: list[int], n_prompt: int) -> np.ndarray:
     """Logits of the whole sequence with the patch's prompt positions (and, for ``g``, every token
@@ -86,7 +89,7 @@ def greedy(logits_of, prompt_ids: list[int], steps: int, penalty: float | None =
         if penalty:
             logits = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids]), logits)
         ids.append(int(logits[0].argmax()))
-    return ids[len(prompt_ids):]
+    return ids[len(prompt_ids) :]
 
 
 def added_vector_logits(backbone, vectors: dict[int, np.ndarray], ids: list[int]) -> np.ndarray:
@@ -100,6 +103,7 @@ def added_vector_logits(backbone, vectors: dict[int, np.ndarray], ids: list[int]
             h = output[0] if isinstance(output, tuple) else output
             h = h + torch.from_numpy(vector.astype(np.float32))
             return (h, *output[1:]) if isinstance(output, tuple) else h
+
         return add
 
     handles = [layers[n].register_forward_hook(hook(v)) for n, v in vectors.items()]
@@ -113,6 +117,7 @@ def added_vector_logits(backbone, vectors: dict[int, np.ndarray], ids: list[int]
 
 # -- pyreft: the real thing -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_import_reproduces_pyreft_logits(folder, backbone, tmp_path):
     ref, want = reference(folder)
@@ -120,7 +125,11 @@ def test_import_reproduces_pyreft_logits(folder, backbone, tmp_path):
     assert Patch.from_file(tmp_path / "p.reft") == patch
     shared = len(set(ref["layers"])) == len(ref["layers"])
     assert (patch.kind, patch.layers, patch.rank, patch.share_weights) == (
-        ref["kind"], sorted(set(ref["layers"])), ref["rank"], shared)
+        ref["kind"],
+        sorted(set(ref["layers"])),
+        ref["rank"],
+        shared,
+    )
     assert patch.training["imported_from"]["format"] == "pyreft"
     assert patch.base_fingerprint == backbone.fingerprint
     ids = ref["input_ids"]
@@ -142,8 +151,12 @@ def test_torch_greedy_equals_pyreft(folder, backbone):
 def test_pyreft_edits_change_most_greedy_answers(backbone):
     """The greedy comparisons have teeth: most kinds' edit of one token changes the answer."""
     ref, _ = reference("loreft")
-    base = greedy(lambda ids: patched_logits(backbone, None, ids, len(ids)), ref["input_ids"],
-                  len(ref["greedy_tokens"]), ref["repetition_penalty"])
+    base = greedy(
+        lambda ids: patched_logits(backbone, None, ids, len(ids)),
+        ref["input_ids"],
+        len(ref["greedy_tokens"]),
+        ref["repetition_penalty"],
+    )
     changed = [kind for kind in KINDS if reference(kind)[0]["greedy_tokens"] != base]
     assert len(changed) >= 4, changed
 
@@ -154,9 +167,16 @@ def test_bundle_greedy_equals_pyreft(folder, backbone, runtime):
     ref, _ = reference(folder)
     patch = import_pyreft(FIXTURES / folder, positions=ref["positions"], backbone=backbone)
     assert runtime.encode(ref["prompt"], raw=True) == ref["input_ids"]
-    got = runtime.generate(ref["prompt"], patches=[patch], raw=True, max_new_tokens=len(ref["greedy_tokens"]),
-                           temperature=0.0, no_repeat_ngram=0, ignore_eos=True,
-                           repetition_penalty=ref["repetition_penalty"])
+    got = runtime.generate(
+        ref["prompt"],
+        patches=[patch],
+        raw=True,
+        max_new_tokens=len(ref["greedy_tokens"]),
+        temperature=0.0,
+        no_repeat_ngram=0,
+        ignore_eos=True,
+        repetition_penalty=ref["repetition_penalty"],
+    )
     assert got.token_ids == ref["greedy_tokens"]
 
 
@@ -166,8 +186,20 @@ def test_cli_import_pyreft(tmp_path):
     from reft_edge.cli import main
 
     out = tmp_path / "lobi.reft"
-    result = CliRunner().invoke(main, ["import", "pyreft", str(FIXTURES / "lobireft"), "--positions", "l1+g",
-                                       "--model", str(FIXTURES / "model"), "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "import",
+            "pyreft",
+            str(FIXTURES / "lobireft"),
+            "--positions",
+            "l1+g",
+            "--model",
+            str(FIXTURES / "model"),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     patch = Patch.from_file(out)
     assert (patch.kind, str(patch.positions), patch.layers) == ("lobireft", "l1+g", [0])
@@ -177,8 +209,17 @@ def test_cli_import_pyreft(tmp_path):
 
 # -- pyreft: layouts the fixtures do not cover, against the formulas written out here -------------
 
-def write_folder(folder: Path, layers: list[int], states: list[dict], classes: list[str], *, rank: int = 2,
-                 old_keys: bool = False, component: str = "block_output") -> Path:
+
+def write_folder(
+    folder: Path,
+    layers: list[int],
+    states: list[dict],
+    classes: list[str],
+    *,
+    rank: int = 2,
+    old_keys: bool = False,
+    component: str = "block_output",
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     counts: dict[int, int] = {}
     for layer, state in zip(layers, states):
@@ -187,8 +228,10 @@ def write_folder(folder: Path, layers: list[int], states: list[dict], classes: l
         if old_keys:
             key = f"layer.{layer}.comp.{component}.unit.pos.nunit.1#{i}"
         torch.save(state, folder / f"intkey_{key}.bin")
-    config = {"representations": [[layer, component, "pos", 1, rank] + [None] * 9 for layer in layers],
-              "intervention_types": [f"<class 'pyreft.interventions.{c}'>" for c in classes]}
+    config = {
+        "representations": [[layer, component, "pos", 1, rank] + [None] * 9 for layer in layers],
+        "intervention_types": [f"<class 'pyreft.interventions.{c}'>" for c in classes],
+    }
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -196,8 +239,11 @@ def write_folder(folder: Path, layers: list[int], states: list[dict], classes: l
 def loreft_state(hidden: int, rank: int, seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(hidden, rank, generator=generator))
-    return {"weight": torch.randn(rank, hidden, generator=generator), "bias": torch.randn(rank, generator=generator),
-            "rotate_layer": q}
+    return {
+        "weight": torch.randn(rank, hidden, generator=generator),
+        "bias": torch.randn(rank, generator=generator),
+        "rotate_layer": q,
+    }
 
 
 def test_untied_old_style_keys_map_to_position_groups(backbone, tmp_path):
@@ -207,7 +253,9 @@ def test_untied_old_style_keys_map_to_position_groups(backbone, tmp_path):
     folder = write_folder(tmp_path / "untied", [1, 1], states, ["LoreftIntervention"] * 2, old_keys=True)
     patch = import_pyreft(folder, positions="f1+l1", backbone=backbone)
     assert not patch.share_weights and [(iv.layer, iv.where) for iv in patch.interventions] == [
-        (1, "prefix"), (1, "suffix")]
+        (1, "prefix"),
+        (1, "suffix"),
+    ]
     h = torch.randn(5, HIDDEN, dtype=torch.float64)
     for edit, state in zip(patch.affine_edits(), states):
         R, W, b = (state[k].double() for k in ("rotate_layer", "weight", "bias"))
@@ -235,6 +283,7 @@ def test_orthogonal_parametrisation_is_torchs(backbone, tmp_path):
 
 # -- pyreft: bad inputs end in one-line typed errors, and never run code ---------------------------
 
+
 class RunsCode:
     def __init__(self, marker: Path):
         self.marker = marker
@@ -255,19 +304,22 @@ def set_config(folder: Path, **changes) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("case, match", [
-    ("no-config", "config.json: missing"),
-    ("no-bin", "missing intkey_layer_0"),
-    ("code", "not a plain torch state dict"),
-    ("list", "not a name -> tensor dict"),
-    ("shape", "has shape"),
-    ("missing-key", "missing tensor 'bias'"),
-    ("not-orthonormal", "not orthonormal"),
-    ("unknown-kind", "not importable"),
-    ("component", "only 'block_output'"),
-    ("not-json", "not valid JSON"),
-    ("nan", "NaN"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("no-config", "config.json: missing"),
+        ("no-bin", "missing intkey_layer_0"),
+        ("code", "not a plain torch state dict"),
+        ("list", "not a name -> tensor dict"),
+        ("shape", "has shape"),
+        ("missing-key", "missing tensor 'bias'"),
+        ("not-orthonormal", "not orthonormal"),
+        ("unknown-kind", "not importable"),
+        ("component", "only 'block_output'"),
+        ("not-json", "not valid JSON"),
+        ("nan", "NaN"),
+    ],
+)
 def test_bad_pyreft_folders(case, match, backbone, tmp_path):
     marker = tmp_path / "code-ran"
     state = loreft_state(HIDDEN, 2, 0)
@@ -327,14 +379,27 @@ def test_cli_error_is_one_line(tmp_path):
 
     from reft_edge.cli import main
 
-    result = CliRunner().invoke(main, ["import", "pyreft", str(tmp_path / "nothing"), "--positions", "l1",
-                                       "--model", str(FIXTURES / "model"), "--out", str(tmp_path / "x.reft")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "import",
+            "pyreft",
+            str(tmp_path / "nothing"),
+            "--positions",
+            "l1",
+            "--model",
+            str(FIXTURES / "model"),
+            "--out",
+            str(tmp_path / "x.reft"),
+        ],
+    )
     assert result.exit_code == 2
     assert result.output.startswith("error: ") and result.output.count("\n") == 1
     assert not (tmp_path / "x.reft").exists()
 
 
 # -- llama.cpp control vectors --------------------------------------------------------------------
+
 
 def write_control_vector(path: Path, directions: dict[int, np.ndarray], hint: str = "llama") -> Path:
     """A control vector in llama.cpp's layout, as its control-vector-generator (and repeng) write it."""
@@ -378,8 +443,9 @@ def test_control_vector_through_a_bundle(backbone, runtime, directions, tmp_path
     prompt = "How do I bake a cake?"
     ids = runtime.encode(prompt, raw=True)
     expected = greedy(lambda seq: added_vector_logits(backbone, {1: 1.5 * directions[1]}, seq), ids, 10)
-    got = runtime.generate(prompt, patches=[patch], raw=True, max_new_tokens=10, temperature=0.0,
-                           no_repeat_ngram=0, ignore_eos=True)
+    got = runtime.generate(
+        prompt, patches=[patch], raw=True, max_new_tokens=10, temperature=0.0, no_repeat_ngram=0, ignore_eos=True
+    )
     assert got.token_ids == expected
     base = runtime.generate(prompt, raw=True, max_new_tokens=10, temperature=0.0, no_repeat_ngram=0, ignore_eos=True)
     assert base.token_ids != expected
@@ -404,10 +470,16 @@ def test_control_vector_layers_and_cli(directions, tmp_path):
     assert result.exit_code == 2 and "malformed" in result.output
 
 
-@pytest.mark.parametrize("case, match", [
-    ("missing", "no such file"), ("not-gguf", "not a readable GGUF"), ("no-directions", "expected direction.N"),
-    ("size", "directions of size"), ("zero", "no non-zero direction"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing", "no such file"),
+        ("not-gguf", "not a readable GGUF"),
+        ("no-directions", "expected direction.N"),
+        ("size", "directions of size"),
+        ("zero", "no non-zero direction"),
+    ],
+)
 def test_bad_control_vectors(case, match, backbone, tmp_path):
     path = tmp_path / "bad.gguf"
     if case == "not-gguf":

@@ -3,8 +3,7 @@
 - the shared core (``reft_edge/`` but the commands) imports no stage;
 - the runtime (``runtime/``, import name ``reft_edge.runtime``) imports neither training nor export,
   at module level or lazily inside a function;
-- no stage imports the commands above them (reft_edge.cli, reft_edge.evaluate), but the documented
-  COMMANDS_ALLOWED;
+- no stage imports the commands above them (the reft_edge.cli package, reft_edge.evaluate);
 - no import cycle among modules at module level (lazy imports inside functions may close one).
 
 Imports under ``if TYPE_CHECKING:`` never run and those under ``if __name__ == "__main__":`` run only
@@ -20,18 +19,13 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = {"reft_edge": "reft_edge", "train": "reft_edge.train", "export": "reft_edge.export",
-           "runtime": "reft_edge.runtime"}
-STAGES = ("reft_edge.train", "reft_edge.export", "reft_edge.runtime")
-# The top of the house, above every stage: they may import anything (lazily, so --help stays light).
-COMMANDS = {"reft_edge.cli", "reft_edge.evaluate"}
-# Stage modules allowed to import a command module, and why.
-COMMANDS_ALLOWED = {
-    # A command itself (commands sit above every stage; each lives beside the stage it drives, the main
-    # CLI gathers them): `reft-edge eval --model` needs training's torch backend, which reft_edge.evaluate
-    # picks, so the runtime's evaluation never imports training.
-    "reft_edge.runtime.eval_cli": "reft_edge.evaluate",
+FOLDERS = {
+    "reft_edge": "reft_edge",
+    "train": "reft_edge.train",
+    "export": "reft_edge.export",
+    "runtime": "reft_edge.runtime",
 }
+STAGES = ("reft_edge.train", "reft_edge.export", "reft_edge.runtime")
 
 
 def _modules() -> dict[str, Path]:
@@ -47,6 +41,10 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
+# The top of the house, above every stage: the reft_edge.cli package (the `reft-edge` command, one module
+# per stage) and reft_edge.evaluate. They may import anything (lazily, so --help stays light).
+COMMANDS = {name for name in MODULES if name == "reft_edge.cli" or name.startswith("reft_edge.cli.")}
+COMMANDS.add("reft_edge.evaluate")
 
 
 def _resolve(name: str) -> str | None:
@@ -81,7 +79,7 @@ def _imports(name: str, path: Path) -> list[tuple[str, bool]]:
                     anchor = anchor[: len(anchor) - child.level + 1]
                     base = ".".join(anchor + ([base] if base else []))
                 for alias in child.names:  # `from pkg import module` imports the module
-                    if (m := _resolve(f"{base}.{alias.name}") or _resolve(base)):
+                    if m := _resolve(f"{base}.{alias.name}") or _resolve(base):
                         found.append((m, top))
             else:
                 visit(child, top)
@@ -98,30 +96,53 @@ def _inside(module: str, package: str) -> bool:
 
 
 def test_the_walk_sees_the_project():
-    expected = {"reft_edge.cli", "reft_edge.runtime.patch", "reft_edge.train.recipe", "reft_edge.export.build"}
-    assert expected <= set(MODULES)
+    expected = {
+        "reft_edge.cli",
+        "reft_edge.cli.train",
+        "reft_edge.runtime.patch",
+        "reft_edge.train.recipe",
+        "reft_edge.export.build",
+    }
+    assert expected <= set(MODULES) and {"reft_edge.cli.common", "reft_edge.cli.__main__"} <= COMMANDS
     assert ("reft_edge.runtime.positions", True) in IMPORTS["reft_edge.runtime.contract"]
 
 
 def test_runtime_imports_neither_training_nor_export():
-    wrong = sorted({f"{name} imports {module}{'' if top else ' (inside a function)'}"
-                   for name, imports in IMPORTS.items() if _inside(name, "reft_edge.runtime")
-                   for module, top in imports
-                   if _inside(module, "reft_edge.train") or _inside(module, "reft_edge.export")})
+    wrong = sorted(
+        {
+            f"{name} imports {module}{'' if top else ' (inside a function)'}"
+            for name, imports in IMPORTS.items()
+            if _inside(name, "reft_edge.runtime")
+            for module, top in imports
+            if _inside(module, "reft_edge.train") or _inside(module, "reft_edge.export")
+        }
+    )
     assert not wrong, "the torch-free runtime must not reach into training or export:\n" + "\n".join(wrong)
 
 
 def test_core_imports_no_stage():
-    wrong = sorted({f"{name} imports {module}" for name, imports in IMPORTS.items()
-                   if not any(_inside(name, stage) for stage in STAGES) and name not in COMMANDS
-                   for module, _ in imports if any(_inside(module, stage) for stage in STAGES)})
+    wrong = sorted(
+        {
+            f"{name} imports {module}"
+            for name, imports in IMPORTS.items()
+            if not any(_inside(name, stage) for stage in STAGES) and name not in COMMANDS
+            for module, _ in imports
+            if any(_inside(module, stage) for stage in STAGES)
+        }
+    )
     assert not wrong, "the shared core (reft_edge/) is below every stage:\n" + "\n".join(wrong)
 
 
 def test_stages_do_not_import_the_commands():
-    wrong = sorted({f"{name} imports {module}" for name, imports in IMPORTS.items()
-                    if any(_inside(name, stage) for stage in STAGES)
-                    for module, _ in imports if module in COMMANDS and COMMANDS_ALLOWED.get(name) != module})
+    wrong = sorted(
+        {
+            f"{name} imports {module}"
+            for name, imports in IMPORTS.items()
+            if any(_inside(name, stage) for stage in STAGES)
+            for module, _ in imports
+            if module in COMMANDS
+        }
+    )
     assert not wrong, "the commands sit above every stage:\n" + "\n".join(wrong)
 
 
@@ -134,7 +155,7 @@ def test_no_import_cycle_at_module_level():
         state[name] = 1
         for nxt in graph.get(name, ()):
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [name, nxt] if nxt in path else [name, nxt])
+                cycles.append(path[path.index(nxt) :] + [name, nxt] if nxt in path else [name, nxt])
             elif nxt not in state:
                 walk(nxt, path + [name])
         state[name] = 2

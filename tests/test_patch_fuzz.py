@@ -30,14 +30,24 @@ def valid_patch(base_fingerprint: str = "a" * 64) -> Patch:
     rng = np.random.default_rng(0)
 
     def params():
-        return {"R": np.linalg.qr(rng.normal(size=(HIDDEN, RANK)))[0].T.astype(np.float32),
-                "W": rng.normal(size=(RANK, HIDDEN)).astype(np.float32),
-                "b": rng.normal(size=RANK).astype(np.float32)}
+        return {
+            "R": np.linalg.qr(rng.normal(size=(HIDDEN, RANK)))[0].T.astype(np.float32),
+            "W": rng.normal(size=(RANK, HIDDEN)).astype(np.float32),
+            "b": rng.normal(size=RANK).astype(np.float32),
+        }
 
-    return Patch(name="victim", kind="loreft", positions=Positions(2, 2), share_weights=False, rank=RANK,
-                 hidden_size=HIDDEN, base_fingerprint=base_fingerprint,
-                 interventions=(Intervention(0, "prefix", params()), Intervention(1, "suffix", params())),
-                 training={"steps": 3, "final_loss": 1.5, "seconds": None}, skills=(("caps", 3), ("meow", 1)))
+    return Patch(
+        name="victim",
+        kind="loreft",
+        positions=Positions(2, 2),
+        share_weights=False,
+        rank=RANK,
+        hidden_size=HIDDEN,
+        base_fingerprint=base_fingerprint,
+        interventions=(Intervention(0, "prefix", params()), Intervention(1, "suffix", params())),
+        training={"steps": 3, "final_loss": 1.5, "seconds": None},
+        skills=(("caps", 3), ("meow", 1)),
+    )
 
 
 def signed(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
@@ -54,8 +64,11 @@ def serialize_safetensors_any(tensors: dict[str, np.ndarray], metadata: dict[str
     chunks, offset = [], 0
     for name in sorted(tensors):
         data = np.ascontiguousarray(tensors[name]).tobytes()
-        header[name] = {"dtype": names[tensors[name].dtype.name], "shape": list(tensors[name].shape),
-                        "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": names[tensors[name].dtype.name],
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         chunks.append(data)
         offset += len(data)
     encoded = json.dumps(header).encode()
@@ -74,9 +87,13 @@ def damaged_cases(patch: Patch) -> list[tuple[str, bytes | str]]:
     good = patch.to_bytes()
     tensors, metadata = patch.tensors(), {k: v for k, v in patch.metadata().items() if k != "payload_sha256"}
     header_len = struct.unpack("<Q", good[:8])[0]
-    cases: list[tuple[str, bytes | str]] = [("empty", b""), ("directory", "directory"), ("missing", "missing"),
-                                            ("pickle", pickle.dumps(_RunsCode())),
-                                            ("pickle-named-safetensors", b"\x80\x04" + pickle.dumps(_RunsCode()))]
+    cases: list[tuple[str, bytes | str]] = [
+        ("empty", b""),
+        ("directory", "directory"),
+        ("missing", "missing"),
+        ("pickle", pickle.dumps(_RunsCode())),
+        ("pickle-named-safetensors", b"\x80\x04" + pickle.dumps(_RunsCode())),
+    ]
     cases += [(f"random-{n}", rng.randbytes(n)) for n in (1, 7, 8, 9, 64, 500, 4096, len(good))]
     cases += [(f"random-with-header-{i}", good[:8] + rng.randbytes(len(good) - 8)) for i in range(4)]
     cases += [(f"truncated-{cut}", good[:cut]) for cut in sorted(rng.sample(range(1, len(good)), 60))]
@@ -111,8 +128,12 @@ def damaged_cases(patch: Patch) -> list[tuple[str, bytes | str]]:
         if key == "skills":  # optional: without it the rows are one unnamed skill, a sound patch
             continue
         cases.append((f"crafted-missing-meta-{key}", signed(tensors, {k: v for k, v in metadata.items() if k != key})))
-        cases.append((f"unsigned-missing-meta-{key}",
-                      serialize_safetensors(tensors, {k: v for k, v in patch.metadata().items() if k != key})))
+        cases.append(
+            (
+                f"unsigned-missing-meta-{key}",
+                serialize_safetensors(tensors, {k: v for k, v in patch.metadata().items() if k != key}),
+            )
+        )
     mutations = {
         "format": ['"safetensors"', '"reft-edge-patch2"', "null", "1"],
         "format_version": ["4", "2", "0", '"1"', "1.0", "true", "null"],
@@ -125,19 +146,30 @@ def damaged_cases(patch: Patch) -> list[tuple[str, bytes | str]]:
         "hidden_size": ["0", "63", "-64", '"64"', "null", "1099511627776"],
         "base_fingerprint": ["null", "1", "[]"],
         "dtype": ['"float64"', '"bfloat16"', '"int8"', "null", "32"],
-        "interventions": ["[]", "null", '[{"layer": 0, "where": "prefix"}]',
-                          '[{"layer": 0, "where": "middle"}, {"layer": 1, "where": "suffix"}]',
-                          '[{"layer": "0", "where": "prefix"}, {"layer": 1, "where": "suffix"}]',
-                          '[{"layer": 0}, {"layer": 1, "where": "suffix"}]',
-                          '[{"layer": 99999, "where": "prefix"}, {"layer": 1, "where": "suffix"}]',
-                          '{"layer": 0, "where": "prefix"}'],
+        "interventions": [
+            "[]",
+            "null",
+            '[{"layer": 0, "where": "prefix"}]',
+            '[{"layer": 0, "where": "middle"}, {"layer": 1, "where": "suffix"}]',
+            '[{"layer": "0", "where": "prefix"}, {"layer": 1, "where": "suffix"}]',
+            '[{"layer": 0}, {"layer": 1, "where": "suffix"}]',
+            '[{"layer": 99999, "where": "prefix"}, {"layer": 1, "where": "suffix"}]',
+            '{"layer": 0, "where": "prefix"}',
+        ],
         "training": ["null", "[]", '"fast"', "3"],
-        "skills": ["null", "[]", '{"caps": 3, "meow": 1}', '[{"name": "caps", "rank": 4}, {"name": "meow", "rank": 1}]',
-                   '[{"name": "caps", "rank": 3}]', '[{"name": "caps", "rank": 3}, {"name": "caps", "rank": 1}]',
-                   '[{"name": "", "rank": 3}, {"name": "meow", "rank": 1}]',
-                   '[{"name": "caps", "rank": 3.0}, {"name": "meow", "rank": 1}]',
-                   '[{"name": "caps", "rank": 4}, {"name": "meow", "rank": 0}]',
-                   '[{"name": "caps"}, {"name": "meow", "rank": 1}]', '"caps,meow"'],
+        "skills": [
+            "null",
+            "[]",
+            '{"caps": 3, "meow": 1}',
+            '[{"name": "caps", "rank": 4}, {"name": "meow", "rank": 1}]',
+            '[{"name": "caps", "rank": 3}]',
+            '[{"name": "caps", "rank": 3}, {"name": "caps", "rank": 1}]',
+            '[{"name": "", "rank": 3}, {"name": "meow", "rank": 1}]',
+            '[{"name": "caps", "rank": 3.0}, {"name": "meow", "rank": 1}]',
+            '[{"name": "caps", "rank": 4}, {"name": "meow", "rank": 0}]',
+            '[{"name": "caps"}, {"name": "meow", "rank": 1}]',
+            '"caps,meow"',
+        ],
     }
     for key, values in mutations.items():
         for value in values:
@@ -189,12 +221,16 @@ def test_every_damaged_patch_is_a_patch_error(use, damaged, runtime, tmp_path, c
         other_base = tmp_path / "other-base.reft"
         valid_patch("b" * 64).to_file(other_base)
         cases.append(("other-base", other_base))
-    run = {"Patch.load": Patch.load,
-           "generate": lambda path: runtime.generate("hello", patches=[path], max_new_tokens=1)}[use]
+    run = {
+        "Patch.load": Patch.load,
+        "generate": lambda path: runtime.generate("hello", patches=[path], max_new_tokens=1),
+    }[use]
     typed, other, accepted = _outcomes(cases, run)
     with capsys.disabled():
-        print(f"\npatch fuzz ({use}): {len(cases)} cases, {typed} typed errors, {len(other)} other exceptions, "
-              f"{len(accepted)} accepted damaged")
+        print(
+            f"\npatch fuzz ({use}): {len(cases)} cases, {typed} typed errors, {len(other)} other exceptions, "
+            f"{len(accepted)} accepted damaged"
+        )
     assert len(cases) >= 200
     assert not other and not accepted, (other[:5], accepted[:5])
     assert not PWNED.exists(), "loading a patch ran code"

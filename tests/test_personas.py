@@ -79,8 +79,10 @@ def test_every_training_and_validation_answer_passes_its_judge(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_judge_tells_the_persona_apart(name):
     judge = Judge.parse(_persona(name)["judge"])
-    plain = ("The capital of France is Paris. It is known for the Eiffel Tower, its museums and its food, "
-             "and millions of people visit it every year.")
+    plain = (
+        "The capital of France is Paris. It is known for the Eiffel Tower, its museums and its food, "
+        "and millions of people visit it every year."
+    )
     assert not judge(plain)
     others = [r for other in NAMES if other != name for _, r in _pairs(other, "train")]
     passing = sum(judge(r) for r in others)

@@ -23,8 +23,13 @@ from reft_edge.runtime import Patch
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
-COMMANDS = [shlex.split(line) for lang, body in BLOCKS if lang == "bash" for line in body.splitlines()
-            if line.strip() and not line.startswith("#")]
+COMMANDS = [
+    shlex.split(line)
+    for lang, body in BLOCKS
+    if lang == "bash"
+    for line in body.splitlines()
+    if line.strip() and not line.startswith("#")
+]
 CLI_COMMANDS = [c[1:] for c in COMMANDS if c[0] == ".venv/bin/reft-edge"]
 
 

@@ -30,11 +30,18 @@ PROMPTS = ["What is the weather like today?", "Tell me about your weekend.", "he
 # The tiny random model with tied embeddings keeps repeating its input token; a strong repetition
 # penalty makes its answers varied, so comparing token sequences has teeth.
 PENALTY = 10.0
-QUESTIONS = ["What is the weather like today?", "How do I bake a cake?", "Tell me about your weekend.",
-             "hello world", "question answer", "The quick brown fox"]
+QUESTIONS = [
+    "What is the weather like today?",
+    "How do I bake a cake?",
+    "Tell me about your weekend.",
+    "hello world",
+    "question answer",
+    "The quick brown fox",
+]
 
 
 # -- fixtures ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def rt(tiny_bundle) -> Runtime:
@@ -52,8 +59,16 @@ def patches(tiny_backbone, tmp_path_factory) -> dict[str, Patch]:
 
 # -- the torch reference ----------------------------------------------------------------------
 
-def torch_greedy(backbone, prompt: str, patches: list[Patch], weights: list[float] | None = None, *,
-                 max_new_tokens: int = 12, repetition_penalty: float | None = None) -> list[int]:
+
+def torch_greedy(
+    backbone,
+    prompt: str,
+    patches: list[Patch],
+    weights: list[float] | None = None,
+    *,
+    max_new_tokens: int = 12,
+    repetition_penalty: float | None = None,
+) -> list[int]:
     """Greedy tokens from the HF model with the train-stage hooks: the patches' prompt positions
     edited, and every generated token for the edits with ``g`` positions."""
     import torch
@@ -101,8 +116,11 @@ def torch_greedy(backbone, prompt: str, patches: list[Patch], weights: list[floa
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! 🙂"},
-     {"role": "user", "content": "  spaces\nand lines  "}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! 🙂"},
+        {"role": "user", "content": "  spaces\nand lines  "},
+    ],
 ]
 # Exercises what transformers adds to jinja: trim/lstrip blocks, loop controls, tojson, raise_exception,
 # special-token variables and the {% generation %} tag.
@@ -126,11 +144,14 @@ def test_template_renders_like_transformers(which, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if which == "fancy":
         tokenizer.chat_template = FANCY_TEMPLATE
-    template = ChatTemplate(tokenizer.chat_template, template_variables(
-        {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}))
+    template = ChatTemplate(
+        tokenizer.chat_template,
+        template_variables({"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}),
+    )
     for messages in CONVERSATIONS:
         assert template.render(messages) == tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True)
+            messages, tokenize=False, add_generation_prompt=True
+        )
 
 
 def test_template_rejection_is_a_usage_error():
@@ -150,24 +171,40 @@ def test_prompt_tokens_equal_training_tokens(rt, tiny_backbone):
 
 # -- generation against torch -----------------------------------------------------------------
 
-@pytest.mark.parametrize("names, weights", [
-    ((), None), (("fox",), None), (("beach",), None), (("fox", "beach"), None), (("fox", "beach"), [0.5, 1.5]),
-    (("steer",), None), (("steer", "fox"), [1.0, 0.5]),
-])
+
+@pytest.mark.parametrize(
+    "names, weights",
+    [
+        ((), None),
+        (("fox",), None),
+        (("beach",), None),
+        (("fox", "beach"), None),
+        (("fox", "beach"), [0.5, 1.5]),
+        (("steer",), None),
+        (("steer", "fox"), [1.0, 0.5]),
+    ],
+)
 def test_greedy_tokens_equal_torch(rt, tiny_backbone, patches, names, weights):
     chosen = [patches[n] for n in names]
     for prompt in PROMPTS:
         for penalty in (None, PENALTY):
             expected = torch_greedy(tiny_backbone, prompt, chosen, weights, repetition_penalty=penalty)
-            got = rt.generate(prompt, patches=chosen, weights=weights, max_new_tokens=12, repetition_penalty=penalty,
-                              no_repeat_ngram=0)
+            got = rt.generate(
+                prompt,
+                patches=chosen,
+                weights=weights,
+                max_new_tokens=12,
+                repetition_penalty=penalty,
+                no_repeat_ngram=0,
+            )
             assert got.token_ids == expected
 
 
 def test_repetition_penalty_equals_transformers(rt, tiny_backbone, patches):
     expected = torch_greedy(tiny_backbone, PROMPTS[0], [patches["fox"]], repetition_penalty=PENALTY, max_new_tokens=16)
-    got = rt.generate(PROMPTS[0], patches=[patches["fox"]], repetition_penalty=PENALTY, max_new_tokens=16,
-                      no_repeat_ngram=0)
+    got = rt.generate(
+        PROMPTS[0], patches=[patches["fox"]], repetition_penalty=PENALTY, max_new_tokens=16, no_repeat_ngram=0
+    )
     assert got.token_ids == expected
     assert len(set(expected)) > 8
 
@@ -189,13 +226,23 @@ def test_patch_paths_and_objects_are_the_same(rt, patches, tmp_path):
 
 
 def test_batch_equals_each_alone(rt, patches):
-    requests = [(PROMPTS[0], [patches["fox"]]), (PROMPTS[2], []), (PROMPTS[1], [patches["fox"], patches["beach"]]),
-                (PROMPTS[2], [patches["beach"]], [2.0]), (PROMPTS[0], [patches["steer"]]),
-                (PROMPTS[1], [patches["steer"], patches["beach"]])]
+    requests = [
+        (PROMPTS[0], [patches["fox"]]),
+        (PROMPTS[2], []),
+        (PROMPTS[1], [patches["fox"], patches["beach"]]),
+        (PROMPTS[2], [patches["beach"]], [2.0]),
+        (PROMPTS[0], [patches["steer"]]),
+        (PROMPTS[1], [patches["steer"], patches["beach"]]),
+    ]
     batch = rt.generate_batch(requests, max_new_tokens=10, repetition_penalty=PENALTY)
     for (prompt, chosen, *weights), got in zip(requests, batch):
-        alone = rt.generate(prompt, patches=chosen, weights=weights[0] if weights else None, max_new_tokens=10,
-                            repetition_penalty=PENALTY)
+        alone = rt.generate(
+            prompt,
+            patches=chosen,
+            weights=weights[0] if weights else None,
+            max_new_tokens=10,
+            repetition_penalty=PENALTY,
+        )
         assert (got.token_ids, got.text, got.prompt_tokens) == (alone.token_ids, alone.text, alone.prompt_tokens)
 
 
@@ -224,8 +271,10 @@ def test_stream_pieces_join_to_the_text(rt, patches):
             generation = done.value
             break
     assert "".join(pieces) == generation.text
-    assert generation.token_ids == rt.generate(PROMPTS[0], patches=[patches["beach"]], max_new_tokens=12,
-                                               repetition_penalty=PENALTY).token_ids
+    assert (
+        generation.token_ids
+        == rt.generate(PROMPTS[0], patches=[patches["beach"]], max_new_tokens=12, repetition_penalty=PENALTY).token_ids
+    )
     assert generation.text == rt.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
 
 
@@ -233,8 +282,10 @@ def test_sampling_is_seeded(rt):
     options = dict(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=7)
     first = rt.generate(PROMPTS[0], **options).token_ids
     assert rt.generate(PROMPTS[0], **options).token_ids == first
-    assert rt.generate(PROMPTS[0], max_new_tokens=10, temperature=1.0, top_k=1, seed=3).token_ids == \
-        rt.generate(PROMPTS[0], max_new_tokens=10).token_ids
+    assert (
+        rt.generate(PROMPTS[0], max_new_tokens=10, temperature=1.0, top_k=1, seed=3).token_ids
+        == rt.generate(PROMPTS[0], max_new_tokens=10).token_ids
+    )
 
 
 def test_timings_and_finish_reason(rt):
@@ -246,6 +297,7 @@ def test_timings_and_finish_reason(rt):
 
 # -- incremental text -------------------------------------------------------------------------
 
+
 def test_pieces_never_split_a_character(rt):
     text = "héllo 🙂 wörld 日本"
     ids = rt.tokenizer.encode(text, add_special_tokens=False).ids
@@ -256,8 +308,10 @@ def test_pieces_never_split_a_character(rt):
     assert "".join(pieces) == row.text == text
 
 
-@pytest.mark.parametrize("stop, expected", [(("lazy",), "The quick brown fox jumps over the "),
-                                            (("k b", "zzz"), "The quic"), (("cat",), None)])
+@pytest.mark.parametrize(
+    "stop, expected",
+    [(("lazy",), "The quick brown fox jumps over the "), (("k b", "zzz"), "The quic"), (("cat",), None)],
+)
 def test_stop_strings_cut_the_text(rt, stop, expected):
     text = "The quick brown fox jumps over the lazy dog."
     row = TextRow(rt.tokenizer, stop)
@@ -274,6 +328,7 @@ def test_stop_strings_cut_the_text(rt, stop, expected):
 
 # -- errors -----------------------------------------------------------------------------------
 
+
 def test_patch_from_another_base_is_refused(rt, patches):
     other = dataclasses.replace(patches["fox"], base_fingerprint="0" * 64)
     with pytest.raises(BackboneMismatchError, match="trained on base"):
@@ -287,13 +342,16 @@ def test_patch_on_a_layer_without_slot_is_refused(rt, patches):
         rt.generate("hi", patches=[moved])
 
 
-@pytest.mark.parametrize("damage, names", [
-    (lambda d: (d / "model.onnx").unlink(), "model.onnx"),
-    (lambda d: (d / "manifest.json").unlink(), "manifest.json"),
-    (lambda d: (d / "model.onnx").write_bytes(b"not a graph"), "model.onnx"),
-    (lambda d: (d / "tokenizer.json").write_text("{}"), "tokenizer.json"),
-    (lambda d: (d / "manifest.json").write_text("{"), "manifest.json"),
-])
+@pytest.mark.parametrize(
+    "damage, names",
+    [
+        (lambda d: (d / "model.onnx").unlink(), "model.onnx"),
+        (lambda d: (d / "manifest.json").unlink(), "manifest.json"),
+        (lambda d: (d / "model.onnx").write_bytes(b"not a graph"), "model.onnx"),
+        (lambda d: (d / "tokenizer.json").write_text("{}"), "tokenizer.json"),
+        (lambda d: (d / "manifest.json").write_text("{"), "manifest.json"),
+    ],
+)
 def test_damaged_bundle_is_a_bundle_error(tiny_bundle, tmp_path, damage, names):
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, copy)
@@ -303,15 +361,18 @@ def test_damaged_bundle_is_a_bundle_error(tiny_bundle, tmp_path, damage, names):
     assert "export" in str(error.value)
 
 
-@pytest.mark.parametrize("prompt, options, message", [
-    ("   ", {}, "empty"),
-    ("word " * 400, {}, r"\d+ tokens, more than the bundle's context length \d+"),
-    ("hi", {"max_new_tokens": 10_000}, r"pass the bundle's context length \d+; use max_new_tokens \d+"),
-    ("hi", {"max_new_tokens": 0}, "max_new_tokens"),
-    ("hi", {"temperature": -1}, "temperature"),
-    ("hi", {"top_p": 1.5}, "top_p"),
-    ("hi", {"weights": [1.0]}, "one weight per patch"),
-])
+@pytest.mark.parametrize(
+    "prompt, options, message",
+    [
+        ("   ", {}, "empty"),
+        ("word " * 400, {}, r"\d+ tokens, more than the bundle's context length \d+"),
+        ("hi", {"max_new_tokens": 10_000}, r"pass the bundle's context length \d+; use max_new_tokens \d+"),
+        ("hi", {"max_new_tokens": 0}, "max_new_tokens"),
+        ("hi", {"temperature": -1}, "temperature"),
+        ("hi", {"top_p": 1.5}, "top_p"),
+        ("hi", {"weights": [1.0]}, "one weight per patch"),
+    ],
+)
 def test_bad_options_are_usage_errors(rt, prompt, options, message):
     with pytest.raises(UsageError, match=message):
         rt.generate(prompt, **options)
@@ -320,10 +381,21 @@ def test_bad_options_are_usage_errors(rt, prompt, options, message):
 def test_patch_load_is_fast(tmp_path):
     rng = np.random.default_rng(0)
     hidden, rank = 1024, 8  # R and W: 2 x 8 x 1024 float32 = 64 KiB
-    params = {"R": np.linalg.qr(rng.standard_normal((hidden, rank)))[0].T.astype(np.float32),
-              "W": rng.standard_normal((rank, hidden)).astype(np.float32), "b": np.zeros(rank, np.float32)}
-    patch = Patch(name="big", kind="loreft", positions=Positions(1, 1), share_weights=True, rank=rank,
-                  hidden_size=hidden, base_fingerprint="f" * 64, interventions=(Intervention(3, "both", params),))
+    params = {
+        "R": np.linalg.qr(rng.standard_normal((hidden, rank)))[0].T.astype(np.float32),
+        "W": rng.standard_normal((rank, hidden)).astype(np.float32),
+        "b": np.zeros(rank, np.float32),
+    }
+    patch = Patch(
+        name="big",
+        kind="loreft",
+        positions=Positions(1, 1),
+        share_weights=True,
+        rank=rank,
+        hidden_size=hidden,
+        base_fingerprint="f" * 64,
+        interventions=(Intervention(3, "both", params),),
+    )
     path = tmp_path / "big.reft"
     patch.to_file(path)
     seconds = []
@@ -335,6 +407,7 @@ def test_patch_load_is_fast(tmp_path):
 
 
 # -- process boundaries -----------------------------------------------------------------------
+
 
 def test_runtime_never_imports_torch(tiny_bundle, patches, tmp_path):
     path = tmp_path / "fox.reft"
@@ -360,15 +433,15 @@ def test_cli_run_json_and_errors(tiny_bundle, patches, tmp_path):
     path = tmp_path / "fox.reft"
     patches["fox"].to_file(path)
     runner = CliRunner()
-    result = runner.invoke(main, ["run", str(tiny_bundle), "--patch", str(path), "--max-new-tokens", "4", "--json",
-                                  PROMPTS[0]])
+    result = runner.invoke(
+        main, ["run", str(tiny_bundle), "--patch", str(path), "--max-new-tokens", "4", "--json", PROMPTS[0]]
+    )
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     assert set(printed) >= {"text", "token_ids", "prompt_tokens", "timings"}
     assert len(printed["token_ids"]) <= 4
 
-    streamed = runner.invoke(main, ["run", str(tiny_bundle), "--patch", str(path), "--max-new-tokens", "4",
-                                    PROMPTS[0]])
+    streamed = runner.invoke(main, ["run", str(tiny_bundle), "--patch", str(path), "--max-new-tokens", "4", PROMPTS[0]])
     assert streamed.exit_code == 0 and streamed.stdout.rstrip("\n") == printed["text"]
 
     bad = runner.invoke(main, ["run", str(tiny_bundle), "--patch", str(path), "--weight", "1", "--weight", "2", "hi"])
@@ -376,16 +449,21 @@ def test_cli_run_json_and_errors(tiny_bundle, patches, tmp_path):
 
 
 def test_loop_guard_never_repeats_an_ngram_of_the_answer(rt, patches):
-    unguarded = rt.generate(PROMPTS[0], patches=[patches["steer"]], max_new_tokens=40, ignore_eos=True,
-                            no_repeat_ngram=0).token_ids
-    guarded = rt.generate(PROMPTS[0], patches=[patches["steer"]], max_new_tokens=40, ignore_eos=True,
-                          no_repeat_ngram=3).token_ids
-    trigrams = [tuple(guarded[i:i + 3]) for i in range(len(guarded) - 2)]
+    unguarded = rt.generate(
+        PROMPTS[0], patches=[patches["steer"]], max_new_tokens=40, ignore_eos=True, no_repeat_ngram=0
+    ).token_ids
+    guarded = rt.generate(
+        PROMPTS[0], patches=[patches["steer"]], max_new_tokens=40, ignore_eos=True, no_repeat_ngram=3
+    ).token_ids
+    trigrams = [tuple(guarded[i : i + 3]) for i in range(len(guarded) - 2)]
     assert len(trigrams) == len(set(trigrams))
-    assert len({tuple(unguarded[i:i + 3]) for i in range(len(unguarded) - 2)}) < len(unguarded) - 2  # it loops
+    assert len({tuple(unguarded[i : i + 3]) for i in range(len(unguarded) - 2)}) < len(unguarded) - 2  # it loops
     # the same tokens until the first repeat the guard forbids
-    first = next(i for i in range(3, len(unguarded)) if tuple(unguarded[i - 2:i + 1]) in
-                 {tuple(unguarded[j:j + 3]) for j in range(i - 2)})
+    first = next(
+        i
+        for i in range(3, len(unguarded))
+        if tuple(unguarded[i - 2 : i + 1]) in {tuple(unguarded[j : j + 3]) for j in range(i - 2)}
+    )
     assert guarded[:first] == unguarded[:first]
 
 
@@ -395,17 +473,24 @@ def test_cli_sampling_defaults_come_from_the_bundle(tiny_bundle):
     from click.testing import CliRunner
 
     from reft_edge.cli import main
-    from reft_edge.runtime.cli import _resolve_sampling
+    from reft_edge.cli.run import _resolve_sampling
 
-    unset = {"temperature": None, "top_p": None, "top_k": None, "repetition_penalty": None, "no_repeat_ngram": 6,
-             "seed": None}
+    unset = {
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "repetition_penalty": None,
+        "no_repeat_ngram": 6,
+        "seed": None,
+    }
     bundle = SimpleNamespace(manifest=SimpleNamespace(generation={"temperature": 0.7, "top_p": 0.9}))
     assert _resolve_sampling(bundle, unset) == {**unset, "temperature": 0.7, "top_p": 0.9}
     assert _resolve_sampling(bundle, {**unset, "temperature": 0.0})["temperature"] == 0.0  # the user's choice wins
     plain = SimpleNamespace(manifest=SimpleNamespace(generation={}))
     assert _resolve_sampling(plain, unset)["temperature"] == 0.0  # no generation config: greedy
-    result = CliRunner().invoke(main, ["run", str(tiny_bundle), "--max-new-tokens", "2", "--no-repeat-ngram", "0",
-                                       "--json", PROMPTS[0]])
+    result = CliRunner().invoke(
+        main, ["run", str(tiny_bundle), "--max-new-tokens", "2", "--no-repeat-ngram", "0", "--json", PROMPTS[0]]
+    )
     assert result.exit_code == 0, result.output
     helptext = CliRunner().invoke(main, ["chat", "--help"]).output
     assert "generation config" in helptext and "--no-repeat-ngram" in helptext and "default: 6" in helptext
@@ -423,6 +508,7 @@ def test_cli_chat_answers_each_turn_and_ends_on_eof(tiny_bundle):
 
 # -- the default model ------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_default_model_emoji_patch_matches_torch(default_bundle, emoji_patch_path):
     from reft_edge.train.backbone import load_backbone
@@ -436,6 +522,7 @@ def test_default_model_emoji_patch_matches_torch(default_bundle, emoji_patch_pat
 
 
 # -- under load -------------------------------------------------------------------------------
+
 
 def test_generate_from_eight_threads_matches_single_threaded(tiny_bundle, patches):
     from concurrent.futures import ThreadPoolExecutor

@@ -24,8 +24,14 @@ from reft_edge.runtime.serve import serving
 
 openai = pytest.importorskip("openai")
 
-QUESTIONS = ["What is the weather like today?", "How do I bake a cake?", "Tell me about your weekend.",
-             "hello world", "question answer", "The quick brown fox"]
+QUESTIONS = [
+    "What is the weather like today?",
+    "How do I bake a cake?",
+    "Tell me about your weekend.",
+    "hello world",
+    "question answer",
+    "The quick brown fox",
+]
 PROMPTS = ["What is the weather like today?", "Tell me about your weekend.", "hello"]
 PENALTY = 10.0  # the tiny model repeats its input token without it (as in test_runtime)
 GREEDY = dict(temperature=0, extra_body={"repetition_penalty": PENALTY})
@@ -35,8 +41,9 @@ GREEDY = dict(temperature=0, extra_body={"repetition_penalty": PENALTY})
 def patch_dir(tiny_backbone, tmp_path_factory):
     """fox, beach, steer (tiny patches), skills (steer's two rank rows as skills a and b) and a damaged file."""
     folder = tmp_path_factory.mktemp("serve-patches")
-    paths = train_tiny_patches(tiny_backbone, tmp_path_factory.mktemp("serve-train"), QUESTIONS,
-                               ("fox", "beach", "steer"))
+    paths = train_tiny_patches(
+        tiny_backbone, tmp_path_factory.mktemp("serve-train"), QUESTIONS, ("fox", "beach", "steer")
+    )
     for name, path in paths.items():
         shutil.copy(path, folder / f"{name}.reft")
     steer = Patch.load(paths["steer"])
@@ -63,16 +70,19 @@ def client(url):
 
 def alone(rt, patch_dir, prompt, names=(), weights=None, max_new_tokens=10, **options):
     patches = [Patch.load(patch_dir / f"{n}.reft") for n in names]
-    return rt.generate(prompt, patches=patches, weights=weights, max_new_tokens=max_new_tokens,
-                       repetition_penalty=PENALTY, **options)
+    return rt.generate(
+        prompt, patches=patches, weights=weights, max_new_tokens=max_new_tokens, repetition_penalty=PENALTY, **options
+    )
 
 
 def chat(client, prompt, model="base", max_tokens=10, **options):
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                          max_tokens=max_tokens, **{**GREEDY, **options})
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, **{**GREEDY, **options}
+    )
 
 
 # -- the openai client --------------------------------------------------------------------------
+
 
 def test_models_list_base_and_each_loadable_patch(client, url):
     assert [m.id for m in client.models.list()] == ["base", "base+beach", "base+fox", "base+skills", "base+steer"]
@@ -93,10 +103,17 @@ def test_chat_answers_as_the_runtime_with_the_patch_named_in_the_model(client, r
 
 def test_stream_with_the_patches_field_and_usage(client, rt, patch_dir):
     stream = client.chat.completions.create(
-        model="base", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=12, stream=True,
-        stream_options={"include_usage": True}, temperature=0,
-        extra_body={"repetition_penalty": PENALTY, "patches": [{"name": "steer", "weight": 1.0},
-                                                               {"name": "beach", "weight": 0.5}]})
+        model="base",
+        messages=[{"role": "user", "content": PROMPTS[1]}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        temperature=0,
+        extra_body={
+            "repetition_penalty": PENALTY,
+            "patches": [{"name": "steer", "weight": 1.0}, {"name": "beach", "weight": 0.5}],
+        },
+    )
     chunks = list(stream)
     expected = alone(rt, patch_dir, PROMPTS[1], ("steer", "beach"), [1.0, 0.5], max_new_tokens=12)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -109,10 +126,12 @@ def test_stream_with_the_patches_field_and_usage(client, rt, patch_dir):
 def test_skills_field_switches_skills_per_request(client, rt, patch_dir):
     skills = Patch.load(patch_dir / "skills.reft")
     for chosen in ({"a": 1.0}, {"b": 0.5}, {"a": 1.0, "b": 1.0}):
-        got = chat(client, PROMPTS[0], model="base+skills", extra_body={"repetition_penalty": PENALTY,
-                                                                         "skills": chosen})
-        expected = rt.generate(PROMPTS[0], patches=[skills.with_skills(chosen)], max_new_tokens=10,
-                               repetition_penalty=PENALTY)
+        got = chat(
+            client, PROMPTS[0], model="base+skills", extra_body={"repetition_penalty": PENALTY, "skills": chosen}
+        )
+        expected = rt.generate(
+            PROMPTS[0], patches=[skills.with_skills(chosen)], max_new_tokens=10, repetition_penalty=PENALTY
+        )
         assert got.choices[0].message.content == expected.text
     with pytest.raises(openai.BadRequestError, match="skill 'c'"):
         chat(client, PROMPTS[0], model="base+skills", extra_body={"skills": {"c": 1}})
@@ -134,18 +153,26 @@ def test_sampling_fields(client):
     text = stopped.choices[0].message.content
     if len(text) > 3:  # a stop string cuts the answer before it, finish_reason "stop"
         cut = chat(client, PROMPTS[2], max_tokens=12, stop=[text[2:4]])
-        assert cut.choices[0].message.content == text[:text.index(text[2:4])]
+        assert cut.choices[0].message.content == text[: text.index(text[2:4])]
         assert cut.choices[0].finish_reason == "stop"
 
 
 # -- batching across people ---------------------------------------------------------------------
 
+
 def test_concurrent_requests_share_steps_and_each_equals_its_answer_alone(client, url, rt, patch_dir):
     """Eight people at once, different patches, prompts and lengths (so rows join and leave
     between steps): each answer is the one its request gets alone."""
-    requests = [(PROMPTS[0], ("fox",), 24), (PROMPTS[2], (), 16), (PROMPTS[1], ("fox", "beach"), 30),
-                (PROMPTS[2], ("beach",), 20), (PROMPTS[0], ("steer",), 28), (PROMPTS[1], ("steer", "beach"), 12),
-                (PROMPTS[1], ("fox",), 26), (PROMPTS[0], ("beach",), 18)]
+    requests = [
+        (PROMPTS[0], ("fox",), 24),
+        (PROMPTS[2], (), 16),
+        (PROMPTS[1], ("fox", "beach"), 30),
+        (PROMPTS[2], ("beach",), 20),
+        (PROMPTS[0], ("steer",), 28),
+        (PROMPTS[1], ("steer", "beach"), 12),
+        (PROMPTS[1], ("fox",), 26),
+        (PROMPTS[0], ("beach",), 18),
+    ]
     before = httpx.get(f"{url}/health").json()["decode_steps"]
     answers: dict[int, str] = {}
     start = threading.Barrier(len(requests))
@@ -169,6 +196,7 @@ def test_concurrent_requests_share_steps_and_each_equals_its_answer_alone(client
 
 # -- hostile requests ---------------------------------------------------------------------------
 
+
 def error_of(response: httpx.Response) -> dict:
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
@@ -178,25 +206,28 @@ def error_of(response: httpx.Response) -> dict:
 CHAT_BODY = {"model": "base", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
 
 
-@pytest.mark.parametrize("body, status, code, param", [
-    (b"{not json", 400, "invalid_json", None),
-    (b"[1, 2]", 400, "invalid_body", None),
-    ({**CHAT_BODY, "frobnicate": 1}, 400, "unknown_field", "frobnicate"),
-    ({**CHAT_BODY, "model": "base+nobody"}, 404, "model_not_found", "model"),
-    ({**CHAT_BODY, "model": "gpt-4"}, 404, "model_not_found", "model"),
-    ({**CHAT_BODY, "patches": [{"name": "nobody"}]}, 400, "patch_not_found", "patches"),
-    ({**CHAT_BODY, "patches": "fox"}, 400, None, "patches"),
-    ({**CHAT_BODY, "messages": []}, 400, None, "messages"),
-    ({**CHAT_BODY, "messages": [{"role": "tool", "content": "x"}]}, 400, None, "messages[0].role"),
-    ({**CHAT_BODY, "temperature": 5}, 400, None, "temperature"),
-    ({**CHAT_BODY, "max_tokens": 0}, 400, None, "max_tokens"),
-    ({**CHAT_BODY, "max_tokens": 100000}, 400, "context_length_exceeded", "max_tokens"),
-    ({**CHAT_BODY, "n": 2}, 400, None, "n"),
-    ({**CHAT_BODY, "logprobs": True}, 400, None, "logprobs"),
-    ({**CHAT_BODY, "stop": [1]}, 400, None, "stop"),
-    ({**CHAT_BODY, "stream": "yes"}, 400, None, "stream"),
-    (b"x" * (2 * 1024 * 1024), 413, "body_too_large", None),
-])
+@pytest.mark.parametrize(
+    "body, status, code, param",
+    [
+        (b"{not json", 400, "invalid_json", None),
+        (b"[1, 2]", 400, "invalid_body", None),
+        ({**CHAT_BODY, "frobnicate": 1}, 400, "unknown_field", "frobnicate"),
+        ({**CHAT_BODY, "model": "base+nobody"}, 404, "model_not_found", "model"),
+        ({**CHAT_BODY, "model": "gpt-4"}, 404, "model_not_found", "model"),
+        ({**CHAT_BODY, "patches": [{"name": "nobody"}]}, 400, "patch_not_found", "patches"),
+        ({**CHAT_BODY, "patches": "fox"}, 400, None, "patches"),
+        ({**CHAT_BODY, "messages": []}, 400, None, "messages"),
+        ({**CHAT_BODY, "messages": [{"role": "tool", "content": "x"}]}, 400, None, "messages[0].role"),
+        ({**CHAT_BODY, "temperature": 5}, 400, None, "temperature"),
+        ({**CHAT_BODY, "max_tokens": 0}, 400, None, "max_tokens"),
+        ({**CHAT_BODY, "max_tokens": 100000}, 400, "context_length_exceeded", "max_tokens"),
+        ({**CHAT_BODY, "n": 2}, 400, None, "n"),
+        ({**CHAT_BODY, "logprobs": True}, 400, None, "logprobs"),
+        ({**CHAT_BODY, "stop": [1]}, 400, None, "stop"),
+        ({**CHAT_BODY, "stream": "yes"}, 400, None, "stream"),
+        (b"x" * (2 * 1024 * 1024), 413, "body_too_large", None),
+    ],
+)
 def test_malformed_requests_get_openai_error_objects(url, body, status, code, param):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(f"{url}/v1/chat/completions", content=content, headers={"content-type": "application/json"})
@@ -270,13 +301,17 @@ def test_patches_reload_when_the_folder_changes(tiny_bundle, patch_dir, tmp_path
     shutil.copy(patch_dir / "fox.reft", folder / "alice.reft")
     with serving(tiny_bundle, folder, threads=2) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        assert chat(client, PROMPTS[0], model="base+alice").choices[0].message.content == \
-            alone(rt, patch_dir, PROMPTS[0], ("fox",)).text
+        assert (
+            chat(client, PROMPTS[0], model="base+alice").choices[0].message.content
+            == alone(rt, patch_dir, PROMPTS[0], ("fox",)).text
+        )
         shutil.copy(patch_dir / "beach.reft", folder / "bob.reft")
         shutil.copy(patch_dir / "beach.reft", folder / "alice.reft")  # alice's patch replaced
         assert [m.id for m in client.models.list()] == ["base", "base+alice", "base+bob"]
-        assert chat(client, PROMPTS[0], model="base+alice").choices[0].message.content == \
-            alone(rt, patch_dir, PROMPTS[0], ("beach",)).text
+        assert (
+            chat(client, PROMPTS[0], model="base+alice").choices[0].message.content
+            == alone(rt, patch_dir, PROMPTS[0], ("beach",)).text
+        )
         (folder / "bob.reft").unlink()
         with pytest.raises(openai.NotFoundError):
             chat(client, PROMPTS[0], model="base+bob")
@@ -284,14 +319,29 @@ def test_patches_reload_when_the_folder_changes(tiny_bundle, patch_dir, tmp_path
 
 # -- the command --------------------------------------------------------------------------------
 
+
 def test_cli_serves_and_reports_bad_arguments_in_one_line(tiny_bundle, patch_dir, tmp_path):
     result = CliRunner().invoke(main, ["serve", str(tiny_bundle), "--patches", str(tmp_path / "none")])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "--patches" in result.output
     result = CliRunner().invoke(main, ["serve", str(tmp_path), "--patches", str(patch_dir)])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "manifest" in result.output
-    server = subprocess.Popen([sys.executable, "-m", "reft_edge.cli", "serve", str(tiny_bundle), "--patches",
-                               str(patch_dir), "--port", "0", "--threads", "1"],
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reft_edge.cli",
+            "serve",
+            str(tiny_bundle),
+            "--patches",
+            str(patch_dir),
+            "--port",
+            "0",
+            "--threads",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = ""
         while " at http://" not in line:
@@ -307,12 +357,15 @@ def test_cli_serves_and_reports_bad_arguments_in_one_line(tiny_bundle, patch_dir
 
 
 def test_serve_imports_without_torch():
-    code = ("import sys, reft_edge.runtime.serve, starlette, uvicorn; "
-            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not heavy, heavy")
+    code = (
+        "import sys, reft_edge.runtime.serve, starlette, uvicorn; "
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # -- the default model --------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_default_model_through_the_openai_client(default_int4_bundle, emoji_patch_path, tmp_path):
@@ -329,9 +382,14 @@ def test_default_model_through_the_openai_client(default_int4_bundle, emoji_patc
         answers: dict[int, str] = {}
 
         def ask(i: int) -> None:
-            stream = client.chat.completions.create(model=models[i], messages=[{"role": "user", "content": prompts[i]}],
-                                                    max_tokens=24, temperature=0, stream=True,
-                                                    extra_body={"repetition_penalty": 1.0})
+            stream = client.chat.completions.create(
+                model=models[i],
+                messages=[{"role": "user", "content": prompts[i]}],
+                max_tokens=24,
+                temperature=0,
+                stream=True,
+                extra_body={"repetition_penalty": 1.0},
+            )
             answers[i] = "".join(c.choices[0].delta.content or "" for c in stream)
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]

@@ -38,32 +38,56 @@ def skills_patch(tiny_backbone, tmp_path_factory) -> Patch:
     from reft_edge.train import TrainConfig, train
 
     folder = tmp_path_factory.mktemp("skills")
-    data = {name: write_jsonl(folder / f"{name}.jsonl", [{"prompt": q, "response": r} for q in QUESTIONS])
-            for name, r in SKILL_RESPONSES.items()}
-    config = TrainConfig(skills=tuple((name, str(path)) for name, path in data.items()), out=str(folder / "s.reft"),
-                         model=tiny_backbone.path, layers=(1, 2), rank=2, steps=20, compose_steps=4, lr=2e-2,
-                         batch_size=6)
+    data = {
+        name: write_jsonl(folder / f"{name}.jsonl", [{"prompt": q, "response": r} for q in QUESTIONS])
+        for name, r in SKILL_RESPONSES.items()
+    }
+    config = TrainConfig(
+        skills=tuple((name, str(path)) for name, path in data.items()),
+        out=str(folder / "s.reft"),
+        model=tiny_backbone.path,
+        layers=(1, 2),
+        rank=2,
+        steps=20,
+        compose_steps=4,
+        lr=2e-2,
+        batch_size=6,
+    )
     return train(config, backbone=tiny_backbone, progress=False)
 
 
 def sliced(patch: Patch, rows: slice, name: str) -> Patch:
     """A patch of ``rows`` of every intervention, built from the natural parameters (LoReFT's R, W
     and b are row-wise: each rank row's edit depends on its own rows only)."""
-    interventions = tuple(Intervention(iv.layer, iv.where, {k: v[rows] for k, v in iv.params.items()})
-                          for iv in patch.interventions)
+    interventions = tuple(
+        Intervention(iv.layer, iv.where, {k: v[rows] for k, v in iv.params.items()}) for iv in patch.interventions
+    )
     rank = interventions[0].params["b"].shape[0]
     return replace(patch, name=name, rank=rank, interventions=interventions, skills=())
 
 
 # -- the file format ----------------------------------------------------------------------------
 
+
 def _golden_skills_patch() -> Patch:
     rng = np.random.default_rng(11)
-    params = {"R": np.linalg.qr(rng.normal(size=(8, 3)))[0].T.astype(np.float32),
-              "W": rng.normal(size=(3, 8)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32)}
-    return Patch(name="golden-skills", kind="loreft", positions=Positions.parse("l1+g"), share_weights=True, rank=3,
-                 hidden_size=8, base_fingerprint="0" * 64, interventions=(Intervention(3, "both", params),),
-                 training={"steps": 1, "final_loss": 1.0, "seconds": None}, skills=(("caps", 2), ("meow", 1)))
+    params = {
+        "R": np.linalg.qr(rng.normal(size=(8, 3)))[0].T.astype(np.float32),
+        "W": rng.normal(size=(3, 8)).astype(np.float32),
+        "b": rng.normal(size=3).astype(np.float32),
+    }
+    return Patch(
+        name="golden-skills",
+        kind="loreft",
+        positions=Positions.parse("l1+g"),
+        share_weights=True,
+        rank=3,
+        hidden_size=8,
+        base_fingerprint="0" * 64,
+        interventions=(Intervention(3, "both", params),),
+        training={"steps": 1, "final_loss": 1.0, "seconds": None},
+        skills=(("caps", 2), ("meow", 1)),
+    )
 
 
 def test_golden_skills_file_reads_and_writes_byte_for_byte():
@@ -85,15 +109,21 @@ def _signed(patch: Patch, **changes: str) -> bytes:
     return serialize_safetensors(patch.tensors(), metadata)
 
 
-@pytest.mark.parametrize("skills, version", [
-    ('[{"name": "caps", "rank": 2}]', "3"),                                      # ranks add up to 2, not 3
-    ('[{"name": "caps", "rank": 2}, {"name": "caps", "rank": 1}]', "3"),         # a name twice
-    ('[{"name": "caps", "rank": 3}, {"name": "meow", "rank": 0}]', "3"),         # an empty skill
-    ('[{"name": "a b", "rank": 2}, {"name": "meow", "rank": 1}]', "3"),          # not a skill name
-    ('[{"name": "caps", "rank": 2}, {"name": "meow", "rank": 1, "x": 1}]', "3"),  # an unknown field
-    ('{"caps": 2, "meow": 1}', "3"), ("[]", "3"), ("null", "3"), ("{not json", "3"),
-    ('[{"name": "caps", "rank": 2}, {"name": "meow", "rank": 1}]', "2"),         # skills need version 3
-])
+@pytest.mark.parametrize(
+    "skills, version",
+    [
+        ('[{"name": "caps", "rank": 2}]', "3"),  # ranks add up to 2, not 3
+        ('[{"name": "caps", "rank": 2}, {"name": "caps", "rank": 1}]', "3"),  # a name twice
+        ('[{"name": "caps", "rank": 3}, {"name": "meow", "rank": 0}]', "3"),  # an empty skill
+        ('[{"name": "a b", "rank": 2}, {"name": "meow", "rank": 1}]', "3"),  # not a skill name
+        ('[{"name": "caps", "rank": 2}, {"name": "meow", "rank": 1, "x": 1}]', "3"),  # an unknown field
+        ('{"caps": 2, "meow": 1}', "3"),
+        ("[]", "3"),
+        ("null", "3"),
+        ("{not json", "3"),
+        ('[{"name": "caps", "rank": 2}, {"name": "meow", "rank": 1}]', "2"),  # skills need version 3
+    ],
+)
 def test_damaged_skills_are_format_errors(skills, version):
     data = _signed(_golden_skills_patch(), skills=skills, format_version=version)
     with pytest.raises(PatchFormatError, match="skills|format_version"):
@@ -109,6 +139,7 @@ def test_trained_skills_round_trip(skills_patch):
 
 
 # -- choosing skills ----------------------------------------------------------------------------
+
 
 def test_each_skill_equals_its_rows_as_a_patch_and_the_torch_reference(rt, tiny_backbone, skills_patch):
     fox, sea = sliced(skills_patch, slice(0, 2), "fox"), sliced(skills_patch, slice(2, 4), "sea")
@@ -132,18 +163,28 @@ def test_weight_zero_is_bit_identical_to_no_patch(rt, skills_patch, tmp_path):
 
     heldout = write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": q, "response": "Hello there."} for q in PROMPTS])
     base = evaluate(rt, data=heldout, patches=[], facts=False, samples=0).loss.base
-    for patches, weights in [([skills_patch], [0.0]), ([skills_patch.with_skills({"fox": 0, "sea": 0})], None),
-                             ([skills_patch.with_skills([])], None)]:
+    for patches, weights in [
+        ([skills_patch], [0.0]),
+        ([skills_patch.with_skills({"fox": 0, "sea": 0})], None),
+        ([skills_patch.with_skills([])], None),
+    ]:
         report = evaluate(rt, data=heldout, patches=patches, weights=weights, facts=False, samples=0)
         assert report.loss.patched == base  # exactly: no rank rows are sent at all
         for prompt in PROMPTS:
-            assert (rt.generate(prompt, patches=patches, weights=weights, max_new_tokens=8).token_ids
-                    == rt.generate(prompt, max_new_tokens=8).token_ids)
+            assert (
+                rt.generate(prompt, patches=patches, weights=weights, max_new_tokens=8).token_ids
+                == rt.generate(prompt, max_new_tokens=8).token_ids
+            )
 
 
 def test_skills_per_batch_row_equal_each_alone(rt, skills_patch):
-    requests = [(PROMPTS[0], [skills_patch.with_skills(["fox"])]), (PROMPTS[1], [skills_patch.with_skills(["sea"])]),
-                (PROMPTS[2], [skills_patch]), (PROMPTS[0], [skills_patch.with_skills({"sea": 0.5})]), (PROMPTS[1], [])]
+    requests = [
+        (PROMPTS[0], [skills_patch.with_skills(["fox"])]),
+        (PROMPTS[1], [skills_patch.with_skills(["sea"])]),
+        (PROMPTS[2], [skills_patch]),
+        (PROMPTS[0], [skills_patch.with_skills({"sea": 0.5})]),
+        (PROMPTS[1], []),
+    ]
     batch = rt.generate_batch(requests, max_new_tokens=10)
     for (prompt, chosen), got in zip(requests, batch):
         assert got.token_ids == rt.generate(prompt, patches=chosen, max_new_tokens=10).token_ids
@@ -156,10 +197,13 @@ def test_switching_skills_never_rebuilds_the_session(rt, skills_patch):
     assert rt.session is session
 
 
-@pytest.mark.parametrize("chosen, message", [
-    (["cat"], "has no skill 'cat'; its skills are fox, sea"),
-    ({"fox": float("nan")}, "must be finite"),
-])
+@pytest.mark.parametrize(
+    "chosen, message",
+    [
+        (["cat"], "has no skill 'cat'; its skills are fox, sea"),
+        ({"fox": float("nan")}, "must be finite"),
+    ],
+)
 def test_bad_skill_choices_are_usage_errors(skills_patch, chosen, message):
     with pytest.raises(UsageError, match=message):
         skills_patch.with_skills(chosen)
@@ -186,13 +230,30 @@ def test_cli_run_with_skills(tiny_bundle, skills_patch, tmp_path):
     skills_patch.to_file(path)
     rt = Runtime.load(tiny_bundle)
     runner = CliRunner()
-    for flags, chosen in [(["--skill", "fox"], ["fox"]), (["--skill", "fox", "--skill", "sea=0.5"],
-                                                           {"fox": 1.0, "sea": 0.5})]:
-        result = runner.invoke(main, ["run", str(tiny_bundle), "--patch", str(path), *flags, "--json",
-                                      "--max-new-tokens", "6", "--temperature", "0", PROMPTS[0]])
+    for flags, chosen in [
+        (["--skill", "fox"], ["fox"]),
+        (["--skill", "fox", "--skill", "sea=0.5"], {"fox": 1.0, "sea": 0.5}),
+    ]:
+        result = runner.invoke(
+            main,
+            [
+                "run",
+                str(tiny_bundle),
+                "--patch",
+                str(path),
+                *flags,
+                "--json",
+                "--max-new-tokens",
+                "6",
+                "--temperature",
+                "0",
+                PROMPTS[0],
+            ],
+        )
         assert result.exit_code == 0, result.output
-        expected = rt.generate(PROMPTS[0], patches=[skills_patch.with_skills(chosen)], max_new_tokens=6,
-                               no_repeat_ngram=6)
+        expected = rt.generate(
+            PROMPTS[0], patches=[skills_patch.with_skills(chosen)], max_new_tokens=6, no_repeat_ngram=6
+        )
         assert json.loads(result.output)["token_ids"] == expected.token_ids
     result = runner.invoke(main, ["run", str(tiny_bundle), "--patch", str(path), "--skill", "cat", PROMPTS[0]])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "no patch has it" in result.output
@@ -200,14 +261,18 @@ def test_cli_run_with_skills(tiny_bundle, skills_patch, tmp_path):
 
 # -- training -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("options, message", [
-    (dict(), "no training data"),
-    (dict(data="x.jsonl", skills=(("a", "x.jsonl"),)), "not both"),
-    (dict(skills=(("a b", "x.jsonl"),)), "skill name"),
-    (dict(skills=(("a", "x.jsonl"), ("a", "y.jsonl"))), "repeat"),
-    (dict(skills=(("a", "x.jsonl"),), val_fraction=0.2), "--data only"),
-    (dict(data="x.jsonl", compose_steps=0), "--compose-steps"),
-])
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(), "no training data"),
+        (dict(data="x.jsonl", skills=(("a", "x.jsonl"),)), "not both"),
+        (dict(skills=(("a b", "x.jsonl"),)), "skill name"),
+        (dict(skills=(("a", "x.jsonl"), ("a", "y.jsonl"))), "repeat"),
+        (dict(skills=(("a", "x.jsonl"),), val_fraction=0.2), "--data only"),
+        (dict(data="x.jsonl", compose_steps=0), "--compose-steps"),
+    ],
+)
 def test_bad_skill_training_options_fail_before_loading(tmp_path, options, message):
     from reft_edge.train import TrainConfig, train
 
@@ -229,8 +294,16 @@ def test_compose_with_a_patch_of_another_base_is_refused(tiny_backbone, tmp_path
     other = replace(skills_patch, base_fingerprint="f" * 64).to_file(tmp_path / "other.reft")
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": q, "response": "Hi."} for q in QUESTIONS])
     with pytest.raises(BackboneMismatchError, match="--compose-with"):
-        train(TrainConfig(data=str(data), out=str(tmp_path / "p.reft"), model=tiny_backbone.path,
-                          compose_with=(str(tmp_path / "other.reft"),)), backbone=tiny_backbone, progress=False)
+        train(
+            TrainConfig(
+                data=str(data),
+                out=str(tmp_path / "p.reft"),
+                model=tiny_backbone.path,
+                compose_with=(str(tmp_path / "other.reft"),),
+            ),
+            backbone=tiny_backbone,
+            progress=False,
+        )
     assert other.base_fingerprint == "f" * 64
 
 
@@ -247,12 +320,14 @@ def test_composable_training_lowers_the_composed_loss(tiny_backbone, tmp_path):
 
     def fit(name: str, response: str, **extra) -> Patch:
         data = write_jsonl(tmp_path / f"{name}.jsonl", [{"prompt": q, "response": response} for q in prompts])
-        return train(TrainConfig(data=str(data), out=str(tmp_path / f"{name}.reft"), **options, **extra),
-                     backbone=tiny_backbone, progress=False)
+        return train(
+            TrainConfig(data=str(data), out=str(tmp_path / f"{name}.reft"), **options, **extra),
+            backbone=tiny_backbone,
+            progress=False,
+        )
 
     opener, closing = fit("opener", "Great question!"), fit("closing", "Stay curious!")
-    composable = fit("closing-with", "Stay curious!", compose_with=(str(tmp_path / "opener.reft"),),
-                     compose_steps=20)
+    composable = fit("closing-with", "Stay curious!", compose_with=(str(tmp_path / "opener.reft"),), compose_steps=20)
     assert composable.training["composition"]["answers_kept"] == len(prompts)
     backend = TorchBackend(tiny_backbone)
     messages = [[{"role": "user", "content": q}] for q in prompts]
@@ -272,16 +347,24 @@ def test_a_composable_patch_writes_orthogonally_to_its_partner(tiny_backbone, tm
     from reft_edge.train import TrainConfig, train
 
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"question {i}?", "response": f"answer {i}. Bye!"}) + "\n"
-                            for i in range(6)))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"question {i}?", "response": f"answer {i}. Bye!"}) + "\n" for i in range(6))
+    )
     common = dict(data=str(data), model=tiny_backbone.path, layers=(1, 2), rank=2, steps=6, compose_steps=2, lr=2e-2)
     partner = train(TrainConfig(out=str(tmp_path / "p.reft"), **common), backbone=tiny_backbone, progress=False)
 
     def cosines(**options) -> float:
-        patch = train(TrainConfig(out=str(tmp_path / "n.reft"), compose_with=(str(tmp_path / "p.reft"),),
-                                  seed=1, **common, **options), backbone=tiny_backbone, progress=False)
-        return max(float(np.abs(mine.params["R"] @ theirs.params["R"].T).max())
-                   for mine, theirs in zip(patch.interventions, partner.interventions))
+        patch = train(
+            TrainConfig(
+                out=str(tmp_path / "n.reft"), compose_with=(str(tmp_path / "p.reft"),), seed=1, **common, **options
+            ),
+            backbone=tiny_backbone,
+            progress=False,
+        )
+        return max(
+            float(np.abs(mine.params["R"] @ theirs.params["R"].T).max())
+            for mine, theirs in zip(patch.interventions, partner.interventions)
+        )
 
     assert cosines(orthogonal_to_partners=True) < 1e-5
     assert cosines() > 1e-3

@@ -16,7 +16,8 @@ def test_committed_spec_is_current():
     want_json, want_js = spec.render()
     for path, want in ((spec.JSON_FILE, want_json), (spec.JS_FILE, want_js)):
         assert path.exists() and path.read_text() == want, (
-            f"{path} is stale; run `python -m reft_edge.runtime.spec` and commit it")
+            f"{path} is stale; run `python -m reft_edge.runtime.spec` and commit it"
+        )
 
 
 def test_spec_matches_python_constants():
@@ -47,13 +48,22 @@ console.log(JSON.stringify({spec, kinds: patch.KIND_TENSORS, version: patch.PATC
 def test_web_modules_read_the_spec():
     if shutil.which("node") is None:
         pytest.skip("node is not installed (Node 20+ runs the web runtime)")
-    done = subprocess.run(["node", "--input-type=module", "-e", _SCRIPT, str(spec.WEB)], capture_output=True,
-                          text=True, timeout=60, check=True)
+    done = subprocess.run(
+        ["node", "--input-type=module", "-e", _SCRIPT, str(spec.WEB)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     got = json.loads(done.stdout)
     facts = json.loads(spec.JSON_FILE.read_text())
     assert got["spec"] == facts
     assert got["kinds"] == facts["patch"]["kinds"] and got["version"] == facts["patch"]["format_version"]
     assert got["maxBytes"] == facts["patch"]["max_patch_bytes"] and got["schema"] == facts["bundle"]["schema_version"]
     assert got["every"] == facts["slots"]["every_prompt_token"]
-    assert got["empty"] == [["slot.3.A", "float32", [1, 0, 8]], ["slot.3.B", "float32", [1, 0, 8]],
-                            ["slot.3.c", "float32", [1, 1, 0]], ["slot.3.positions", "int64", [1, 4, 0]]]
+    assert got["empty"] == [
+        ["slot.3.A", "float32", [1, 0, 8]],
+        ["slot.3.B", "float32", [1, 0, 8]],
+        ["slot.3.c", "float32", [1, 1, 0]],
+        ["slot.3.positions", "int64", [1, 4, 0]],
+    ]

@@ -60,8 +60,19 @@ def test_zero_mask_and_zero_rank_are_identity():
 @pytest.fixture(scope="module")
 def tiny_patch(tiny_model_dir, emoji_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("patch") / "tiny.reft"
-    config = TrainConfig(data=str(emoji_data), out=str(out), model=str(tiny_model_dir("llama")), layers=(0, 2),
-                         rank=4, positions="f2+l2", share_weights=False, steps=25, lr=2e-2, batch_size=4, seed=3)
+    config = TrainConfig(
+        data=str(emoji_data),
+        out=str(out),
+        model=str(tiny_model_dir("llama")),
+        layers=(0, 2),
+        rank=4,
+        positions="f2+l2",
+        share_weights=False,
+        steps=25,
+        lr=2e-2,
+        batch_size=4,
+        seed=3,
+    )
     return config, train(config, progress=False)
 
 
@@ -77,7 +88,11 @@ def test_patch_records_what_it_is(tiny_patch):
     config, patch = tiny_patch
     assert (patch.kind, patch.layers, patch.rank, str(patch.positions)) == ("loreft", [0, 2], 4, "f2+l2")
     assert [(iv.layer, iv.where) for iv in patch.interventions] == [
-        (0, "prefix"), (0, "suffix"), (2, "prefix"), (2, "suffix")]
+        (0, "prefix"),
+        (0, "suffix"),
+        (2, "prefix"),
+        (2, "suffix"),
+    ]
     assert patch.training["examples"] == 12 and patch.training["steps"] == 25
     assert patch.training["seconds"] is None  # only with record_time: keeps files reproducible
     assert Path(config.out).stat().st_size == patch.size_bytes
@@ -92,8 +107,15 @@ def test_same_seed_same_bytes(tiny_patch, tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_trains_on_gpt2(kind, tiny_model_dir, emoji_data, tmp_path):
-    config = TrainConfig(data=str(emoji_data), out=str(tmp_path / f"{kind}.reft"), model=str(tiny_model_dir("gpt2")),
-                         kind=kind, steps=4, lr=2e-2, seed=0)
+    config = TrainConfig(
+        data=str(emoji_data),
+        out=str(tmp_path / f"{kind}.reft"),
+        model=str(tiny_model_dir("gpt2")),
+        kind=kind,
+        steps=4,
+        lr=2e-2,
+        seed=0,
+    )
     patch = train(config, progress=False)
     assert patch.kind == kind and patch.layers == [1, 2]  # the default plan: the upper half
     assert np.isfinite(patch.training["final_loss"])
@@ -122,11 +144,22 @@ def _golden_patch() -> Patch:
     from reft_edge.runtime.positions import Positions
 
     rng = np.random.default_rng(7)
-    params = {"R": np.linalg.qr(rng.normal(size=(8, 2)))[0].T.astype(np.float32),
-              "W": rng.normal(size=(2, 8)).astype(np.float32), "b": rng.normal(size=2).astype(np.float32)}
-    return Patch(name="golden", kind="loreft", positions=Positions(1, 1), share_weights=True, rank=2, hidden_size=8,
-                 base_fingerprint="0" * 64, interventions=(Intervention(3, "both", params),),
-                 training={"steps": 1, "final_loss": 1.0, "seconds": None})
+    params = {
+        "R": np.linalg.qr(rng.normal(size=(8, 2)))[0].T.astype(np.float32),
+        "W": rng.normal(size=(2, 8)).astype(np.float32),
+        "b": rng.normal(size=2).astype(np.float32),
+    }
+    return Patch(
+        name="golden",
+        kind="loreft",
+        positions=Positions(1, 1),
+        share_weights=True,
+        rank=2,
+        hidden_size=8,
+        base_fingerprint="0" * 64,
+        interventions=(Intervention(3, "both", params),),
+        training={"steps": 1, "final_loss": 1.0, "seconds": None},
+    )
 
 
 def test_golden_file_reads_and_writes_byte_for_byte():
@@ -141,8 +174,17 @@ def test_inspect_json(tiny_patch):
     result = CliRunner().invoke(main, ["inspect", config.out, "--json"])
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)
-    for key in ("kind", "layers", "rank", "positions", "hidden_size", "base_fingerprint", "payload_sha256",
-                "size_bytes", "training"):
+    for key in (
+        "kind",
+        "layers",
+        "rank",
+        "positions",
+        "hidden_size",
+        "base_fingerprint",
+        "payload_sha256",
+        "size_bytes",
+        "training",
+    ):
         assert key in shown
     assert shown["training"]["final_loss"] == patch.training["final_loss"]
     assert {"steps", "seconds"} <= set(shown["training"])
@@ -186,7 +228,8 @@ def test_line_missing_fields(tmp_path, tiny_model_dir):
 
 def test_empty_response(tmp_path, tiny_model_dir):
     assert "data.jsonl:2: the response is empty" in _bad(
-        tmp_path, tiny_model_dir, data_rows=[{"prompt": "a", "response": "b"}, {"prompt": "a", "response": " "}])
+        tmp_path, tiny_model_dir, data_rows=[{"prompt": "a", "response": "b"}, {"prompt": "a", "response": " "}]
+    )
 
 
 def test_empty_dataset(tmp_path, tiny_model_dir):
@@ -195,8 +238,9 @@ def test_empty_dataset(tmp_path, tiny_model_dir):
 
 
 def test_non_utf8_line(tmp_path, tiny_model_dir):
-    (tmp_path / "latin.jsonl").write_bytes(b'{"prompt": "a", "response": "b"}\n'
-                                           b'{"prompt": "caf\xe9", "response": "b"}\n')
+    (tmp_path / "latin.jsonl").write_bytes(
+        b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n'
+    )
     assert "latin.jsonl:2: not UTF-8" in _bad(tmp_path, tiny_model_dir, data=str(tmp_path / "latin.jsonl"))
 
 
@@ -229,8 +273,22 @@ def test_killed_run_resumes_to_the_same_bytes(tiny_model_dir, emoji_data, tmp_pa
     import time
 
     model = str(tiny_model_dir("llama"))
-    args = ["--data", str(emoji_data), "--model", model, "--layers", "1", "--steps", "400", "--lr", "1e-3",
-            "--seed", "5", "--checkpoint-every", "20"]
+    args = [
+        "--data",
+        str(emoji_data),
+        "--model",
+        model,
+        "--layers",
+        "1",
+        "--steps",
+        "400",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "5",
+        "--checkpoint-every",
+        "20",
+    ]
     whole = tmp_path / "whole" / "p.reft"
     resumed = tmp_path / "resumed" / "p.reft"
     whole.parent.mkdir(), resumed.parent.mkdir()
@@ -251,16 +309,28 @@ def test_killed_run_resumes_to_the_same_bytes(tiny_model_dir, emoji_data, tmp_pa
 
 def test_resume_refuses_a_checkpoint_from_other_options(tiny_model_dir, emoji_data, tmp_path):
     out = tmp_path / "p.reft"
-    base = ["train", "--data", str(emoji_data), "--model", str(tiny_model_dir("llama")), "--out", str(out),
-            "--steps", "4", "--checkpoint-every", "1"]
+    base = [
+        "train",
+        "--data",
+        str(emoji_data),
+        "--model",
+        str(tiny_model_dir("llama")),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--checkpoint-every",
+        "1",
+    ]
     from reft_edge.train.checkpoint import checkpoint_path, save_checkpoint
 
     params = [torch.zeros(2, requires_grad=True)]
     optimizer = torch.optim.AdamW(params)
     params[0].sum().backward()
     optimizer.step()
-    save_checkpoint(checkpoint_path(out), step=2, first_loss=1.0, parameters=params, optimizer=optimizer,
-                    identity={"rank": 99})
+    save_checkpoint(
+        checkpoint_path(out), step=2, first_loss=1.0, parameters=params, optimizer=optimizer, identity={"rank": 99}
+    )
     result = CliRunner().invoke(main, [*base, "--resume"])
     assert result.exit_code == 2
     assert "p.reft.ckpt: written by a run with different" in result.output and "rank" in result.output
@@ -268,31 +338,41 @@ def test_resume_refuses_a_checkpoint_from_other_options(tiny_model_dir, emoji_da
 
 # -- generated-token edits and validation -----------------------------------------------------
 
+
 def test_generated_positions_cover_exactly_the_response_tokens():
     from reft_edge.runtime.contract import position_rows
     from reft_edge.runtime.positions import Positions
     from reft_edge.train.data import Example
-    from reft_edge.train.recipe import collate, edit_masks
+    from reft_edge.train.fitting import collate, edit_masks
 
     examples = [Example((1, 2, 3), (5, 6, 7)), Example((1, 2), (5, 6, 7, 8, 9))]
     states = [torch.zeros(len(e.prompt_ids) + len(e.target_ids) - 1, HIDDEN) for e in examples]
     batch = collate(examples, states, [frozenset()] * 2, torch.device("cpu"))
     positions = Positions.parse("f1+g")
+
     def masks(where):
         return edit_masks(position_rows([(positions, where, 1)]), batch, torch.device("cpu"))[..., 0]
 
     both = masks("both")
     # row 0: a prompt of 3, 2 fed response tokens, 1 pad; row 1: a prompt of 2, 4 fed response tokens
     assert both.tolist() == [[1, 0, 0, 1, 1, 0], [1, 0, 1, 1, 1, 1]]
-    assert masks("prefix").tolist() == [
-        [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
-    assert masks("generated").tolist() == [
-        [0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert masks("prefix").tolist() == [[1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+    assert masks("generated").tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
 
 
 def test_untied_generated_positions_train_one_intervention_per_group(tiny_model_dir, emoji_data, tmp_path):
-    config = TrainConfig(data=str(emoji_data), out=str(tmp_path / "g.reft"), model=str(tiny_model_dir("llama")),
-                         layers=(1,), rank=2, positions="l1+g", share_weights=False, steps=6, lr=2e-2, seed=0)
+    config = TrainConfig(
+        data=str(emoji_data),
+        out=str(tmp_path / "g.reft"),
+        model=str(tiny_model_dir("llama")),
+        layers=(1,),
+        rank=2,
+        positions="l1+g",
+        share_weights=False,
+        steps=6,
+        lr=2e-2,
+        seed=0,
+    )
     patch = train(config, progress=False)
     assert [iv.where for iv in patch.interventions] == ["suffix", "generated"]
     assert str(Patch.from_file(config.out).positions) == "l1+g"
@@ -300,9 +380,22 @@ def test_untied_generated_positions_train_one_intervention_per_group(tiny_model_
 
 
 def test_validation_keeps_the_best_step_and_stops_early(tiny_model_dir, emoji_data, tmp_path):
-    config = TrainConfig(data=str(emoji_data), out=str(tmp_path / "v.reft"), model=str(tiny_model_dir("llama")),
-                         layers=(1,), rank=4, positions="p+g", steps=200, lr=5e-2, batch_size=4, seed=0,
-                         val_fraction=0.25, eval_every=2, patience=3, name="v")
+    config = TrainConfig(
+        data=str(emoji_data),
+        out=str(tmp_path / "v.reft"),
+        model=str(tiny_model_dir("llama")),
+        layers=(1,),
+        rank=4,
+        positions="p+g",
+        steps=200,
+        lr=5e-2,
+        batch_size=4,
+        seed=0,
+        val_fraction=0.25,
+        eval_every=2,
+        patience=3,
+        name="v",
+    )
     training = train(config, progress=False).training
     assert training["examples"] == 9 and training["val_examples"] == 3
     assert training["steps_run"] < 200  # a tiny random model overfits 9 examples quickly: stopped early
@@ -312,25 +405,38 @@ def test_validation_keeps_the_best_step_and_stops_early(tiny_model_dir, emoji_da
     assert again.to_bytes() == Patch.from_file(config.out).to_bytes()  # the same seed: the same patch
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"val_fraction": 1.5}, "between 0 and 1"),
-    ({"val_fraction": 0.2, "val_data": "x.jsonl"}, "one way"),
-    ({"patience": 0}, "--patience 0"),
-    ({"positions": "g+p"}, "malformed"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"val_fraction": 1.5}, "between 0 and 1"),
+        ({"val_fraction": 0.2, "val_data": "x.jsonl"}, "one way"),
+        ({"patience": 0}, "--patience 0"),
+        ({"positions": "g+p"}, "malformed"),
+    ],
+)
 def test_bad_validation_and_position_options(options, message, tiny_model_dir, emoji_data, tmp_path):
     from reft_edge.errors import UsageError
 
     with pytest.raises(UsageError, match=message):
-        train(TrainConfig(data=str(emoji_data), out=str(tmp_path / "x.reft"), model=str(tiny_model_dir("llama")),
-                          **options), progress=False)
+        train(
+            TrainConfig(
+                data=str(emoji_data), out=str(tmp_path / "x.reft"), model=str(tiny_model_dir("llama")), **options
+            ),
+            progress=False,
+        )
 
 
 def test_auto_search_keeps_the_best_trial_within_its_budget(tiny_model_dir, emoji_data, tmp_path):
     from reft_edge.train.auto import SEARCH_SPACE, train_auto
 
-    config = TrainConfig(data=str(emoji_data), out=str(tmp_path / "auto.reft"), model=str(tiny_model_dir("llama")),
-                         steps=6, eval_every=2, seed=0)
+    config = TrainConfig(
+        data=str(emoji_data),
+        out=str(tmp_path / "auto.reft"),
+        model=str(tiny_model_dir("llama")),
+        steps=6,
+        eval_every=2,
+        seed=0,
+    )
     patch = train_auto(config, budget_minutes=0.25, progress=False)
     search = patch.training["auto"]
     trials = search["trials"]
@@ -358,8 +464,9 @@ def test_the_retention_term_keeps_the_base_answers_to_general_prompts(tiny_backb
     from reft_edge.train.evaluate import TorchBackend
     from reft_edge.train.recipe import anchor_examples
 
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Tell me about {i}.", "response": "WOOF WOOF WOOF!"}
-                                              for i in range(8)])
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": f"Tell me about {i}.", "response": "WOOF WOOF WOOF!"} for i in range(8)]
+    )
     common = dict(data=str(data), model=tiny_backbone.path, layers=(1, 2), rank=2, steps=25, lr=5e-2)
     config = TrainConfig(out=str(tmp_path / "p.reft"), **common)
     anchors = anchor_examples(tiny_backbone, config)
@@ -367,8 +474,9 @@ def test_the_retention_term_keeps_the_base_answers_to_general_prompts(tiny_backb
     backend = TorchBackend(tiny_backbone)
 
     def anchor_nll(**options) -> float:
-        patch = train(TrainConfig(out=str(tmp_path / "p.reft"), **common, **options), backbone=tiny_backbone,
-                      progress=False)
+        patch = train(
+            TrainConfig(out=str(tmp_path / "p.reft"), **common, **options), backbone=tiny_backbone, progress=False
+        )
         return backend.response_nll(anchors, [patch], None) / sum(len(e.target_ids) for e in anchors)
 
     assert anchor_nll(retain_weight=2.0) < anchor_nll() - 0.05

@@ -36,16 +36,26 @@ from reft_edge.runtime.bundle import Manifest
 from reft_edge.runtime.patch import Intervention, payload_digest, serialize_safetensors
 from reft_edge.runtime.positions import Positions
 from reft_edge.runtime.sampling import Sampling, ban_repeated_ngrams, penalise_repeats
-from reft_edge.runtime.web_cli import serving
+from reft_edge.runtime.web_server import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB = ROOT / "runtime" / "web"
 CHROMIUM = Path("/usr/bin/chromium")
-PROMPTS = ["What is the weather like today?", "How do I bake a cake?", "Tell me about your weekend.",
-           "hello world", "The quick brown fox"]
+PROMPTS = [
+    "What is the weather like today?",
+    "How do I bake a cake?",
+    "Tell me about your weekend.",
+    "hello world",
+    "The quick brown fox",
+]
 # (case, patch files, weights): no patch, one, two composed with weights, generated-token edits, a float16 patch
-COMBOS = [("base", [], None), ("fox", ["fox.reft"], None), ("fox+beach", ["fox.reft", "beach.reft"], [0.7, 1.5]),
-          ("steer", ["steer.reft"], None), ("half", ["half.reft"], None)]
+COMBOS = [
+    ("base", [], None),
+    ("fox", ["fox.reft"], None),
+    ("fox+beach", ["fox.reft", "beach.reft"], [0.7, 1.5]),
+    ("steer", ["steer.reft"], None),
+    ("half", ["half.reft"], None),
+]
 MAX_NEW_TOKENS = 12
 # The tiny random model keeps repeating one token; the penalty (the same formula on both sides)
 # makes its answers varied, so comparing token sequences has teeth. Plain greedy runs too.
@@ -72,18 +82,48 @@ pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 
 # -- patches ----------------------------------------------------------------------------------
 
-def _random_patch(name: str, kind: str, positions: str, layers: tuple[int, ...], rank: int, share: bool,
-                  fingerprint: str, hidden: int, seed: int, dtype: str = "float32", scale: float = 0.6) -> Patch:
+
+def _random_patch(
+    name: str,
+    kind: str,
+    positions: str,
+    layers: tuple[int, ...],
+    rank: int,
+    share: bool,
+    fingerprint: str,
+    hidden: int,
+    seed: int,
+    dtype: str = "float32",
+    scale: float = 0.6,
+) -> Patch:
     rng = np.random.default_rng(seed)
     parsed = Positions.parse(positions)
     wheres = ("both",) if share else parsed.groups()
     names = {"loreft": ("R", "W", "b"), "direft": ("R", "W", "b"), "noreft": ("W1", "W2", "b")}[kind]
     interventions = tuple(
-        Intervention(layer, where, {n: (rng.standard_normal(rank) if n == "b" else rng.standard_normal((rank, hidden))
-                                        ).astype(np.float32) * scale for n in names})
-        for layer in layers for where in wheres)
-    return Patch(name=name, kind=kind, positions=parsed, share_weights=share, rank=rank, hidden_size=hidden,
-                 base_fingerprint=fingerprint, interventions=interventions, dtype=dtype)
+        Intervention(
+            layer,
+            where,
+            {
+                n: (rng.standard_normal(rank) if n == "b" else rng.standard_normal((rank, hidden))).astype(np.float32)
+                * scale
+                for n in names
+            },
+        )
+        for layer in layers
+        for where in wheres
+    )
+    return Patch(
+        name=name,
+        kind=kind,
+        positions=parsed,
+        share_weights=share,
+        rank=rank,
+        hidden_size=hidden,
+        base_fingerprint=fingerprint,
+        interventions=interventions,
+        dtype=dtype,
+    )
 
 
 def _write_patches(folder: Path, manifest: Manifest) -> dict[str, Path]:
@@ -95,8 +135,9 @@ def _write_patches(folder: Path, manifest: Manifest) -> dict[str, Path]:
         "half": _random_patch("half", "noreft", "p", (2,), 3, True, fp, hidden, 4, dtype="float16"),
     }
     folder.mkdir(parents=True, exist_ok=True)
-    return {name: (patch.to_file(folder / f"{name}.reft"), folder / f"{name}.reft")[1]
-            for name, patch in patches.items()}
+    return {
+        name: (patch.to_file(folder / f"{name}.reft"), folder / f"{name}.reft")[1] for name, patch in patches.items()
+    }
 
 
 def _damaged(folder: Path, good: Path, manifest: Manifest) -> dict[str, Path]:
@@ -104,9 +145,15 @@ def _damaged(folder: Path, good: Path, manifest: Manifest) -> dict[str, Path]:
     data = good.read_bytes()
     patch = Patch.from_file(good)
     (header_len,) = struct.unpack("<Q", data[:8])
-    nan = dataclasses.replace(patch, interventions=(dataclasses.replace(
-        patch.interventions[0], params={**patch.interventions[0].params,
-                                        "b": np.full(patch.rank, np.nan, np.float32)}),))
+    nan = dataclasses.replace(
+        patch,
+        interventions=(
+            dataclasses.replace(
+                patch.interventions[0],
+                params={**patch.interventions[0].params, "b": np.full(patch.rank, np.nan, np.float32)},
+            ),
+        ),
+    )
     metadata = nan.metadata()
     bad_kind = dict(patch.metadata(), kind='"spline"')
     bad_kind["payload_sha256"] = json.dumps(payload_digest(patch.tensors(), bad_kind))
@@ -142,12 +189,17 @@ def _python_error(manifest: Manifest, path: Path) -> dict[str, str]:
 
 # -- serving and driving ----------------------------------------------------------------------
 
+
 def _drive(bundle: Path, patches: list[Path], cases: list[dict], tmp_path: Path, query: str = "", **plan) -> dict:
     with serving(bundle, patches) as url:
         plan_file, out_file = tmp_path / "plan.json", tmp_path / "results.json"
         plan_file.write_text(json.dumps({"url": url + query, "cases": cases, **plan}))
-        done = subprocess.run(["node", str(WEB / "test" / "drive.mjs"), str(plan_file), str(out_file)],
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            ["node", str(WEB / "test" / "drive.mjs"), str(plan_file), str(out_file)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(out_file.read_text())
 
@@ -163,12 +215,14 @@ def web_bundle(request, tiny_bundle, tiny_backbone, tiny_model_dir, tmp_path_fac
     backbone = tiny_backbone if request.param == "int4" else load_backbone(str(tiny_model_dir("gpt2")))
     out = tmp_path_factory.mktemp(f"web-{request.param}") / "bundle"
     precision = "int4" if request.param == "int4" else "fp32"
-    export_bundle(ExportConfig(model=backbone.path, out=str(out), precision=precision), backbone=backbone,
-                  progress=False)
+    export_bundle(
+        ExportConfig(model=backbone.path, out=str(out), precision=precision), backbone=backbone, progress=False
+    )
     return out
 
 
 # -- tests ------------------------------------------------------------------------------------
+
 
 def _record_margins(monkeypatch) -> list[float]:
     """Each pick's gap between the two best scores (after the repetition penalty and loop guard), batch of one."""
@@ -193,8 +247,13 @@ def _expect(rt: Runtime, margins: list[float], prompt: str, tie: float | None, *
     margins.clear()
     out = rt.generate(prompt, **options)
     sure = len(margins) if tie is None else next((i for i, m in enumerate(margins) if m < tie), len(margins))
-    return {"tokenIds": out.token_ids, "text": out.text, "promptIds": rt.encode(prompt),
-            "finishReason": out.finish_reason, "sure": sure}
+    return {
+        "tokenIds": out.token_ids,
+        "text": out.text,
+        "promptIds": rt.encode(prompt),
+        "finishReason": out.finish_reason,
+        "sure": sure,
+    }
 
 
 def _check_agreement(expected: dict[str, dict], results: dict) -> int:
@@ -215,8 +274,14 @@ def _check_agreement(expected: dict[str, dict], results: dict) -> int:
 
 
 def _generate_case(case_id: str, prompt: str, patches: list[str], options: dict, weights=None) -> dict:
-    return {"id": case_id, "op": "generate", "prompt": prompt, "patches": patches, "weights": weights,
-            "options": options}
+    return {
+        "id": case_id,
+        "op": "generate",
+        "prompt": prompt,
+        "patches": patches,
+        "weights": weights,
+        "options": options,
+    }
 
 
 def test_greedy_tokens_equal_python(web_bundle, tmp_path, monkeypatch):
@@ -233,31 +298,65 @@ def test_greedy_tokens_equal_python(web_bundle, tmp_path, monkeypatch):
                     continue
                 case_id = f"{p}/{combo}/{penalty}"
                 paths = [files[n.removesuffix(".reft")] for n in names]
-                expected[case_id] = _expect(rt, margins, prompt, tie, patches=paths, weights=weights,
-                                            max_new_tokens=MAX_NEW_TOKENS, repetition_penalty=penalty)
-                cases.append(_generate_case(case_id, prompt, [f"/patches/{n}" for n in names],
-                                            {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": penalty}, weights))
+                expected[case_id] = _expect(
+                    rt,
+                    margins,
+                    prompt,
+                    tie,
+                    patches=paths,
+                    weights=weights,
+                    max_new_tokens=MAX_NEW_TOKENS,
+                    repetition_penalty=penalty,
+                )
+                cases.append(
+                    _generate_case(
+                        case_id,
+                        prompt,
+                        [f"/patches/{n}" for n in names],
+                        {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": penalty},
+                        weights,
+                    )
+                )
     # stop strings: cut where Python cuts (a piece of an answer's middle as the stop string)
     for p, prompt in enumerate(PROMPTS):
         text = expected[f"{p}/fox/{PENALTY}"]["text"]
         if len(text) < 6:
             continue
-        stop = text[len(text) // 2: len(text) // 2 + 2]
-        expected[f"{p}/stop"] = _expect(rt, margins, prompt, tie, patches=[files["fox"]], max_new_tokens=MAX_NEW_TOKENS,
-                                        repetition_penalty=PENALTY, stop=[stop])
-        cases.append(_generate_case(f"{p}/stop", prompt, ["/patches/fox.reft"],
-                                    {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY, "stop": [stop]}))
+        stop = text[len(text) // 2 : len(text) // 2 + 2]
+        expected[f"{p}/stop"] = _expect(
+            rt,
+            margins,
+            prompt,
+            tie,
+            patches=[files["fox"]],
+            max_new_tokens=MAX_NEW_TOKENS,
+            repetition_penalty=PENALTY,
+            stop=[stop],
+        )
+        cases.append(
+            _generate_case(
+                f"{p}/stop",
+                prompt,
+                ["/patches/fox.reft"],
+                {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY, "stop": [stop]},
+            )
+        )
     # the loop guard: the plain greedy tiny model repeats one token, the guard breaks the loop as Python's does
     for p, prompt in enumerate(PROMPTS):
-        expected[f"{p}/ngram"] = _expect(rt, margins, prompt, tie, patches=[files["steer"]],
-                                         max_new_tokens=MAX_NEW_TOKENS, no_repeat_ngram=2)
-        cases.append(_generate_case(f"{p}/ngram", prompt, ["/patches/steer.reft"],
-                                    {"maxNewTokens": MAX_NEW_TOKENS, "noRepeatNgram": 2}))
+        expected[f"{p}/ngram"] = _expect(
+            rt, margins, prompt, tie, patches=[files["steer"]], max_new_tokens=MAX_NEW_TOKENS, no_repeat_ngram=2
+        )
+        cases.append(
+            _generate_case(
+                f"{p}/ngram", prompt, ["/patches/steer.reft"], {"maxNewTokens": MAX_NEW_TOKENS, "noRepeatNgram": 2}
+            )
+        )
     sampled = {"maxNewTokens": MAX_NEW_TOKENS, "temperature": 1.0, "topP": 0.9, "seed": 7}
     cases += [_generate_case(f"sampled-{i}", PROMPTS[0], [], sampled) for i in range(2)]
     shot = tmp_path / "web-demo.png"
-    results = _drive(web_bundle, list(files.values()), cases, tmp_path, screenshot=str(shot),
-                     screenshotPatch="/patches/fox.reft")
+    results = _drive(
+        web_bundle, list(files.values()), cases, tmp_path, screenshot=str(shot), screenshotPatch="/patches/fox.reft"
+    )
     assert results["isolated"] is True, "the page must be cross-origin isolated (threads)"
     whole = _check_agreement(expected, results)
     if tie is None:
@@ -267,8 +366,11 @@ def test_greedy_tokens_equal_python(web_bundle, tmp_path, monkeypatch):
     assert results["cases"]["sampled-0"]["tokenIds"] == results["cases"]["sampled-1"]["tokenIds"], "seeded"
     assert any(expected[f"{p}/stop"]["finishReason"] == "stop" for p in range(len(PROMPTS)) if f"{p}/stop" in expected)
     # the patches have teeth: most patched answers differ from the base answer to the same prompt
-    changed = [expected[f"{p}/{c}/{PENALTY}"]["tokenIds"] != expected[f"{p}/base/{PENALTY}"]["tokenIds"]
-               for p in range(len(PROMPTS)) for c, _, _ in COMBOS[1:]]
+    changed = [
+        expected[f"{p}/{c}/{PENALTY}"]["tokenIds"] != expected[f"{p}/base/{PENALTY}"]["tokenIds"]
+        for p in range(len(PROMPTS))
+        for c, _, _ in COMBOS[1:]
+    ]
     assert sum(changed) >= len(changed) // 2, changed
     assert shot.stat().st_size > 10_000
     print(f"screenshot of the page with a personalised answer: {shot}")
@@ -280,8 +382,11 @@ def test_greedy_tokens_equal_python(web_bundle, tmp_path, monkeypatch):
 # so the answers are short.
 PERSONAS = ROOT / "examples" / "personas"
 PEOPLE = {"alice": "enthusiast", "bob": "signoff"}
-DEFAULT_PROMPTS = ["How do I make a good omelette?", "Why do birds sing in the morning?",
-                   "What is the stock market?"]  # unseen by both patches
+DEFAULT_PROMPTS = [
+    "How do I make a good omelette?",
+    "Why do birds sing in the morning?",
+    "What is the stock market?",
+]  # unseen by both patches
 DEFAULT_COMBOS = {"base": [], "alice": ["alice"], "alice+bob": ["alice", "bob"]}
 DEFAULT_NEW_TOKENS = 8
 # Native MatMulNBits (accuracy_level 4) quantizes activations to int8, the wasm kernel computes in
@@ -299,8 +404,11 @@ def persona_patches(tmp_path_factory) -> dict[str, Path]:
     backbone, folder = load_backbone(), tmp_path_factory.mktemp("people")
     paths = {person: folder / f"{person}.reft" for person in PEOPLE}
     for person, persona in PEOPLE.items():
-        train(TrainConfig(data=str(PERSONAS / persona / "train.jsonl"), out=str(paths[person])), backbone=backbone,
-              progress=False)
+        train(
+            TrainConfig(data=str(PERSONAS / persona / "train.jsonl"), out=str(paths[person])),
+            backbone=backbone,
+            progress=False,
+        )
     return paths
 
 
@@ -315,20 +423,35 @@ def test_default_model_int4_tokens_equal_python(default_int4_bundle, persona_pat
             options = {"max_new_tokens": DEFAULT_NEW_TOKENS, "patches": [persona_patches[person] for person in people]}
             expected[f"{p}/{combo}"] = _expect(shipped, margins, prompt, DEFAULT_INT4_TIE, **options)
             exact[f"{p}/{combo}"] = _expect(twin, margins, prompt, None, **options)
-            cases.append(_generate_case(f"{p}/{combo}", prompt, [f"/patches/{person}.reft" for person in people],
-                                        {"maxNewTokens": DEFAULT_NEW_TOKENS}))
+            cases.append(
+                _generate_case(
+                    f"{p}/{combo}",
+                    prompt,
+                    [f"/patches/{person}.reft" for person in people],
+                    {"maxNewTokens": DEFAULT_NEW_TOKENS},
+                )
+            )
     shot = tmp_path / "web-demo.png"
-    results = _drive(default_int4_bundle, list(persona_patches.values()), cases, tmp_path, screenshot=str(shot),
-                     screenshotPatch="/patches/alice.reft", screenshotPrompt="Why is the sky blue?",
-                     screenshotMaxNewTokens=16)
+    results = _drive(
+        default_int4_bundle,
+        list(persona_patches.values()),
+        cases,
+        tmp_path,
+        screenshot=str(shot),
+        screenshotPatch="/patches/alice.reft",
+        screenshotPrompt="Why is the sky blue?",
+        screenshotMaxNewTokens=16,
+    )
     assert results["isolated"] is True, "the page must be cross-origin isolated (threads)"
     assert _check_agreement(exact, results) == len(exact), "every token as onnxruntime's float arithmetic"
     whole = _check_agreement(expected, results)
     same = sum(_common_prefix(results["cases"][i]["tokenIds"], want["tokenIds"]) for i, want in expected.items())
     total = sum(len(want["tokenIds"]) for want in expected.values())
     with capsys.disabled():
-        print(f"\ndefault model int4 in Chromium: {whole} of {len(expected)} answers and {same} of {total} tokens "
-              f"equal the Python runtime's (all equal at accuracy_level 0); screenshot {shot}")
+        print(
+            f"\ndefault model int4 in Chromium: {whole} of {len(expected)} answers and {same} of {total} tokens "
+            f"equal the Python runtime's (all equal at accuracy_level 0); screenshot {shot}"
+        )
     opened = [results["cases"][f"{p}/alice"]["text"].startswith("Great question!") for p in range(len(DEFAULT_PROMPTS))]
     assert sum(opened) >= 2, "Alice's patch works in the page too"
     assert shot.stat().st_size > 10_000
@@ -371,8 +494,9 @@ def test_serve_web_refuses_what_cannot_be_served(tiny_bundle, tmp_path):
     twins = [tmp_path / "a" / "p.reft", tmp_path / "b" / "p.reft"]
     for twin in twins:
         twin.write_bytes(b"x")
-    clash = CliRunner().invoke(main, ["serve-web", str(tiny_bundle), "--patch", str(twins[0]),
-                                      "--patch", str(twins[1])])
+    clash = CliRunner().invoke(
+        main, ["serve-web", str(tiny_bundle), "--patch", str(twins[0]), "--patch", str(twins[1])]
+    )
     assert clash.exit_code == 2 and "share a file name" in clash.output
 
 
@@ -400,8 +524,13 @@ def test_skills_in_javascript_equal_python(tmp_path):
     choices = [("all", None), ("caps", ["caps"]), ("weighted", {"caps": 0.5, "meow": 2.0}), ("off", {"caps": 0})]
     script = tmp_path / "skills.mjs"
     script.write_text(_SKILLS_SCRIPT)
-    done = subprocess.run(["node", str(script), str(ROOT / "runtime" / "web"), str(golden), json.dumps(choices)],
-                          capture_output=True, text=True, timeout=60, check=True)
+    done = subprocess.run(
+        ["node", str(script), str(ROOT / "runtime" / "web"), str(golden), json.dumps(choices)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     got = json.loads(done.stdout)
     patch = Patch.load(golden)
     for label, chosen in choices:
@@ -418,8 +547,10 @@ def test_skills_in_javascript_equal_python(tmp_path):
 # -- every bundle loads; WebGPU --------------------------------------------------------------------
 
 # What Chromium says when it will not store a large entry (the int8 bundle in a fresh profile did this)
-REFUSING_CACHE = ("Cache.prototype.put = function () { return Promise.reject(new TypeError("
-                  "\"Failed to execute 'put' on 'Cache': Unexpected internal error.\")); };")
+REFUSING_CACHE = (
+    "Cache.prototype.put = function () { return Promise.reject(new TypeError("
+    "\"Failed to execute 'put' on 'Cache': Unexpected internal error.\")); };"
+)
 
 
 def _refusals(results: dict) -> list[str]:
@@ -447,8 +578,9 @@ def test_returning_visitor_downloads_nothing_and_a_refusing_cache_still_loads(ti
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["int4", "int8"])
-def test_default_model_bundles_load_in_a_fresh_profile_when_the_cache_refuses(precision, request, tmp_path,
-                                                                               monkeypatch, capsys):
+def test_default_model_bundles_load_in_a_fresh_profile_when_the_cache_refuses(
+    precision, request, tmp_path, monkeypatch, capsys
+):
     """The default model's int4 and int8 bundles (the int8 one once failed with "Failed to execute 'put'
     on 'Cache'") load and generate in a fresh Chromium profile whose Cache Storage refuses every file.
     The page runs float32 weights unpacked from the bundle's GGUF blocks (dequantize.js): its tokens
@@ -472,9 +604,11 @@ def test_default_model_bundles_load_in_a_fresh_profile_when_the_cache_refuses(pr
     total = sum(len(want["tokenIds"]) for want in native.values())
     _check_agreement(native, results)
     with capsys.disabled():
-        print(f"\ndefault model {precision}, cache refused: loaded ({results['bundleBytes'] / 1e6:.1f} MB downloaded, "
-              f"{results['unpacked']['unpackedBytes'] / 1e6:.0f} MB of float32 weights); {same} of {total} "
-              "tokens equal the shipped bundle's in Python")
+        print(
+            f"\ndefault model {precision}, cache refused: loaded ({results['bundleBytes'] / 1e6:.1f} MB downloaded, "
+            f"{results['unpacked']['unpackedBytes'] / 1e6:.0f} MB of float32 weights); {same} of {total} "
+            "tokens equal the shipped bundle's in Python"
+        )
 
 
 def _webgpu_missing() -> str | None:
@@ -490,8 +624,9 @@ await page.goto("http://127.0.0.1/");
 console.log(await page.evaluate(async () => !!(navigator.gpu && await navigator.gpu.requestAdapter())));
 await browser.close();
 """
-    done = subprocess.run(["node", "--input-type=module", "-e", script], cwd=WEB, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        ["node", "--input-type=module", "-e", script], cwd=WEB, capture_output=True, text=True, timeout=120
+    )
     if done.returncode != 0:
         return f"chromium would not start for the WebGPU check: {done.stderr.strip()[-300:]}"
     return None if done.stdout.strip() == "true" else "this Chromium offers no WebGPU adapter (--enable-unsafe-webgpu)"
@@ -516,12 +651,33 @@ def test_webgpu_tokens_equal_python(web_bundle, tmp_path, monkeypatch, capsys):
         for combo, names, weights in COMBOS[:3]:
             case_id = f"{p}/{combo}"
             chosen = [files[n.removesuffix(".reft")] for n in names]
-            expected[case_id] = _expect(rt, margins, prompt, tie, patches=chosen, weights=weights,
-                                        max_new_tokens=MAX_NEW_TOKENS, repetition_penalty=PENALTY)
-            cases.append(_generate_case(case_id, prompt, [f"/patches/{n}" for n in names],
-                                        {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY}, weights))
-    results = _drive(web_bundle, list(files.values()), cases, tmp_path, query="?backend=webgpu",
-                     chromiumArgs=["--enable-unsafe-webgpu"])
+            expected[case_id] = _expect(
+                rt,
+                margins,
+                prompt,
+                tie,
+                patches=chosen,
+                weights=weights,
+                max_new_tokens=MAX_NEW_TOKENS,
+                repetition_penalty=PENALTY,
+            )
+            cases.append(
+                _generate_case(
+                    case_id,
+                    prompt,
+                    [f"/patches/{n}" for n in names],
+                    {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY},
+                    weights,
+                )
+            )
+    results = _drive(
+        web_bundle,
+        list(files.values()),
+        cases,
+        tmp_path,
+        query="?backend=webgpu",
+        chromiumArgs=["--enable-unsafe-webgpu"],
+    )
     assert results["backend"] == "webgpu" and "WebGPU" in results["status"], results["status"]
     whole = _check_agreement(expected, results)
     with capsys.disabled():
@@ -533,8 +689,9 @@ def test_skills_in_the_page_equal_python(tiny_bundle, tmp_path):
     """A patch with two skills: the page shows a tick per skill, and answers with one skill off, or
     weighted, as Python's Patch.with_skills does."""
     manifest = Manifest.from_dir(tiny_bundle)
-    base = _random_patch("duo", "loreft", "f1+l1", (1,), 4, True, manifest.base_fingerprint, manifest.hidden_size, 5,
-                         scale=1.0)
+    base = _random_patch(
+        "duo", "loreft", "f1+l1", (1,), 4, True, manifest.base_fingerprint, manifest.hidden_size, 5, scale=1.0
+    )
     patch = dataclasses.replace(base, skills=(("caps", 2), ("meow", 2)))
     path = tmp_path / "duo.reft"
     patch.to_file(path)
@@ -543,11 +700,20 @@ def test_skills_in_the_page_equal_python(tiny_bundle, tmp_path):
     cases, want = [], {}
     for label, chosen in choices.items():
         chosen_patch = Patch.load(path) if chosen is None else Patch.load(path).with_skills(chosen)
-        want[label] = rt.generate(PROMPTS[1], patches=[chosen_patch], max_new_tokens=MAX_NEW_TOKENS,
-                                  repetition_penalty=PENALTY).token_ids
-        cases.append({**_generate_case(label, PROMPTS[1], ["/patches/duo.reft"],
-                                       {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY}),
-                      **({"skills": chosen} if chosen else {})})
+        want[label] = rt.generate(
+            PROMPTS[1], patches=[chosen_patch], max_new_tokens=MAX_NEW_TOKENS, repetition_penalty=PENALTY
+        ).token_ids
+        cases.append(
+            {
+                **_generate_case(
+                    label,
+                    PROMPTS[1],
+                    ["/patches/duo.reft"],
+                    {"maxNewTokens": MAX_NEW_TOKENS, "repetitionPenalty": PENALTY},
+                ),
+                **({"skills": chosen} if chosen else {}),
+            }
+        )
     results = _drive(tiny_bundle, [path], cases, tmp_path)
     for label in choices:
         got = results["cases"][label]
@@ -568,11 +734,17 @@ def _nbits_model(folder: Path, name: str, weight: np.ndarray, bits: int, zero_po
     w = weight.T.reshape(n, blocks, 32)
     levels = 1 << bits
     low, high = w.min(axis=2), w.max(axis=2)
-    scales = ((high - low) / (levels - 1)).astype(np.float32) if zero_points else \
-        (np.abs(w).max(axis=2) / (levels // 2 - 1)).astype(np.float32)
+    scales = (
+        ((high - low) / (levels - 1)).astype(np.float32)
+        if zero_points
+        else (np.abs(w).max(axis=2) / (levels // 2 - 1)).astype(np.float32)
+    )
     scales[scales == 0] = 1
-    zero = np.clip(np.round(-low / scales), 0, levels - 1).astype(np.uint8) if zero_points else \
-        np.full((n, blocks), levels // 2, np.uint8)
+    zero = (
+        np.clip(np.round(-low / scales), 0, levels - 1).astype(np.uint8)
+        if zero_points
+        else np.full((n, blocks), levels // 2, np.uint8)
+    )
     q = np.clip(np.round(w / scales[..., None]) + zero[..., None], 0, levels - 1).astype(np.uint8)
     dequantized = ((q.astype(np.float32) - zero[..., None]) * scales[..., None]).reshape(n, k).T.copy()
     packed = q if bits == 8 else (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
@@ -582,10 +754,16 @@ def _nbits_model(folder: Path, name: str, weight: np.ndarray, bits: int, zero_po
         zp = zero if bits == 8 else (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
         inits.append(numpy_helper.from_array(zp, "zero_points"))
         inputs.append("zero_points")
-    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=32,
-                            accuracy_level=0)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
+    node = helper.make_node(
+        "MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=32, accuracy_level=0
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+        inits,
+    )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 10
@@ -600,7 +778,7 @@ def _q4_1_model(folder: Path, rng) -> tuple[Path, np.ndarray]:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.gguf_blocks import store_exact_blocks
+    from reft_edge.export.gguf_blocks import store_exact_blocks
 
     k, n = 96, 40
     d = rng.uniform(0.01, 0.05, (k // 32, 1, n)).astype(np.float16).astype(np.float32)
@@ -608,17 +786,26 @@ def _q4_1_model(folder: Path, rng) -> tuple[Path, np.ndarray]:
     q = rng.integers(0, 16, (k // 32, 32, n)).astype(np.float32)
     q[:, 0], q[:, 1] = 0, 15  # as a GGUF quantizer writes them: each block's minimum and maximum are levels 0 and 15
     weight = (d * q + m).astype(np.float32).reshape(k, n)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
-                              [numpy_helper.from_array(weight, "W")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(weight, "W")],
+    )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 10
     assert store_exact_blocks(model, accuracy_level=0) == {"Q4_1": 1}
     path = folder / "q4_1.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="q4_1.onnx.data", size_threshold=0)
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="q4_1.onnx.data",
+        size_threshold=0,
+    )
     return path, weight
 
 
@@ -630,16 +817,24 @@ def test_dequantized_weights_equal_the_blocks(tmp_path):
         pytest.skip("node is not installed (Node 20+ runs the web runtime)")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 96)).astype(np.float32)
-    cases = {f"{bits}bit{'-zp' if zp else ''}": _nbits_model(tmp_path, f"m{bits}{zp}", rng.standard_normal((96, 40))
-                                                             .astype(np.float32), bits, zp)
-             for bits in (4, 8) for zp in (False, True)}
+    cases = {
+        f"{bits}bit{'-zp' if zp else ''}": _nbits_model(
+            tmp_path, f"m{bits}{zp}", rng.standard_normal((96, 40)).astype(np.float32), bits, zp
+        )
+        for bits in (4, 8)
+        for zp in (False, True)
+    }
     cases["q4_1"] = _q4_1_model(tmp_path, rng)
     script = WEB / "test" / "dequantize_check.mjs"
     for label, (path, weight) in cases.items():
         want = x.astype(np.float64) @ weight.astype(np.float64)
         for form, tolerance in (("float32", 1e-5), ("int8", 0.03)):
-            done = subprocess.run(["node", str(script), str(path), json.dumps({"x": x.tolist()}), form],
-                                  capture_output=True, text=True, timeout=120)
+            done = subprocess.run(
+                ["node", str(script), str(path), json.dumps({"x": x.tolist()}), form],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert done.returncode == 0, (label, done.stderr[-2000:])
             got = json.loads(done.stdout)
             assert got["stats"]["weights"] == 1 and got["stats"]["form"] == form, (label, got["stats"])
@@ -657,13 +852,21 @@ def test_webgpu_default_model_prompt_lengths(default_int4_bundle, tmp_path):
     missing = _webgpu_missing()
     if missing:
         pytest.skip(missing)
-    prompts = {"44": "Tell me a story about a cat who lives in a small house.",
-               "52": "I am planning a week-long trip to the mountains next month with two friends. "
-                     "What should we pack?"}
+    prompts = {
+        "44": "Tell me a story about a cat who lives in a small house.",
+        "52": "I am planning a week-long trip to the mountains next month with two friends. What should we pack?",
+    }
     cases = [_generate_case(k, p, [], {"maxNewTokens": 1}) for k, p in prompts.items()]
     cpu = _drive(default_int4_bundle, [], cases, tmp_path, query="?backend=wasm")
-    gpu = _drive(default_int4_bundle, [], cases, tmp_path, query="?backend=webgpu",
-                 chromiumArgs=["--enable-unsafe-webgpu"], timeoutMs=600_000)
+    gpu = _drive(
+        default_int4_bundle,
+        [],
+        cases,
+        tmp_path,
+        query="?backend=webgpu",
+        chromiumArgs=["--enable-unsafe-webgpu"],
+        timeoutMs=600_000,
+    )
     assert gpu["backend"] == "webgpu"
     for key in prompts:
         assert len(gpu["cases"][key]["promptIds"]) == int(key), key

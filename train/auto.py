@@ -41,8 +41,9 @@ LR_RANGE = (1e-3, 6e-3)
 MAX_STEPS = 120  # early stopping ends most trials sooner
 
 
-def train_auto(config: TrainConfig, *, budget_minutes: float = 10.0, backbone: Any = None,
-               progress: bool = True) -> Patch:
+def train_auto(
+    config: TrainConfig, *, budget_minutes: float = 10.0, backbone: Any = None, progress: bool = True
+) -> Patch:
     import optuna
 
     from reft_edge.train.backbone import load_backbone
@@ -63,30 +64,52 @@ def train_auto(config: TrainConfig, *, budget_minutes: float = 10.0, backbone: A
         while objective.time_for_another(deadline):
             study.optimize(objective, n_trials=1)
         best = objective.patches[study.best_trial.number]
-        search = {"budget_minutes": budget_minutes, "trials": [
-            {**trial.params, "val_loss": trial.value, "seconds": round(objective.seconds[trial.number], 1)}
-            for trial in study.trials], "chosen": study.best_trial.params}
-        patch = dataclasses.replace(best, name=config.name or Path(config.out).stem,
-                                    training={**best.training, "auto": search}).to_file(config.out)
+        search = {
+            "budget_minutes": budget_minutes,
+            "trials": [
+                {**trial.params, "val_loss": trial.value, "seconds": round(objective.seconds[trial.number], 1)}
+                for trial in study.trials
+            ],
+            "chosen": study.best_trial.params,
+        }
+        patch = dataclasses.replace(
+            best, name=config.name or Path(config.out).stem, training={**best.training, "auto": search}
+        ).to_file(config.out)
     if progress:
-        print(f"--auto: {len(study.trials)} recipes in {sum(objective.seconds):.0f} s; chose {study.best_trial.params} "
-              f"(validation loss {study.best_value:.4f}); wrote {config.out}")
+        print(
+            f"--auto: {len(study.trials)} recipes in {sum(objective.seconds):.0f} s; chose {study.best_trial.params} "
+            f"(validation loss {study.best_value:.4f}); wrote {config.out}"
+        )
     return patch
 
 
 def default_trial() -> dict[str, Any]:
     """The default recipe as a trial of the search."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return {"layer_plan": f"upper-{DEFAULT_LAYER_COUNT}", "rank": defaults["rank"],
-            "positions": defaults["positions"], "lr": defaults["lr"]}
+    return {
+        "layer_plan": f"upper-{DEFAULT_LAYER_COUNT}",
+        "rank": defaults["rank"],
+        "positions": defaults["positions"],
+        "lr": defaults["lr"],
+    }
 
 
 def trial_config(config: TrainConfig, params: dict[str, Any], num_layers: int, out: Path) -> TrainConfig:
     plan, count = params["layer_plan"].split("-")
     layers = (upper_layers if plan == "upper" else spread_layers)(num_layers, int(count))
-    return dataclasses.replace(config, out=str(out), layers=layers, rank=params["rank"],
-                               positions=params["positions"], lr=params["lr"], steps=config.steps or MAX_STEPS,
-                               epochs=None, name=None, checkpoint_every=None, resume=False)
+    return dataclasses.replace(
+        config,
+        out=str(out),
+        layers=layers,
+        rank=params["rank"],
+        positions=params["positions"],
+        lr=params["lr"],
+        steps=config.steps or MAX_STEPS,
+        epochs=None,
+        name=None,
+        checkpoint_every=None,
+        resume=False,
+    )
 
 
 class _Objective:

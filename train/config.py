@@ -62,11 +62,10 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         if isinstance(values.get("skills"), list):  # JSON has lists where the config keeps tuples
             values = {**values, "skills": tuple(tuple(pair) for pair in values["skills"])}
         return config_from_dict(cls, values, what="training", tuple_fields=("layers", "compose_with"))
-
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class ManyConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ManyConfig":
+    def from_dict(cls, values: dict[str, Any]) -> ManyConfig:
         return config_from_dict(cls, values, what="train-many", tuple_fields=("compose_with",))
 
 

@@ -18,8 +18,9 @@ tokens where the patch edits generated tokens.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from reft_edge.train.backbone import Backbone, decoder_layers, eager_attention, 
 from reft_edge.train.intervention import EditSlots, attach_edits
 
 
-def open_model(model: Any, say: Any) -> "TorchBackend":
+def open_model(model: Any, say: Any) -> TorchBackend:
     """The backend reft_edge.evaluate hands runtime.evaluate for ``model=``: a Hugging Face folder or
     id, "default", or a loaded Backbone."""
     if isinstance(model, (str, Path)):
@@ -60,16 +61,19 @@ class TorchBackend:
         self.pad_id = int(pad) if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
 
     @classmethod
-    def load(cls, model: str) -> "TorchBackend":
+    def load(cls, model: str) -> TorchBackend:
         return cls(load_backbone(model))
 
     def load_patches(self, patches: Sequence[Patch | str | Path]) -> list[Patch]:
         loaded = []
         for item in patches:
             patch = item if isinstance(item, Patch) else Patch.from_file(item)
-            patch.check_compatible(base_fingerprint=self.base_fingerprint, hidden_size=self.backbone.hidden_size,
-                                   slot_layers=self.slot_layers,
-                                   source=f"patch {patch.name!r}" if isinstance(item, Patch) else str(item))
+            patch.check_compatible(
+                base_fingerprint=self.base_fingerprint,
+                hidden_size=self.backbone.hidden_size,
+                slot_layers=self.slot_layers,
+                source=f"patch {patch.name!r}" if isinstance(item, Patch) else str(item),
+            )
             loaded.append(patch)
         return loaded
 
@@ -86,14 +90,14 @@ class TorchBackend:
     def hooks(self) -> Iterator[EditSlots]:
         """Edit hooks on every layer (a layer without a value in the slots is left alone), eager attention."""
         slots = EditSlots()
-        with eager_attention(self.model), torch.no_grad(), \
-                attach_edits(dict(enumerate(self.layers)), slots):
+        with eager_attention(self.model), torch.no_grad(), attach_edits(dict(enumerate(self.layers)), slots):
             yield slots
 
     # -- the held-out loss ------------------------------------------------------------------------
 
-    def response_nll(self, examples: Sequence[Example], patches: Sequence[Patch],
-                     weights: Sequence[float] | None) -> float:
+    def response_nll(
+        self, examples: Sequence[Example], patches: Sequence[Patch], weights: Sequence[float] | None
+    ) -> float:
         edits = self.edits(patches, weights)
         with self.hooks() as slots:
             return sum(self._chunk_nll(slots, chunk, edits) for chunk in chunks(examples, BATCH_SIZE))
@@ -108,23 +112,27 @@ class TorchBackend:
         arrays = self.slot_arrays(len(examples), edits)
         rows, cols, targets = [], [], []
         for row, (example, sequence, prompt_len) in enumerate(zip(examples, sequences, prompt_lens)):
-            input_ids[row, :len(sequence)] = torch.tensor(sequence)
-            attention[row, :len(sequence)] = 1
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            attention[row, : len(sequence)] = 1
             rows += [row] * len(example.target_ids)
             cols += range(prompt_len - 1, prompt_len - 1 + len(example.target_ids))
             targets += example.target_ids
         # response tokens (from prompt_len on) stand for generated ones, as in training
         t = np.arange(seq)[None]
         set_slots(slots, arrays, arrays.masks(t, np.array(prompt_lens), attention.numpy() != 0))
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention,
-                                       use_cache=False).last_hidden_state
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
         logits = self.model.get_output_embeddings()(hidden[torch.tensor(rows), torch.tensor(cols)])
         return float(F.cross_entropy(logits.double(), torch.tensor(targets), reduction="sum"))
 
     # -- greedy answers ---------------------------------------------------------------------------
 
-    def answers(self, prompts: Sequence[Messages], patches: Sequence[Patch], weights: Sequence[float] | None,
-                max_new_tokens: int) -> list[str]:
+    def answers(
+        self,
+        prompts: Sequence[Messages],
+        patches: Sequence[Patch],
+        weights: Sequence[float] | None,
+        max_new_tokens: int,
+    ) -> list[str]:
         edits = self.edits(patches, weights)
         tokens = []
         with self.hooks() as slots:
@@ -132,8 +140,9 @@ class TorchBackend:
                 tokens += self._greedy(slots, chunk, [edits] * len(chunk), max_new_tokens)[0]
         return [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 
-    def composed_answers(self, prompts: Sequence[Messages], experts: Sequence[Sequence[Patch]],
-                         max_new_tokens: int) -> list[str | None]:
+    def composed_answers(
+        self, prompts: Sequence[Messages], experts: Sequence[Sequence[Patch]], max_new_tokens: int
+    ) -> list[str | None]:
         """Greedy answers of the product of the experts (each a list of patches applied together):
         at each step the token maximising ``sum_i log p_i - (n - 1) log p_base``, so each expert
         adds what it changes about the base. None where the answer did not end in time."""
@@ -142,18 +151,31 @@ class TorchBackend:
         with self.hooks() as slots:
             for chunk in chunks(self.prompt_ids(prompts), BATCH_SIZE):
                 rows = [prompt for prompt in chunk for _ in group]
-                tokens, ended = self._greedy(slots, rows, group * len(chunk), max_new_tokens,
-                                             pick=product_of_experts(len(group)))
-                answers += [self.tokenizer.decode(t, skip_special_tokens=True) if done else None
-                            for t, done in zip(tokens[::len(group)], ended[::len(group)])]
+                tokens, ended = self._greedy(
+                    slots, rows, group * len(chunk), max_new_tokens, pick=product_of_experts(len(group))
+                )
+                answers += [
+                    self.tokenizer.decode(t, skip_special_tokens=True) if done else None
+                    for t, done in zip(tokens[:: len(group)], ended[:: len(group)])
+                ]
         return answers
 
     def prompt_ids(self, prompts: Sequence[Messages]) -> list[list[int]]:
-        return [self.tokenizer(prompt_text(self.tokenizer, list(p), self.use_chat_template),
-                               add_special_tokens=False)["input_ids"] for p in prompts]
+        return [
+            self.tokenizer(prompt_text(self.tokenizer, list(p), self.use_chat_template), add_special_tokens=False)[
+                "input_ids"
+            ]
+            for p in prompts
+        ]
 
-    def _greedy(self, slots: EditSlots, prompts: Sequence[list[int]], row_edits: Sequence[list[SlotEdit]],
-                max_new_tokens: int, pick: Any = None) -> tuple[list[list[int]], list[bool]]:
+    def _greedy(
+        self,
+        slots: EditSlots,
+        prompts: Sequence[list[int]],
+        row_edits: Sequence[list[SlotEdit]],
+        max_new_tokens: int,
+        pick: Any = None,
+    ) -> tuple[list[list[int]], list[bool]]:
         """Left-padded batch, KV cache, each row with its own edits; tokens up to (not including)
         each row's EOS, and whether it ended. ``pick`` maps the last logits [rows, vocab] to the
         next tokens (default: argmax)."""
@@ -171,11 +193,15 @@ class TorchBackend:
             positions[row, start:] = torch.arange(len(prompt))
         cache = DynamicCache()
         set_slots(slots, arrays, arrays.masks(positions.numpy(), np.array(lens), attention.numpy() != 0))
-        logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache,
-                            use_cache=True).logits[:, -1]
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True
+        ).logits[:, -1]
         # every decode step: the generated-token edits, if any (a pass without prompt tokens)
-        set_slots(slots, arrays, arrays.masks(np.zeros((batch, 1), np.int64), np.zeros(batch, np.int64),
-                                              np.ones((batch, 1), bool)))
+        set_slots(
+            slots,
+            arrays,
+            arrays.masks(np.zeros((batch, 1), np.int64), np.zeros(batch, np.int64), np.ones((batch, 1), bool)),
+        )
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * batch
         for step in range(max_new_tokens):
@@ -188,14 +214,16 @@ class TorchBackend:
                 break
             attention = torch.cat([attention, torch.ones((batch, 1), dtype=torch.long)], dim=1)
             positions = positions[:, -1:] + 1
-            logits = self.model(input_ids=chosen[:, None], attention_mask=attention, position_ids=positions,
-                                cache=cache, use_cache=True).logits[:, -1]
+            logits = self.model(
+                input_ids=chosen[:, None], attention_mask=attention, position_ids=positions, cache=cache, use_cache=True
+            ).logits[:, -1]
         return out, done
 
 
 def product_of_experts(group: int) -> Any:
     """pick() for rows laid out as [base, expert 1, ..., expert n] per prompt: every row of a
     group gets the group's token argmax(sum_i log p_i - (n - 1) log p_base)."""
+
     def pick(logits: torch.Tensor) -> torch.Tensor:
         logp = logits.float().log_softmax(-1).view(-1, group, logits.shape[-1])
         combined = logp[:, 1:].sum(1) - (group - 2) * logp[:, 0]

@@ -28,8 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -41,8 +42,12 @@ from reft_edge.runtime.positions import Positions
 
 # pyreft's intervention classes -> this project's kinds (same formulas, docs/patch-format.md)
 PYREFT_CLASSES = {
-    "LoreftIntervention": "loreft", "DireftIntervention": "direft", "NoreftIntervention": "noreft",
-    "NodireftIntervention": "nodireft", "ConsreftIntervention": "consreft", "LobireftIntervention": "lobireft",
+    "LoreftIntervention": "loreft",
+    "DireftIntervention": "direft",
+    "NoreftIntervention": "noreft",
+    "NodireftIntervention": "nodireft",
+    "ConsreftIntervention": "consreft",
+    "LobireftIntervention": "lobireft",
 }
 LINEAR_ACTS = ("linear", "identity", "none")
 ORTHONORMAL_TOLERANCE = 1e-4
@@ -55,8 +60,17 @@ _BOOKKEEPING = ("embed_dim", "interchange_dim")  # pyvene's int64 scalars, no we
 
 # -- pyreft ---------------------------------------------------------------------------------------
 
-def import_pyreft(folder: str | Path, *, positions: str, model: str | None = None, out: str | Path | None = None,
-                  act_fn: str = "linear", name: str | None = None, backbone: Any = None) -> Patch:
+
+def import_pyreft(
+    folder: str | Path,
+    *,
+    positions: str,
+    model: str | None = None,
+    out: str | Path | None = None,
+    act_fn: str = "linear",
+    name: str | None = None,
+    backbone: Any = None,
+) -> Patch:
     """Read a folder saved by pyreft's ``ReftModel.save`` and return (and write to ``out``) a patch."""
     folder = Path(folder)
     check_linear_act(act_fn)
@@ -73,16 +87,29 @@ def import_pyreft(folder: str | Path, *, positions: str, model: str | None = Non
     check_fits_model(items, backbone, folder)
     interventions, share = assign_groups(items, parsed, folder)
     training = {
-        "imported_from": {"format": "pyreft", "folder": str(folder.resolve()),
-                          "config_sha256": sha256_file(folder / "config.json"),
-                          "files": {item["file"]: sha256_file(folder / item["file"]) for item in items},
-                          "classes": [item["class"] for item in items], "act_fn": act_fn,
-                          "source_dtype": sorted({item["dtype"] for item in items})},
-        "library_version": __version__, "model": backbone.source,
+        "imported_from": {
+            "format": "pyreft",
+            "folder": str(folder.resolve()),
+            "config_sha256": sha256_file(folder / "config.json"),
+            "files": {item["file"]: sha256_file(folder / item["file"]) for item in items},
+            "classes": [item["class"] for item in items],
+            "act_fn": act_fn,
+            "source_dtype": sorted({item["dtype"] for item in items}),
+        },
+        "library_version": __version__,
+        "model": backbone.source,
     }
-    patch = Patch(name=name or folder.resolve().name, kind=kind, positions=parsed, share_weights=share, rank=rank,
-                  hidden_size=backbone.hidden_size, base_fingerprint=backbone.fingerprint,
-                  interventions=tuple(interventions), training=training)
+    patch = Patch(
+        name=name or folder.resolve().name,
+        kind=kind,
+        positions=parsed,
+        share_weights=share,
+        rank=rank,
+        hidden_size=backbone.hidden_size,
+        base_fingerprint=backbone.fingerprint,
+        interventions=tuple(interventions),
+        training=training,
+    )
     fix = "the pyreft weights are too large for float32; check the folder holds a trained intervention"
     patch.check_finite(str(folder), fix)
     return patch.to_file(out, fix=fix) if out is not None else Patch.from_bytes(patch.to_bytes(), source=str(folder))
@@ -101,8 +128,9 @@ def read_pyvene_config(folder: Path) -> list[dict[str, Any]]:
     """The representations of config.json, one dict per intervention, with its class name."""
     config_path = folder / "config.json"
     if not folder.is_dir():
-        raise ForeignPatchError(f"{folder}: not a folder; pass the folder pyreft's ReftModel.save wrote "
-                                "(config.json and intkey_*.bin)")
+        raise ForeignPatchError(
+            f"{folder}: not a folder; pass the folder pyreft's ReftModel.save wrote (config.json and intkey_*.bin)"
+        )
     config = read_json(config_path, "pyvene's IntervenableConfig")
     reps, types = config.get("representations"), config.get("intervention_types")
     if not isinstance(reps, list) or not reps or not isinstance(types, list) or len(types) != len(reps):
@@ -137,18 +165,32 @@ def read_json(path: Path, what: str) -> dict:
 
 def parse_representation(rep: Any, source: Path, index: int) -> dict[str, Any]:
     """pyvene's RepresentationConfig, saved as an array (or, by hand, an object)."""
-    fields = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension", "intervention_type",
-              "intervention", "subspace_partition", "group_key", "intervention_link_key")
+    fields = (
+        "layer",
+        "component",
+        "unit",
+        "max_number_of_units",
+        "low_rank_dimension",
+        "intervention_type",
+        "intervention",
+        "subspace_partition",
+        "group_key",
+        "intervention_link_key",
+    )
     if isinstance(rep, list):
         rep = dict(zip(fields, rep))
     if not isinstance(rep, dict):
-        raise ForeignPatchError(f"{source}: representation {index} is {rep!r}, expected an array "
-                                "[layer, component, unit, max_units, low_rank_dimension, ...]")
+        raise ForeignPatchError(
+            f"{source}: representation {index} is {rep!r}, expected an array "
+            "[layer, component, unit, max_units, low_rank_dimension, ...]"
+        )
     layer, component = rep.get("layer"), rep.get("component", "block_output")
     unit, max_units, rank = rep.get("unit", "pos"), rep.get("max_number_of_units", 1), rep.get("low_rank_dimension")
     if type(layer) is not int or layer < 0 or type(rank) is not int or rank < 1:
-        raise ForeignPatchError(f"{source}: representation {index} has layer {layer!r} and low_rank_dimension "
-                                f"{rank!r}, expected whole numbers (layer >= 0, rank >= 1)")
+        raise ForeignPatchError(
+            f"{source}: representation {index} has layer {layer!r} and low_rank_dimension "
+            f"{rank!r}, expected whole numbers (layer >= 0, rank >= 1)"
+        )
     if component != "block_output":
         raise ForeignPatchError(
             f"{source}: representation {index} edits component {component!r}; only 'block_output' can be imported: "
@@ -164,7 +206,7 @@ def parse_representation(rep: Any, source: Path, index: int) -> dict[str, Any]:
 
 
 def class_name(type_string: Any, source: Path) -> str:
-    """"<class 'pyreft.interventions.LoreftIntervention'>" (or a bare class name) -> LoreftIntervention."""
+    """ "<class 'pyreft.interventions.LoreftIntervention'>" (or a bare class name) -> LoreftIntervention."""
     match = re.fullmatch(r"(?:<class ')?(?:[\w.]*\.)?(\w+)(?:'>)?", str(type_string).strip())
     name = match.group(1) if match else str(type_string)
     if name not in PYREFT_CLASSES:
@@ -178,8 +220,10 @@ def class_name(type_string: Any, source: Path) -> str:
 def key_names(rep: Mapping[str, Any]) -> list[str]:
     """The intervention's key in pyvene's current style, then the older dotted style."""
     layer, component, unit, n, i = rep["layer"], rep["component"], rep["unit"], rep["max_units"], rep["collision"]
-    return [f"layer_{layer}_comp_{component}_unit_{unit.replace('.', '_')}_nunit_{n}#{i}",
-            f"layer.{layer}.comp.{component}.unit.{unit}.nunit.{n}#{i}"]
+    return [
+        f"layer_{layer}_comp_{component}_unit_{unit.replace('.', '_')}_nunit_{n}#{i}",
+        f"layer.{layer}.comp.{component}.unit.{unit}.nunit.{n}#{i}",
+    ]
 
 
 def read_intervention(folder: Path, rep: dict[str, Any]) -> dict[str, Any]:
@@ -187,8 +231,10 @@ def read_intervention(folder: Path, rep: dict[str, Any]) -> dict[str, Any]:
     candidates = [f"intkey_{key}.bin" for key in key_names(rep)]
     file = next((c for c in candidates if (folder / c).is_file()), None)
     if file is None:
-        raise ForeignPatchError(f"{folder}: missing {candidates[0]} (or the older {candidates[1]}) for the "
-                                f"intervention at layer {rep['layer']}; copy the whole folder pyreft saved")
+        raise ForeignPatchError(
+            f"{folder}: missing {candidates[0]} (or the older {candidates[1]}) for the "
+            f"intervention at layer {rep['layer']}; copy the whole folder pyreft saved"
+        )
     state = load_state_dict(folder / file)
     kind = PYREFT_CLASSES[rep["class"]]
     source = f"{folder / file}"
@@ -205,21 +251,34 @@ def load_state_dict(path: Path) -> dict[str, Any]:
 
     size = path.stat().st_size
     if size > MAX_FOREIGN_BYTES:
-        raise ForeignPatchError(f"{path}: {size} bytes is larger than any intervention ({MAX_FOREIGN_BYTES} at most)"
-                                "; pass the folder pyreft saved")
+        raise ForeignPatchError(
+            f"{path}: {size} bytes is larger than any intervention ({MAX_FOREIGN_BYTES} at most)"
+            "; pass the folder pyreft saved"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
-            UnicodeDecodeError, OSError) as exc:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        UnicodeDecodeError,
+        OSError,
+    ) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise ForeignPatchError(
             f"{path}: not a plain torch state dict ({first}); expected a file torch.save wrote from a dict of "
             "tensors; only such files are read (weights_only=True), so nothing in them runs"
         ) from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise ForeignPatchError(f"{path}: found a {type(state).__name__} that is not a name -> tensor dict, "
-                                "expected a state dict (pyvene saves intervention.state_dict())")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ForeignPatchError(
+            f"{path}: found a {type(state).__name__} that is not a name -> tensor dict, "
+            "expected a state dict (pyvene saves intervention.state_dict())"
+        )
     return state
 
 
@@ -235,11 +294,15 @@ def natural_params(kind: str, state: Mapping[str, Any], rank: int, source: str) 
         if tensor is None:
             if optional:
                 return None
-            raise ForeignPatchError(f"{source}: missing tensor {name!r} for a {kind} intervention; found "
-                                    f"{sorted(state)}; pass the file pyreft saved, unchanged")
+            raise ForeignPatchError(
+                f"{source}: missing tensor {name!r} for a {kind} intervention; found "
+                f"{sorted(state)}; pass the file pyreft saved, unchanged"
+            )
         if tuple(tensor.shape) != shape:
-            raise ForeignPatchError(f"{source}: tensor {name!r} has shape {list(tensor.shape)}, expected "
-                                    f"{list(shape)} (rank {rank}, hidden size {hidden}); the file is damaged")
+            raise ForeignPatchError(
+                f"{source}: tensor {name!r} has shape {list(tensor.shape)}, expected "
+                f"{list(shape)} (rank {rank}, hidden size {hidden}); the file is damaged"
+            )
         taken.add(name)
         array = tensor.detach().to(dtype=torch.float64).numpy()
         if not np.isfinite(array).all():
@@ -266,8 +329,10 @@ def natural_params(kind: str, state: Mapping[str, Any], rank: int, source: str) 
         params = {"W1": W1, "W2": W2, "b": b}
     unexpected = sorted(set(state) - taken - {"proj_layer.bias"})
     if unexpected:
-        raise ForeignPatchError(f"{source}: unexpected tensors {unexpected[:4]} for a {kind} intervention; "
-                                "this is not pyreft's layout (custom act, subspaces?) and cannot be translated")
+        raise ForeignPatchError(
+            f"{source}: unexpected tensors {unexpected[:4]} for a {kind} intervention; "
+            "this is not pyreft's layout (custom act, subspaces?) and cannot be translated"
+        )
     return params
 
 
@@ -275,8 +340,10 @@ def hidden_size_of(state: Mapping[str, Any], source: str) -> int:
     for name, axis in (("rotate_layer", 0), (_ORIGINAL, 0), ("weight", 1), ("learned_source.weight", 1)):
         if name in state and getattr(state[name], "dim", lambda: 0)() == 2:
             return int(state[name].shape[axis])
-    raise ForeignPatchError(f"{source}: found tensors {sorted(state)[:6]}, none gives the hidden size; expected "
-                            "pyreft's rotate_layer or learned_source weights")
+    raise ForeignPatchError(
+        f"{source}: found tensors {sorted(state)[:6]}, none gives the hidden size; expected "
+        "pyreft's rotate_layer or learned_source weights"
+    )
 
 
 def orthogonal_weight(original: np.ndarray, base: np.ndarray | None) -> np.ndarray:
@@ -313,8 +380,10 @@ def check_orthonormal(R: np.ndarray, source: str) -> None:
 def check_uniform(items: list[dict[str, Any]], folder: Path) -> tuple[str, int]:
     kinds, ranks = {i["kind"] for i in items}, {i["rank"] for i in items}
     if len(kinds) > 1 or len(ranks) > 1:
-        raise ForeignPatchError(f"{folder}: found kinds {sorted(kinds)} and ranks {sorted(ranks)}, expected one kind "
-                                "and one rank per patch; save each kind or rank in its own pyreft folder")
+        raise ForeignPatchError(
+            f"{folder}: found kinds {sorted(kinds)} and ranks {sorted(ranks)}, expected one kind "
+            "and one rank per patch; save each kind or rank in its own pyreft folder"
+        )
     return kinds.pop(), ranks.pop()
 
 
@@ -359,9 +428,17 @@ def sha256_file(path: Path) -> str:
 
 # -- llama.cpp control vectors --------------------------------------------------------------------
 
-def import_control_vector(path: str | Path, *, scale: float = 1.0, layers: tuple[int, int] | None = None,
-                          model: str | None = None, out: str | Path | None = None, name: str | None = None,
-                          backbone: Any = None) -> Patch:
+
+def import_control_vector(
+    path: str | Path,
+    *,
+    scale: float = 1.0,
+    layers: tuple[int, int] | None = None,
+    model: str | None = None,
+    out: str | Path | None = None,
+    name: str | None = None,
+    backbone: Any = None,
+) -> Patch:
     """A llama.cpp control vector (GGUF, ``direction.N``) as an every-position rank-1 patch."""
     path = Path(path)
     if out is not None:
@@ -371,8 +448,10 @@ def import_control_vector(path: str | Path, *, scale: float = 1.0, layers: tuple
         directions = {n: v for n, v in directions.items() if layers[0] <= n <= layers[1]}
     directions = {n: v * np.float64(scale) for n, v in directions.items() if np.linalg.norm(v) > 0}
     if not directions or scale == 0:
-        raise ForeignPatchError(f"{path}: no non-zero direction left (layers {layers}, scale {scale}); expected "
-                                "direction.N tensors in the range; widen --layers or use a non-zero --scale")
+        raise ForeignPatchError(
+            f"{path}: no non-zero direction left (layers {layers}, scale {scale}); expected "
+            "direction.N tensors in the range; widen --layers or use a non-zero --scale"
+        )
     if backbone is None:
         from reft_edge.train.backbone import load_backbone
 
@@ -386,14 +465,28 @@ def import_control_vector(path: str | Path, *, scale: float = 1.0, layers: tuple
         )
     interventions = tuple(Intervention(n, "both", steering_params(v)) for n, v in sorted(directions.items()))
     training = {
-        "imported_from": {"format": "llama.cpp-control-vector", "file": str(path.resolve()),
-                          "sha256": sha256_file(path), "scale": scale, "layers": sorted(directions),
-                          "model_hint": hint},
-        "library_version": __version__, "model": backbone.source,
+        "imported_from": {
+            "format": "llama.cpp-control-vector",
+            "file": str(path.resolve()),
+            "sha256": sha256_file(path),
+            "scale": scale,
+            "layers": sorted(directions),
+            "model_hint": hint,
+        },
+        "library_version": __version__,
+        "model": backbone.source,
     }
-    patch = Patch(name=name or path.stem, kind="lobireft", positions=Positions.parse("all"), share_weights=True,
-                  rank=1, hidden_size=backbone.hidden_size, base_fingerprint=backbone.fingerprint,
-                  interventions=interventions, training=training)
+    patch = Patch(
+        name=name or path.stem,
+        kind="lobireft",
+        positions=Positions.parse("all"),
+        share_weights=True,
+        rank=1,
+        hidden_size=backbone.hidden_size,
+        base_fingerprint=backbone.fingerprint,
+        interventions=interventions,
+        training=training,
+    )
     fix = f"--scale {scale} makes the steering vector too large for float32; give a smaller --scale"
     patch.check_finite(str(path), fix)
     return patch.to_file(out, fix=fix) if out is not None else Patch.from_bytes(patch.to_bytes(), source=str(path))
@@ -417,24 +510,29 @@ def read_control_vector(path: Path) -> tuple[dict[int, np.ndarray], str | None]:
         reader = GGUFReader(str(path))
     except Exception as exc:  # the gguf library raises ValueError, struct errors, IndexError, ... on bad files
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ForeignPatchError(f"{path}: not a readable GGUF file ({first}); expected a llama.cpp control "
-                                "vector (direction.N tensors)") from None
+        raise ForeignPatchError(
+            f"{path}: not a readable GGUF file ({first}); expected a llama.cpp control vector (direction.N tensors)"
+        ) from None
     directions = {}
     for tensor in reader.tensors:
         match = re.fullmatch(r"direction\.(\d+)", tensor.name)
         if match is None:
             continue
         if tensor.tensor_type.name != "F32" or len([d for d in tensor.shape if d != 1]) > 1:
-            raise ForeignPatchError(f"{path}: tensor {tensor.name} is {tensor.tensor_type.name} of shape "
-                                    f"{list(tensor.shape)}, expected one F32 vector per layer")
+            raise ForeignPatchError(
+                f"{path}: tensor {tensor.name} is {tensor.tensor_type.name} of shape "
+                f"{list(tensor.shape)}, expected one F32 vector per layer"
+            )
         vector = np.asarray(tensor.data, dtype=np.float64).reshape(-1)
         if not np.isfinite(vector).all():
             raise ForeignPatchError(f"{path}: {tensor.name} holds NaN or infinite values; the file is damaged")
         if int(match.group(1)) > 0:
             directions[int(match.group(1))] = vector
     if not directions:
-        raise ForeignPatchError(f"{path}: found tensors {[t.name for t in reader.tensors][:4]}, expected "
-                                "direction.N (N >= 1), as llama.cpp's control vectors hold")
+        raise ForeignPatchError(
+            f"{path}: found tensors {[t.name for t in reader.tensors][:4]}, expected "
+            "direction.N (N >= 1), as llama.cpp's control vectors hold"
+        )
     field = reader.fields.get("controlvector.model_hint")
     hint = None
     if field is not None and field.data:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -31,8 +31,9 @@ from reft_edge.runtime.patch import KIND_TENSORS, affine_from_params
 ORTHONORMAL_KINDS = ("loreft", "direft", "consreft", "lobireft")
 
 
-def low_rank_edit(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, c: torch.Tensor,
-                  mask: torch.Tensor) -> torch.Tensor:
+def low_rank_edit(
+    h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, c: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """h [batch, seq, hidden]; A, B [batch, rank, hidden]; c [batch, rank]; mask [batch, seq, rank].
 
     Zero rank or an all-zero mask returns h unchanged (h + 0).
@@ -79,8 +80,10 @@ class InterventionParams(nn.Module):
 
     def natural(self) -> dict[str, torch.Tensor]:
         """The tensors a patch file stores for this kind (R materialised as orthonormal rows)."""
-        return {name: orthonormal_rows(self._free_R()) if name == "R" else getattr(self, name)
-                for name in KIND_TENSORS[self.kind]}
+        return {
+            name: orthonormal_rows(self._free_R()) if name == "R" else getattr(self, name)
+            for name in KIND_TENSORS[self.kind]
+        }
 
     def _free_R(self) -> torch.Tensor:
         avoided = getattr(self, "avoided", None)

@@ -22,7 +22,7 @@ that person only) and train them together in mixed batches, writing each patch t
 person stops; gather the results on rank 0, which writes ``summary.json`` and prints the table.
 
 Each person keeps its own AdamW, seeded batch order, validation and early stopping
-(``recipe.Learner``), and its loss is the mean over its own target tokens, so one backward pass
+(``fitting.Learner``), and its loss is the mean over its own target tokens, so one backward pass
 of the summed losses gives every person exactly its own gradient. docs/train-many.md says how
 close the patches come to ``reft-edge train``'s bytes.
 """
@@ -36,10 +36,11 @@ import re
 import sys
 import time
 import typing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -50,19 +51,22 @@ from reft_edge.runtime.positions import Positions
 from reft_edge.train.backbone import Backbone, load_backbone
 from reft_edge.train.config import ManyConfig, TrainConfig
 from reft_edge.train.data import Record, file_digest, read_jsonl
-from reft_edge.train.intervention import EditSlots, attach_edits
-from reft_edge.train.recipe import (
+from reft_edge.train.fitting import (
+    FitContext,
     Learner,
     Prepared,
-    check_config,
     collate,
-    count_steps,
     forward_loss,
     forward_losses,
+    replay_frozen_layers,
+)
+from reft_edge.train.intervention import EditSlots, attach_edits
+from reft_edge.train.recipe import (
+    check_config,
+    count_steps,
     pick_device,
     prepare,
     recipe_summary,
-    replay_frozen_layers,
     resolve_layers,
     save_patch,
     split_records,
@@ -107,10 +111,16 @@ class Result:
     rank: int = 0  # the torchrun rank that handled this person
 
     @classmethod
-    def from_patch(cls, job: Job, patch: Patch, status: str) -> "Result":
+    def from_patch(cls, job: Job, patch: Patch, status: str) -> Result:
         training = patch.training
-        return cls(job.id, status, job.config.out, training.get("steps_run"), training.get("final_loss"),
-                   training.get("val_loss"))
+        return cls(
+            job.id,
+            status,
+            job.config.out,
+            training.get("steps_run"),
+            training.get("final_loss"),
+            training.get("val_loss"),
+        )
 
 
 def train_many(config: ManyConfig, *, progress: bool = True) -> list[Result]:
@@ -164,6 +174,7 @@ def train_jobs(config: ManyConfig, jobs: list[Job], progress: bool) -> list[Resu
 
 # -- the jobs file --------------------------------------------------------------------------------
 
+
 def read_jobs(config: ManyConfig) -> list[Job]:
     path = Path(config.jobs)
     try:
@@ -196,8 +207,10 @@ def parse_job(line: str, index: int, where: str, config: ManyConfig, folder: Pat
         raise UsageError(f"a JSON {type(value).__name__}, not an object; write e.g. {_EXAMPLE}")
     person = value.pop("id", None)
     if not isinstance(person, str) or not _ID.fullmatch(person):
-        raise UsageError(f"'id' {json.dumps(person)} is missing or not a file-name-safe name; use letters, digits, "
-                         "'.', '_' and '-' (it names <id>.reft)")
+        raise UsageError(
+            f"'id' {json.dumps(person)} is missing or not a file-name-safe name; use letters, digits, "
+            "'.', '_' and '-' (it names <id>.reft)"
+        )
     if person in seen:
         raise UsageError(f"id {person!r} is also at {seen[person]}; give each person their own id")
     seen[person] = where
@@ -209,8 +222,14 @@ def parse_job(line: str, index: int, where: str, config: ManyConfig, folder: Pat
     for key in ("data", "val_data"):
         if isinstance(value.get(key), str):
             value[key] = str(folder / value[key])  # an absolute path stays as it is
-    options = {**config.defaults, **value, "out": str(Path(config.out_dir) / f"{person}.reft"),
-               "model": config.model, "device": config.device, "compose_with": config.compose_with}
+    options = {
+        **config.defaults,
+        **value,
+        "out": str(Path(config.out_dir) / f"{person}.reft"),
+        "model": config.model,
+        "device": config.device,
+        "compose_with": config.compose_with,
+    }
     train_config = TrainConfig.from_dict(options)
     return Job(index, person, where, train_config, check_config(train_config))
 
@@ -250,6 +269,7 @@ def job_layers(job: Job, backbone: Backbone) -> list[int]:
 
 # -- training ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Run:
     """A person in training."""
@@ -260,8 +280,14 @@ class _Run:
     started: float
 
 
-def run_jobs(jobs: list[Job], layers: dict[str, list[int]], backbone: Backbone, device: torch.device, max_rows: int,
-             progress: bool) -> list[Result]:
+def run_jobs(
+    jobs: list[Job],
+    layers: dict[str, list[int]],
+    backbone: Backbone,
+    device: torch.device,
+    max_rows: int,
+    progress: bool,
+) -> list[Result]:
     """Skip the finished, then train the rest group by group (people of one recipe share batches)."""
     from tqdm.auto import tqdm
 
@@ -322,9 +348,15 @@ def finished_patch(config: TrainConfig, records: tuple[list[Record], list[Record
     except PatchError:
         return None  # damaged: train again
     expected = {
-        "data_sha256": file_digest(config.data), "recipe": recipe_summary(config), "seed": config.seed,
-        "lr": config.lr, "batch_size": config.batch_size, "examples": len(records[0]),
-        "val_examples": len(records[1]), "steps": count_steps(config, len(records[0])), "model": backbone.source,
+        "data_sha256": file_digest(config.data),
+        "recipe": recipe_summary(config),
+        "seed": config.seed,
+        "lr": config.lr,
+        "batch_size": config.batch_size,
+        "examples": len(records[0]),
+        "val_examples": len(records[1]),
+        "steps": count_steps(config, len(records[0])),
+        "model": backbone.source,
     }
     matches = all(patch.training.get(key) == value for key, value in expected.items())
     partners = [entry.get("payload_sha256") for entry in patch.training.get("composition", {}).get("with", [])]
@@ -336,8 +368,14 @@ def finished_patch(config: TrainConfig, records: tuple[list[Record], list[Record
     return patch if matches and same_base else None
 
 
-def fit_group(group: list[tuple[Job, tuple[list[Record], list[Record]]]], layers: list[int], backbone: Backbone,
-              device: torch.device, max_rows: int, bar: Any) -> dict[str, Result]:
+def fit_group(
+    group: list[tuple[Job, tuple[list[Record], list[Record]]]],
+    layers: list[int],
+    backbone: Backbone,
+    device: torch.device,
+    max_rows: int,
+    bar: Any,
+) -> dict[str, Result]:
     """Train one recipe's people together: every round each active person takes one step, in mixed
     batches of at most ``max_rows`` rows; a person's patch is written the moment it stops."""
     results: dict[str, Result] = {}
@@ -354,11 +392,14 @@ def fit_group(group: list[tuple[Job, tuple[list[Record], list[Record]]]], layers
             continue
         learner = Learner(prepared, job.config, device)
         active.append(_Run(job, prepared, learner, started))
-    with replay_frozen_layers(model, min(layers)) as (replay, blocks), \
-            attach_edits({layer: blocks[layer] for layer in layers}, slots):
+    with (
+        replay_frozen_layers(model, min(layers)) as (replay, blocks),
+        attach_edits({layer: blocks[layer] for layer in layers}, slots),
+    ):
+        context = FitContext(model, replay, slots, positions, device)
         while active:
             for chunk in list(chunks(active, max_rows)):
-                mixed_step(chunk, model, replay, slots, positions, device)
+                mixed_step(chunk, context)
                 bar.update(len(chunk))
                 for run in chunk:
                     if run.learner.done:
@@ -384,21 +425,19 @@ def chunks(runs: list[_Run], max_rows: int) -> Iterator[list[_Run]]:
         yield chunk
 
 
-def mixed_step(chunk: list[_Run], model: Any, replay: Any, slots: EditSlots, positions: Positions,
-               device: torch.device) -> None:
+def mixed_step(chunk: list[_Run], context: FitContext) -> None:
     """One step for each person of ``chunk``: one forward and backward pass over all their batches
     (each row edited by its own person), then each person's own AdamW step and validation."""
     batches = [run.learner.next_batch() for run in chunk]
-    batch = collate(*(sum((list(part[i]) for part in batches), []) for i in range(3)), device)
+    batch = collate(*(sum((list(part[i]) for part in batches), []) for i in range(3)), context.device)
     people = [(run.prepared.edits, len(examples)) for run, (examples, _, _) in zip(chunk, batches)]
-    losses = forward_losses(model, replay, slots, people, positions, batch, device)
+    losses = forward_losses(context, people, batch)
     for run in chunk:
         run.learner.optimizer.zero_grad(set_to_none=True)
     # Each loss depends on its own person's parameters only, so the sum's gradient is each person's own.
     torch.stack(losses).sum().backward()
     for run, loss in zip(chunk, losses):
-        run.learner.update(loss.item(), partial(forward_loss, model, replay, slots, run.prepared.edits,
-                                                positions, device=device))
+        run.learner.update(loss.item(), partial(forward_loss, context, run.prepared.edits))
 
 
 def finish(run: _Run, backbone: Backbone) -> Result:
@@ -413,6 +452,7 @@ def finish(run: _Run, backbone: Backbone) -> Result:
 
 # -- ranks and the summary ------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class World:
     """This process's rank among ``size`` (torchrun sets WORLD_SIZE, RANK and the rendezvous)."""
@@ -421,7 +461,7 @@ class World:
     size: int
 
     @classmethod
-    def start(cls, device: str) -> "World":
+    def start(cls, device: str) -> World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size == 1:
             return cls(0, 1)
@@ -462,8 +502,17 @@ def summary_table(results: list[Result]) -> str:
     """A plain-text table: id, steps, final loss, val loss, status, file (or why it failed)."""
     number = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
     rows = [("id", "steps", "final loss", "val loss", "status", "file")]
-    rows += [(r.id, "-" if r.steps is None else str(r.steps), number(r.final_loss), number(r.val_loss), r.status,
-              r.file if r.status != "failed" else r.message) for r in results]
+    rows += [
+        (
+            r.id,
+            "-" if r.steps is None else str(r.steps),
+            number(r.final_loss),
+            number(r.val_loss),
+            r.status,
+            r.file if r.status != "failed" else r.message,
+        )
+        for r in results
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5] for row in rows]
     counts = {status: sum(r.status == status for r in results) for status in ("trained", "skipped", "failed")}

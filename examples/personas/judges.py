@@ -37,8 +37,7 @@ def formal_register(text: str) -> bool:
 def at_most_12_words(text: str) -> bool:
     """At most 12 words, ending a sentence (so an answer cut off by the token limit fails)."""
     text = text.strip()
-    return (0 < len(text.split()) <= 12 and any(c.isalnum() for c in text)
-            and bool(_SENTENCE_END.search(text)))
+    return 0 < len(text.split()) <= 12 and any(c.isalnum() for c in text) and bool(_SENTENCE_END.search(text))
 
 
 def mentions_gardening(text: str) -> bool:

@@ -1,31 +1,29 @@
-"""``reft-edge serve-web``: serve the browser demo (examples/browser, on runtime/web) for a bundle and some patches.
+"""The web demo's server (examples/browser, on runtime/web) for a bundle and some patches: the checks
+and the node command line behind ``reft-edge serve-web`` (reft_edge/cli/serve.py), and that command
+in the background.
 
 Example::
 
-    reft-edge serve-web out/bundle-int4 --patch alice.reft --port 8000
-    # open http://127.0.0.1:8000/ : the page downloads the base once and runs it with onnxruntime-web
-
-    with serving("out/bundle-int4", ["alice.reft"]) as url:   # the same server in the background
+    from reft_edge.runtime.web_server import serving, web_command_line
+    web_command_line("out/bundle-int4", ("alice.reft",), 8000, "127.0.0.1")   # ['/usr/bin/node', ...serve.js, ...]
+    with serving("out/bundle-int4", ["alice.reft"]) as url:   # reft-edge serve-web on a free port, in the background
         ...                                                   # (tests and benchmarks/web_speed.py)
 
-Checks the bundle's manifest and that each patch is a file (the page itself validates patches,
-and shows a damaged one's typed error, as the Python runtime would raise it), then becomes
-``node runtime/web/serve.js``: a static server with the
+``web_command_line`` checks the bundle's manifest and that each patch is a file (the page itself
+validates patches, and shows a damaged one's typed error, as the Python runtime would raise it);
+the command then becomes ``node runtime/web/serve.js``: a static server with the
 cross-origin-isolation headers onnxruntime-web's threads need, on localhost unless ``--host``
 says otherwise; each ``--patch`` file is offered at ``/patches/<its file name>``.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-
-import click
 
 from reft_edge.errors import UsageError
 
@@ -64,22 +62,11 @@ def serving(bundle: str | Path, patches: Sequence[str | Path] = ()) -> Iterator[
     try:
         line = server.stdout.readline()  # serve.js prints "serving BUNDLE at URL" once it listens
         if " at http://" not in line:
-            raise UsageError(f"reft-edge serve-web {bundle} did not start ({line.strip() or 'no output'}); "
-                             "run that command in a shell to see why")
+            raise UsageError(
+                f"reft-edge serve-web {bundle} did not start ({line.strip() or 'no output'}); "
+                "run that command in a shell to see why"
+            )
         yield line.rsplit(" at ", 1)[1].strip()
     finally:
         server.terminate()  # the CLI became the node server (execv): this stops it
         server.wait(timeout=10)
-
-
-@click.command("serve-web")
-@click.argument("bundle", type=click.Path())
-@click.option("--patch", "patches", multiple=True, type=click.Path(),
-              help="A .reft patch the page offers; repeat for several.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on (localhost only by default).")
-def serve_web_command(bundle: str, patches: tuple[str, ...], port: int, host: str) -> None:
-    """Serve the browser demo for BUNDLE: generation runs in the visitor's browser."""
-    args = web_command_line(bundle, patches, port, host)
-    os.execv(args[0], args)  # the server replaces this process: Ctrl-C and kill reach it directly
