@@ -135,7 +135,7 @@ def test_trained_skills_round_trip(skills_patch):
     again = Patch.from_bytes(skills_patch.to_bytes())
     assert again.skills == skills_patch.skills and again.payload_sha256 == skills_patch.payload_sha256
     composition = skills_patch.training["composition"]
-    assert composition["skills"] == ["fox", "sea"] and composition["teacher"] == "product of experts"
+    assert composition["skills"] == ["fox", "sea"] and composition["teacher"] == "leading expert"
 
 
 # -- choosing skills ----------------------------------------------------------------------------
@@ -307,38 +307,61 @@ def test_compose_with_a_patch_of_another_base_is_refused(tiny_backbone, tmp_path
     assert other.base_fingerprint == "f" * 64
 
 
-def test_composable_training_lowers_the_composed_loss(tiny_backbone, tmp_path):
-    """Two tiny personas (an opener, a closing phrase). Trained apart, the two patches together
-    garble the answer; trained with --compose-with, the pair reproduces the product of experts
-    (the composition phase's targets) far better, and the new patch alone keeps its persona."""
+# Tiny pairs for composable training: (house, person) response templates over a prompt's numbers.
+# The opener + closing pair is the one the composition method was developed on; register + length
+# was written after the method was chosen, and no choice looked at it.
+# The third item: how far (nats per token) composable training must lower the composed loss below
+# the pair trained apart; register+length measured 0.32 (its teacher answers on this random model
+# are long and noisy), opener+closing more than 0.5.
+COMPOSE_PAIRS = {
+    "opener+closing": ("Great question!", "Stay curious!", 0.5),
+    "register+length": ("Certainly. It would be my pleasure to answer question {i}.", "Yes.", 0.2),
+}
+
+
+@pytest.mark.parametrize("pair", list(COMPOSE_PAIRS))
+def test_composable_training_lowers_the_composed_loss(tiny_backbone, tmp_path, pair):
+    """Two tiny personas. Trained apart, the two patches together garble the answer; trained with
+    --compose-with, the pair reproduces the composition teacher's answers (the composition
+    phase's targets) far better, and the new patch alone keeps its persona."""
     from reft_edge.train import TrainConfig, train
     from reft_edge.train.data import Record
     from reft_edge.train.evaluate import TorchBackend
 
-    prompts = [f"Question number {i}: what is {i} plus {i + 1}?" for i in range(12)]
+    numbers = [(i, i + 1) for i in range(12)]
+    prompts = [f"Question number {i}: what is {i} plus {j}?" for i, j in numbers]
+    house, person, margin = COMPOSE_PAIRS[pair]
     options = dict(model=tiny_backbone.path, layers=(0, 1, 2), rank=4, steps=100, lr=5e-2, batch_size=6)
 
-    def fit(name: str, response: str, **extra) -> Patch:
-        data = write_jsonl(tmp_path / f"{name}.jsonl", [{"prompt": q, "response": response} for q in prompts])
+    def answers(template: str) -> list[str]:
+        return [template.format(i=i, j=j, s=i + j) for i, j in numbers]
+
+    def fit(name: str, responses: list[str], **extra) -> Patch:
+        data = write_jsonl(
+            tmp_path / f"{name}.jsonl", [{"prompt": q, "response": r} for q, r in zip(prompts, responses)]
+        )
         return train(
             TrainConfig(data=str(data), out=str(tmp_path / f"{name}.reft"), **options, **extra),
             backbone=tiny_backbone,
             progress=False,
         )
 
-    opener, closing = fit("opener", "Great question!"), fit("closing", "Stay curious!")
-    composable = fit("closing-with", "Stay curious!", compose_with=(str(tmp_path / "opener.reft"),), compose_steps=20)
-    assert composable.training["composition"]["answers_kept"] == len(prompts)
+    a, b = fit("house", answers(house)), fit("person", answers(person))
+    composable = fit("person-with", answers(person), compose_with=(str(tmp_path / "house.reft"),), compose_steps=20)
+    assert composable.training["composition"]["answers_kept"] >= len(prompts) * 3 // 4  # the rest ran past 96 tokens
     backend = TorchBackend(tiny_backbone)
     messages = [[{"role": "user", "content": q}] for q in prompts]
-    targets = backend.composed_answers(messages, [[opener], [closing]], 96)
-    examples = backend.examples([Record(tuple(m), t, "composed") for m, t in zip(messages, targets)])
+    targets = backend.composed_answers(messages, [[a], [b]], 96)
+    ended = [(m, t) for m, t in zip(messages, targets) if t is not None]  # None: ran past 96 tokens
+    examples = backend.examples([Record(tuple(m), t, "composed") for m, t in ended])
     tokens = sum(len(e.target_ids) for e in examples)
-    apart = backend.response_nll(examples, [opener, closing], None) / tokens
-    together = backend.response_nll(examples, [opener, composable], None) / tokens
-    assert together < apart - 0.5, (apart, together)  # nats per token
-    assert backend.answers(messages, [opener, composable], None, 16) == targets  # greedy: the teacher's answers
-    assert backend.answers(messages[:3], [composable], None, 16) == ["Stay curious!"] * 3
+    apart = backend.response_nll(examples, [a, b], None) / tokens
+    together = backend.response_nll(examples, [a, composable], None) / tokens
+    assert together < apart - margin, (apart, together)  # nats per token
+    if pair == "opener+closing":  # greedy: the teacher's answers (the register pair's teacher, on this random
+        # tiny model, ends in runs of " ." whose exact length the loss above already judges)
+        assert backend.answers(messages, [a, composable], None, 32) == targets
+    assert backend.answers(messages[:3], [composable], None, 16) == answers(person)[:3]
 
 
 def test_a_composable_patch_writes_orthogonally_to_its_partner(tiny_backbone, tmp_path):

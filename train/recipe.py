@@ -9,8 +9,8 @@ Example (the CLI ``reft-edge train`` calls exactly this)::
 
 The story, top to bottom: check the config, read the data, load the backbone, tokenize,
 cache the frozen states below the lowest edited layer (they never change), fit the
-edit with AdamW, with several skills or partner patches fit them together on their
-product of experts' answers (``fit_composition``), save the patch atomically.
+edit with AdamW, with several skills or partner patches fit them together on answers
+where each step is led by one of them (``fit_composition``), save the patch atomically.
 The parts it is built from (the training set, the edits, the frozen-layer replay, the
 loss, one person's ``Learner``) are in reft_edge.train.fitting.
 """
@@ -423,8 +423,9 @@ def fit_composition(
 ) -> dict[str, Any]:
     """The composition phase, after each skill has learnt alone. Data that shows one behaviour
     cannot teach two at once, so the targets come from the skills themselves: for every
-    training prompt, the greedy answer of their product of experts (each skill, and each
-    partner patch, alone; composed_answers) shows every behaviour where it belongs. The
+    training prompt, a greedy answer whose every token comes from the skill or partner patch
+    that departs most from the base there (composed_answers, train.evaluate.leading_expert)
+    shows every behaviour where it belongs. The
     edits then train on those answers with every owner on, beside the single-skill examples
     with their own skill on, so each still works alone."""
     edits, train_set, partners = prepared.edits, prepared.train_set, sources.partners
@@ -445,7 +446,7 @@ def fit_composition(
     return {
         "with": [{"name": p.name, "payload_sha256": p.payload_sha256} for p in partners],
         "skills": [name for name, _ in edits.skills] if config.skills else [],
-        "teacher": "product of experts",
+        "teacher": "leading expert",
         "prompts": len(prompts),
         "answers_kept": len(records),
         "steps": config.compose_steps,
@@ -462,7 +463,7 @@ def composed_targets(
     prompts: list[tuple[dict[str, str], ...]],
     max_new_tokens: int,
 ) -> list[str | None]:
-    """The product-of-experts answers (None: did not end within ``max_new_tokens``), run with the
+    """The composition teacher's answers (None: did not end within ``max_new_tokens``), run with the
     evaluator's torch generation on the CPU, where it keeps its tensors."""
     from reft_edge.train.evaluate import TorchBackend
 
