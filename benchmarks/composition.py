@@ -3,7 +3,7 @@
 
 Example::
 
-    python -m benchmarks.composition                               # the pairs below, fp32 bundle
+    python -m benchmarks.composition --precision fp32,int4 --methods compose-with,lora
     python -m benchmarks.composition --pairs enthusiast+signoff --no-lora
     python -m benchmarks.composition --report-only                 # docs/quality.md from the saved results
 
@@ -20,7 +20,11 @@ Methods, all on the default recipe (TrainConfig defaults):
 - lora: PEFT LoRA r=8 q/v adapters (benchmarks.lora_anchor), composed as PEFT composes
   several active adapters: the sum of their weight deltas, measured on the torch model.
 
-Patches are measured on the fp32 bundle through the runtime. Results go to
+Patches are measured through the runtime on each bundle of ``--precision`` (fp32 by
+default), each persona's patch trained once and shared by every pair it is in. The pairs in
+SELECTION chose the composition method (its teacher, train.evaluate.leading_expert, on their
+validation and training prompts; enthusiast+signoff the earlier composition phase); the
+others only measure it. Results go to
 benchmarks/results/composition.json (merged across invocations), then to the composition
 section of docs/quality.md.
 """
@@ -39,7 +43,21 @@ from typing import Any
 from benchmarks.quality import DOC, MAX_NEW_TOKENS, ROOT, Persona, export_bundles, load_personas
 
 RESULTS = ROOT / "benchmarks" / "results" / "composition.json"
-PAIRS = ("enthusiast+signoff", "lowercase+bullets")
+# Pairs of different kinds: opener + closing, language + format, register + length, opener +
+# length, topic + opener, language + length, format + closing, register + topic. A pair is
+# compatible when one answer can pass both judges (not butler+bullets: "Certainly." is no
+# bullet; not lowercase+signoff: "Stay curious!" has a capital).
+PAIRS = (
+    "enthusiast+signoff",
+    "lowercase+bullets",
+    "butler+terse",
+    "enthusiast+terse",
+    "gardener+enthusiast",
+    "lowercase+terse",
+    "bullets+signoff",
+    "butler+gardener",
+)
+SELECTION = ("enthusiast+signoff", "lowercase+bullets", "butler+terse", "enthusiast+terse")
 METHODS = ("apart", "compose-with", "compose-orthogonal", "skills", "lora")
 START, END = "<!-- composition:start (written by python -m benchmarks.composition) -->", "<!-- composition:end -->"
 MIN_BOTH = 0.80  # the issue's target: share of unseen answers that show both behaviours
@@ -77,7 +95,7 @@ def train_patches(pair: Pair, method: str, backbone: Any, folder: Path) -> tuple
     """{"a": patches for a alone, "b": ..., "ab": both} for one patch method, and training seconds."""
     from reft_edge.runtime import Patch
     from reft_edge.train import TrainConfig, train
-    from reft_edge.train.recipe import recipe_summary, sources_digest
+    from reft_edge.train.recipe import COMPOSE_TEACHER, recipe_summary, sources_digest
 
     def fit(out: str, **options: Any) -> Patch:
         """Train, or reuse the patch an earlier run trained from the same data, recipe and partners."""
@@ -89,16 +107,17 @@ def train_patches(pair: Pair, method: str, backbone: Any, folder: Path) -> tuple
                 cached.training.get("recipe") == recipe_summary(config)
                 and cached.training.get("data_sha256") == sources_digest(config)
                 and [p["payload_sha256"] for p in cached.training.get("composition", {}).get("with", [])] == partners
+                and cached.training.get("composition", {}).get("teacher", COMPOSE_TEACHER) == COMPOSE_TEACHER
             ):
                 return cached
         return train(config, backbone=backbone, progress=False)
 
     data = {p.name: str(p.folder / "train.jsonl") for p in (pair.a, pair.b)}
     started = time.perf_counter()
-    alone = {p.name: folder / f"{p.name}.reft" for p in (pair.a, pair.b)}
-    for name, path in alone.items():  # shared by the methods of this pair
-        if not path.is_file():
-            fit(path.name, data=data[name])
+    alone = {p.name: folder.parent / "alone" / f"{p.name}.reft" for p in (pair.a, pair.b)}
+    for name, path in alone.items():  # shared by every pair and method
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fit(str(path), data=data[name])
     a, b = Patch.load(alone[pair.a.name]), Patch.load(alone[pair.b.name])
     if method == "apart":
         return {"a": [a], "b": [b], "ab": [a, b]}, time.perf_counter() - started
@@ -134,6 +153,9 @@ def judged(pair: Pair, answers: list[str]) -> dict[str, float]:
     }
 
 
+_FACTS_KEPT: dict[tuple, Any] = {}  # (bundle, patch digests) -> retention: a patch's facts, measured once per run
+
+
 def measure_patches(pair: Pair, runtime: Any, uses: dict[str, list[Any]]) -> dict[str, Any]:
     from reft_edge.runtime.evaluate import TEST_FACTS_FILE, RuntimeBackend, evaluate
     from reft_edge.runtime.loops import loop_share
@@ -142,9 +164,12 @@ def measure_patches(pair: Pair, runtime: Any, uses: dict[str, list[Any]]) -> dic
     facts_txt = _prompts_file(prompts)
     for use, patches in uses.items():
         answers = backend.answers(prompts, patches, None, MAX_NEW_TOKENS)
-        kept = evaluate(
-            runtime, data=facts_txt, patches=patches, facts=True, samples=0, facts_file=TEST_FACTS_FILE
-        ).retention  # the test split: no choice looks at it
+        key = (str(runtime.bundle_dir), tuple(p.payload_sha256 for p in patches))
+        if key not in _FACTS_KEPT:  # the test split: no choice looks at it
+            _FACTS_KEPT[key] = evaluate(
+                runtime, data=facts_txt, patches=patches, facts=True, samples=0, facts_file=TEST_FACTS_FILE
+            ).retention
+        kept = _FACTS_KEPT[key]
         figures[use] = {
             **judged(pair, answers),
             "facts_kept": kept.fraction,
@@ -183,6 +208,7 @@ def measure_lora(pair: Pair, backbone: Any, folder: Path) -> tuple[dict[str, Any
         figures[use] = {
             **judged(pair, answers),
             "facts_kept": _torch_facts_kept(backbone, adapted),
+            "facts_file": "test",
             "facts_base": None,
             "sample": answers[0],
             "sample_b": answers[len(prompts) // 2],
@@ -199,11 +225,11 @@ def measure_lora(pair: Pair, backbone: Any, folder: Path) -> tuple[dict[str, Any
 
 def _torch_facts_kept(backbone: Any, adapted: Any) -> float | None:
     from benchmarks.lora_anchor import _digest
-    from reft_edge.runtime.evaluate import FACTS_FILE, base_correct_facts, read_facts, user_message
+    from reft_edge.runtime.evaluate import TEST_FACTS_FILE, base_correct_facts, read_facts, user_message
     from reft_edge.train.evaluate import TorchBackend
 
-    facts = read_facts(FACTS_FILE)
-    correct, _ = base_correct_facts(TorchBackend(backbone), facts, _digest(FACTS_FILE), lambda message: None)
+    facts = read_facts(TEST_FACTS_FILE)
+    correct, _ = base_correct_facts(TorchBackend(backbone), facts, _digest(TEST_FACTS_FILE), lambda message: None)
     answers = adapted.answers([user_message(facts[i].question) for i in correct], [], None, 32)
     return round(sum(facts[i].answered_by(a) for i, a in zip(correct, answers)) / len(correct), 6) if correct else None
 
@@ -278,7 +304,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--no-lora", dest="lora", action="store_false", help="skip the LoRA adapters (minutes each)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "reft-edge-quality"))
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"], help="bundle measured")
+    parser.add_argument("--precision", default="fp32", help="comma list of the bundles measured: fp32, int8, int4")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     if not args.report_only:
@@ -287,14 +313,18 @@ def main() -> None:
             [m for m in args.methods.split(",") if args.lora or m != "lora"],
             Path(args.cache),
             print,
-            args.precision,
+            args.precision.split(","),
         )
     write_report(load_results())
     print(f"wrote {DOC.relative_to(ROOT)}")
 
 
 def run_study(
-    pairs: list[Pair], methods: list[str], cache: Path, say: Callable[[str], None], precision: str = "fp32"
+    pairs: list[Pair],
+    methods: list[str],
+    cache: Path,
+    say: Callable[[str], None],
+    precisions: Sequence[str] = ("fp32",),
 ) -> None:
     from reft_edge.runtime import Runtime
     from reft_edge.train.backbone import load_backbone
@@ -303,33 +333,36 @@ def run_study(
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
     cache.mkdir(parents=True, exist_ok=True)
-    runtime = Runtime.load(export_bundles([precision], cache)[precision], threads=2)
+    bundles = export_bundles(list(precisions), cache)
+    runtimes = {precision: Runtime.load(bundles[precision], threads=2) for precision in precisions}
     backbone = load_backbone()
     results = load_results()
     for pair in pairs:
         folder = cache / "composition" / pair.name
         folder.mkdir(parents=True, exist_ok=True)
         for method in methods:
-            if method == "lora":
+            if method == "lora":  # the torch model: one measurement whatever the bundles
                 figures, seconds = measure_lora(pair, backbone, folder)
-            else:
-                uses, seconds = train_patches(pair, method, backbone, folder)
+                results = _record(results, pair, method, seconds, figures, "torch-fp32", say)
+                continue
+            uses, seconds = train_patches(pair, method, backbone, folder)
+            for precision, runtime in runtimes.items():
                 figures = measure_patches(pair, runtime, uses)
-            results = save(
-                results,
-                {
-                    "pair": pair.name,
-                    "method": method,
-                    "train_s": round(seconds, 1),
-                    "figures": figures,
-                    "precision": precision,
-                },
-            )
-            ab = figures["ab"]
-            say(
-                f"{pair.name:22s} {method:12s} composed: a {ab['a']:.0%} b {ab['b']:.0%} both {ab['both']:.0%} "
-                f"facts {ab['facts_kept'] if ab['facts_kept'] is None else format(ab['facts_kept'], '.0%')}"
-            )
+                results = _record(results, pair, method, seconds, figures, precision, say)
+
+
+def _record(
+    results: list[dict], pair: Pair, method: str, seconds: float, figures: dict, precision: str, say: Callable
+) -> list[dict]:
+    entry = {"pair": pair.name, "method": method, "train_s": round(seconds, 1), "figures": figures}
+    results = save(results, {**entry, "precision": precision})
+    ab = figures["ab"]
+    facts = "—" if ab["facts_kept"] is None else format(ab["facts_kept"], ".0%")
+    say(
+        f"{pair.name:22s} {method:12s} {precision:10s} composed: a {ab['a']:.0%} b {ab['b']:.0%} "
+        f"both {ab['both']:.0%} facts {facts}"
+    )
+    return results
 
 
 if __name__ == "__main__":

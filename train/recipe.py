@@ -62,6 +62,9 @@ from reft_edge.train.intervention import EditSlots, attach_edits
 # enthusiast+signoff pair: 96 kept 16 of 18 answers and 70 % of composed answers showed both
 # behaviours; 1.25x the longest training answer (43 tokens) kept 11 and gave 42 %.
 COMPOSE_MAX_TOKENS = 96
+# The composition teacher (train.evaluate.leading_expert, chosen by the measurements recorded there),
+# as the patch's training record names it.
+COMPOSE_TEACHER = "leading expert"
 # AdamW's first step divides lr by 1 - beta1 (0.1) in float32; far below that overflow, an lr
 # above 10 already only diverges.
 MAX_LR = 10.0
@@ -446,7 +449,7 @@ def fit_composition(
     return {
         "with": [{"name": p.name, "payload_sha256": p.payload_sha256} for p in partners],
         "skills": [name for name, _ in edits.skills] if config.skills else [],
-        "teacher": "leading expert",
+        "teacher": COMPOSE_TEACHER,
         "prompts": len(prompts),
         "answers_kept": len(records),
         "steps": config.compose_steps,
