@@ -261,32 +261,43 @@ def save(results: list[dict], entry: dict) -> list[dict]:
 def render(results: list[dict]) -> str:
     pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
     lines = [
-        "| pair | method | a alone: a / facts | b alone: b / facts | composed: a / b / **both** / facts | "
-        f"both ≥ {MIN_BOTH:.0%} | loops composed | train s (this run) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| pair | chose the method | method | a alone: a / facts | b alone: b / facts | "
+        f"composed: a / b / **both** / facts | both ≥ {MIN_BOTH:.0%} | loops composed | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    order = lambda r: (r["pair"], METHODS.index(r["method"]), r.get("precision", "fp32"))  # noqa: E731
+    order = lambda r: (r["pair"] not in SELECTION, r["pair"], METHODS.index(r["method"]), r["precision"])  # noqa: E731
     for entry in sorted(results, key=order):
         f = entry["figures"]
         a, b, ab = f["a"], f["b"], f["ab"]
-        facts = "" if ab.get("facts_file") == "test" else " (dev facts)"
         lines.append(
-            f"| {entry['pair']} | {entry['method']}, {entry.get('precision', 'fp32')}{facts} | "
+            f"| {entry['pair']} | {'yes' if entry['pair'] in SELECTION else 'no'} | "
+            f"{entry['method']}, {entry['precision']} | "
             f"{pct(a['a'])} / {pct(a['facts_kept'])} | "
             f"{pct(b['b'])} / {pct(b['facts_kept'])} | {pct(ab['a'])} / {pct(ab['b'])} / "
             f"**{pct(ab['both'])}** / {pct(ab['facts_kept'])} | "
             f"{'met' if ab['both'] >= MIN_BOTH else 'not met'} | {pct(ab.get('loops'))} "
             f"| {entry['train_s'] or 'reused'} |"
         )
+    means = ["", "Mean share of composed answers showing both behaviours:", ""]
+    for method, precision in sorted({(r["method"], r["precision"]) for r in results}):
+        for chose in (True, False):
+            shown = [
+                r["figures"]["ab"]["both"]
+                for r in results
+                if (r["method"], r["precision"]) == (method, precision) and (r["pair"] in SELECTION) == chose
+            ]
+            if shown:
+                which = "pairs that chose the method" if chose else "pairs no choice looked at"
+                means.append(f"- {method}, {precision}, {which}: {sum(shown) / len(shown):.0%} ({len(shown)} pairs)")
     samples = ["", "Composed answers to the first unseen prompt of each persona (greedy):", ""]
     for entry in sorted(results, key=order):
         ab = entry["figures"]["ab"]
         samples.append(
-            f"- {entry['pair']}, {entry['method']}, {entry.get('precision', 'fp32')}: "
+            f"- {entry['pair']}, {entry['method']}, {entry['precision']}: "
             f"{json.dumps(ab['sample'])} / "
             f"{json.dumps(ab['sample_b'])}"
         )
-    return "\n".join(lines + samples)
+    return "\n".join(lines + means + samples)
 
 
 def write_report(results: list[dict]) -> None:

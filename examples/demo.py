@@ -61,6 +61,8 @@ def persona_patch(
         data=str(data), out=str(out), steps=steps, record_time=True, compose_with=tuple(map(str, partner))
     )
     if out.is_file():
+        from reft_edge.train.recipe import COMPOSE_TEACHER
+
         cached = Patch.load(out)
         partners = [p["payload_sha256"] for p in cached.training.get("composition", {}).get("with", [])]
         if (
@@ -68,6 +70,7 @@ def persona_patch(
             and cached.training.get("data_sha256") == file_digest(data)
             and cached.training.get("recipe") == _recipe(config)
             and partners == ([compose_with.payload_sha256] if compose_with else [])
+            and cached.training.get("composition", {}).get("teacher", COMPOSE_TEACHER) == COMPOSE_TEACHER
         ):
             return cached
     composing = f", to compose with {compose_with.name}" if compose_with else ""
