@@ -60,7 +60,8 @@ PAIRS = (
 SELECTION = ("enthusiast+signoff", "lowercase+bullets", "butler+terse", "enthusiast+terse")
 METHODS = ("apart", "compose-with", "compose-orthogonal", "skills", "lora")
 START, END = "<!-- composition:start (written by python -m benchmarks.composition) -->", "<!-- composition:end -->"
-MIN_BOTH = 0.80  # the issue's target: share of unseen answers that show both behaviours
+# The issue's targets: share of unseen answers that show both behaviours (int4's is lower).
+MIN_BOTH = {"fp32": 0.80, "int8": 0.80, "int4": 0.70, "torch-fp32": 0.80}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +263,7 @@ def render(results: list[dict]) -> str:
     pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
     lines = [
         "| pair | chose the method | method | a alone: a / facts | b alone: b / facts | "
-        f"composed: a / b / **both** / facts | both ≥ {MIN_BOTH:.0%} | loops composed | train s |",
+        "composed: a / b / **both** / facts | both ≥ 80 % (int4: 70 %) | loops composed | train s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     order = lambda r: (r["pair"] not in SELECTION, r["pair"], METHODS.index(r["method"]), r["precision"])  # noqa: E731
@@ -275,7 +276,7 @@ def render(results: list[dict]) -> str:
             f"{pct(a['a'])} / {pct(a['facts_kept'])} | "
             f"{pct(b['b'])} / {pct(b['facts_kept'])} | {pct(ab['a'])} / {pct(ab['b'])} / "
             f"**{pct(ab['both'])}** / {pct(ab['facts_kept'])} | "
-            f"{'met' if ab['both'] >= MIN_BOTH else 'not met'} | {pct(ab.get('loops'))} "
+            f"{'met' if ab['both'] >= MIN_BOTH[entry['precision']] else 'not met'} | {pct(ab.get('loops'))} "
             f"| {entry['train_s'] or 'reused'} |"
         )
     means = ["", "Mean share of composed answers showing both behaviours:", ""]
