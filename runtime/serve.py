@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from reft_edge.constants import NO_REPEAT_NGRAM
 from reft_edge.errors import ReftEdgeError, UsageError
 
 log = logging.getLogger("reft_edge.serve")
@@ -355,6 +356,7 @@ COMMON_FIELDS = {
     "skills",
     "top_k",
     "repetition_penalty",
+    "no_repeat_ngram",
     "ignore_eos",
 }
 CHAT_FIELDS = COMMON_FIELDS | {
@@ -579,9 +581,12 @@ class Service:
         options = {k: v if v is not None else defaults.get(k) for k, v in options.items()}
         options["temperature"] = options["temperature"] or 0.0
         seed = _number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True)
+        no_repeat = _number(body, "no_repeat_ngram", 0, 1 << 16, integer=True)
         try:
             sampling = Sampling.check(
                 **options,
+                # the loop guard, on by default as in every runtime (reft_edge.constants); 0 turns it off
+                no_repeat_ngram=NO_REPEAT_NGRAM if no_repeat is None else no_repeat,
                 seed=None if seed is None else seed % (1 << 64),
                 frequency_penalty=_number(body, "frequency_penalty", -2, 2),
                 presence_penalty=_number(body, "presence_penalty", -2, 2),
