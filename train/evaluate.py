@@ -245,17 +245,18 @@ def leading_expert(group: int) -> Any:
     distribution departs most from the base's (KL(p_i || p_base)), except that the previous leader
     keeps the lead while its own top token has probability >= LEAD_CONFIDENCE. One pick() per
     batch: it remembers each group's leader between steps."""
-    leaders: list[torch.Tensor] = []
+    previous: torch.Tensor | None = None  # each group's leader at the last step
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
+        nonlocal previous
         logp = logits.float().log_softmax(-1).view(-1, group, logits.shape[-1])
         experts, base = logp[:, 1:], logp[:, :1]
         rows = torch.arange(len(logp))
         lead = (experts.exp() * (experts - base)).sum(-1).argmax(-1)  # [prompts]
-        if leaders:
-            sure = experts[rows, leaders[-1]].max(-1).values.exp() >= LEAD_CONFIDENCE
-            lead = torch.where(sure, leaders[-1], lead)
-        leaders.append(lead)
+        if previous is not None:
+            sure = experts[rows, previous].max(-1).values.exp() >= LEAD_CONFIDENCE
+            lead = torch.where(sure, previous, lead)
+        previous = lead
         return experts[rows, lead].argmax(-1).repeat_interleave(group)
 
     return pick
